@@ -1,0 +1,119 @@
+"""Torch datasets over annotation frames and over plain image lists, tolerant of unreadable files.
+
+A sample that cannot be loaded comes back with ``ok=False`` and the reason; :func:`collate` drops it from
+the batch and hands the failures to the caller, which reports them (nothing is dropped silently).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from elta.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from elta.data.transforms import ImageTransform
+from elta.utils import derive_seed
+
+__all__ = ["AnnotationDataset", "ImageListDataset", "Batch", "collate", "dist_columns"]
+
+
+def dist_columns(df: pd.DataFrame) -> list[str]:
+    """The p1..pK columns of an annotation frame, in bin order."""
+    cols = [c for c in df.columns if c.startswith("p") and c[1:].isdigit()]
+    return sorted(cols, key=lambda c: int(c[1:]))
+
+
+@dataclass
+class Batch:
+    """A collated batch; ``failures`` lists (index, reason) of samples that could not be loaded."""
+
+    images: torch.Tensor  # [B, 3, H, W]
+    indices: torch.Tensor  # [B] positions in the dataset
+    mos: torch.Tensor | None = None  # [B]
+    dist: torch.Tensor | None = None  # [B, K]
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+
+class AnnotationDataset(Dataset):
+    """Rows of an annotation frame (``path``, ``mos`` and optionally ``p1..pK``) as model inputs."""
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        transform: ImageTransform,
+        seed: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.paths = frame["path"].astype(str).tolist()
+        self.mos = torch.tensor(frame["mos"].to_numpy(dtype=np.float32))
+        cols = dist_columns(frame)
+        self.dist = torch.tensor(frame[cols].to_numpy(dtype=np.float32)) if cols else None
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.max_pixels = max_pixels
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training augmentations are a function of (seed, epoch, index)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            image = load_image(self.paths[index], max_pixels=self.max_pixels)
+        except ImageLoadError as exc:
+            return {"ok": False, "index": index, "reason": str(exc)}
+        seed = derive_seed(self.seed, self.epoch, index) if self.transform.train else None
+        sample = {"ok": True, "index": index, "image": self.transform(image, seed), "mos": self.mos[index]}
+        if self.dist is not None:
+            sample["dist"] = self.dist[index]
+        return sample
+
+
+class ImageListDataset(Dataset):
+    """Plain images for scoring: paths, PIL images or ready tensors [3, H, W] (already normalised)."""
+
+    def __init__(self, items: Sequence, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.items = list(items)
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.items[index]
+        if isinstance(item, torch.Tensor):
+            return {"ok": True, "index": index, "image": item.float()}
+        try:
+            image = item.convert("RGB") if hasattr(item, "convert") else load_image(item, self.max_pixels)
+        except ImageLoadError as exc:
+            return {"ok": False, "index": index, "reason": str(exc)}
+        return {"ok": True, "index": index, "image": self.transform(image)}
+
+
+def collate(samples: list[dict]) -> Batch:
+    """Stack the loadable samples; an empty batch when none could be loaded (failures still listed)."""
+    good = [s for s in samples if s["ok"]]
+    failures = [(s["index"], s["reason"]) for s in samples if not s["ok"]]
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), failures=failures)
+    batch = Batch(
+        images=torch.stack([s["image"] for s in good]),
+        indices=torch.tensor([s["index"] for s in good], dtype=torch.long),
+        failures=failures,
+    )
+    if "mos" in good[0]:
+        batch.mos = torch.stack([s["mos"] for s in good])
+    if "dist" in good[0]:
+        batch.dist = torch.stack([s["dist"] for s in good])
+    return batch

@@ -1,0 +1,19 @@
+"""Shared fixtures: small real datasets built once per session, always offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A 90-image demo dataset in the AVA layout (real photo crops, 64 px)."""
+    from elta.data.demo import make_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo_data")
+    make_demo_dataset(root, n=90, seed=3, image_size=64)
+    return root
