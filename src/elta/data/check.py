@@ -1,0 +1,151 @@
+"""Dataset checking: annotation problems, missing or unreadable images, MOS statistics (`elta data check`)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from elta.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, read_image_size
+
+__all__ = ["CheckReport", "check_dataset", "check_images", "write_problems"]
+
+logger = logging.getLogger(__name__)
+
+PROBLEM_COLUMNS = ("file", "row", "reason", "image_id", "path")
+_SHOWN_PROBLEMS = 50
+
+
+@dataclass
+class CheckReport:
+    """Outcome of a dataset check.
+
+    `n_rows` counts the annotation rows read (skipped ones included), `n_ok` the rows kept whose image is
+    usable; `problems` are dicts with file, row, reason (and image_id, path for image problems); `stats` holds
+    count, mean, sd, min, max of the MOS of the ok rows and `splits`, their count per split.
+    """
+
+    n_rows: int
+    n_ok: int
+    problems: list[dict]
+    stats: dict
+    mos: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+
+    def format(self, histogram_bins: int = 20, width: int = 50) -> str:
+        """A human report: counts, MOS statistics, a text histogram of MOS, then the first 50 problems."""
+        s = self.stats
+        lines = [f"rows: {self.n_rows} read, {self.n_ok} ok, {len(self.problems)} problem(s)"]
+        if s["count"]:
+            lines.append(
+                f"MOS: count {s['count']}  mean {s['mean']:.4g}  sd {s['sd']:.4g}  "
+                f"min {s['min']:.4g}  max {s['max']:.4g}"
+            )
+        splits = ", ".join(f"{name or '(none)'} {n}" for name, n in s["splits"].items())
+        lines.append(f"splits: {splits or '-'}")
+        if len(self.mos):
+            lines.append(f"MOS histogram ({histogram_bins} bins):")
+            lines.extend(_histogram(self.mos, histogram_bins, width))
+        if self.problems:
+            lines.append(f"problems ({len(self.problems)}):")
+            for p in self.problems[:_SHOWN_PROBLEMS]:
+                lines.append(f"  {p['file']}:{p['row']}: {p['reason']}")
+            if len(self.problems) > _SHOWN_PROBLEMS:
+                lines.append(f"  … {len(self.problems) - _SHOWN_PROBLEMS} more")
+        return "\n".join(lines)
+
+
+def _histogram(values: np.ndarray, bins: int, width: int) -> list[str]:
+    """Text histogram lines `lo – hi | ### | count`, bars scaled to the fullest bin."""
+    counts, edges = np.histogram(values, bins=bins)
+    top = max(int(counts.max()), 1)
+    digits = len(str(top))
+    return [
+        f"  {edges[k]:8.3f} – {edges[k + 1]:8.3f} |{'#' * round(width * c / top):<{width}}| {c:>{digits}}"
+        for k, c in enumerate(counts)
+    ]
+
+
+def _image_problem(row: tuple, reason: str) -> dict:
+    source, line, image_id, path = row
+    return {
+        "file": str(source),
+        "row": int(line),
+        "reason": reason,
+        "image_id": str(image_id),
+        "path": str(path),
+    }
+
+
+def check_images(df: pd.DataFrame, deep: bool = True, progress: bool = False) -> list[dict]:
+    """Problems with the images of an annotation table: missing files and, with `deep`, files that do not
+    decode (without `deep`, only the header is read: fast, but misses truncated data)."""
+    problems = []
+    rows = df[["source", "row", "image_id", "path"]].itertuples(index=False, name=None)
+    for row in tqdm(rows, total=len(df), desc="checking images", unit="img", disable=not progress):
+        path = Path(row[3])
+        if not path.is_file():
+            problems.append(_image_problem(row, f"image not found: {path}"))
+            continue
+        try:
+            if deep:
+                load_image(path, max_pixels=DEFAULT_MAX_PIXELS)
+            else:
+                read_image_size(path, max_pixels=DEFAULT_MAX_PIXELS)
+        except ImageLoadError as err:
+            problems.append(_image_problem(row, f"unreadable image: {err.reason}"))
+    return problems
+
+
+def _split_counts(split: pd.Series) -> dict[str, int]:
+    """Rows per split, in the order train, val, test, then the rest ("" = in no split list)."""
+    counts = split.value_counts().to_dict()
+    order = ["train", "val", "test", *sorted(set(counts) - {"train", "val", "test"})]
+    return {name: int(counts[name]) for name in order if name in counts}
+
+
+def check_dataset(df: pd.DataFrame, deep: bool = True, progress: bool = False) -> CheckReport:
+    """Annotation problems (df.attrs["problems"]) plus image problems, and MOS statistics of the ok rows."""
+    annotation_problems = list(df.attrs.get("problems", []))
+    image_problems = check_images(df, deep=deep, progress=progress)
+    bad = {(p["file"], p["row"]) for p in image_problems}
+    ok = df[[(s, r) not in bad for s, r in zip(df["source"], df["row"], strict=True)]]
+    mos = ok["mos"].to_numpy(dtype=np.float64)
+    stats = {
+        "count": int(mos.size),
+        "mean": float(mos.mean()) if mos.size else float("nan"),
+        "sd": float(mos.std(ddof=1)) if mos.size > 1 else float("nan"),
+        "min": float(mos.min()) if mos.size else float("nan"),
+        "max": float(mos.max()) if mos.size else float("nan"),
+        "splits": _split_counts(ok["split"]),
+    }
+    n_rows = int(df.attrs.get("rows_read", len(df) + len(annotation_problems)))
+    if image_problems:
+        logger.warning("%d image problem(s), first: %s", len(image_problems), image_problems[0]["reason"])
+    return CheckReport(
+        n_rows=n_rows, n_ok=len(ok), problems=annotation_problems + image_problems, stats=stats, mos=mos
+    )
+
+
+def write_problems(problems: list[dict], path: str | Path) -> Path:
+    """Write problems as CSV (file,row,reason,image_id,path), atomically: a temporary file, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out:
+            writer = csv.DictWriter(out, fieldnames=PROBLEM_COLUMNS, extrasaction="ignore", restval="")
+            writer.writeheader()
+            writer.writerows(problems)
+        os.chmod(tmp, 0o644)  # mkstemp creates the file private to the owner
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,255 @@
+"""Image loading, image lists and image-path safety.
+
+`load_image` is the one way the project decodes a photo: it returns a fully decoded 8-bit RGB image with the
+EXIF orientation applied, whatever the file's mode, and refuses oversized images before decoding them.
+"""
+
+from __future__ import annotations
+
+import logging
+import ntpath
+import os
+import posixpath
+import re
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageLoadError",
+    "list_images",
+    "load_image",
+    "read_image_size",
+    "resolve_image_path",
+]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+DEFAULT_MAX_PIXELS = 100_000_000
+LIST_EXTENSIONS = frozenset({".txt", ".lst"})
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_INT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; `path` and `reason` say which and why."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            path,
+            f"{width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}; "
+            "downscale the file or raise max_pixels",
+        )
+
+
+def _open_error(path: Path, err: Exception) -> ImageLoadError:
+    """Translate what PIL raises on open/decode into an ImageLoadError with a readable reason."""
+    if isinstance(err, FileNotFoundError):
+        return ImageLoadError(path, "file not found")
+    if isinstance(err, UnidentifiedImageError):
+        return ImageLoadError(path, "not a recognised image file")
+    if isinstance(err, Image.DecompressionBombError):
+        return ImageLoadError(path, f"too large to decode safely ({err})")
+    return ImageLoadError(path, f"corrupt or truncated image ({type(err).__name__}: {err})")
+
+
+def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) in pixels from the file header only, without decoding; ImageLoadError when unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(path, "file not found" if not path.exists() else "not a file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                size = img.size
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+            raise _open_error(path, err) from err
+    _check_size(path, size, max_pixels)
+    return size
+
+
+def _grey_to_rgb(values: np.ndarray) -> Image.Image:
+    """An (H, W) uint8 array as an RGB image."""
+    return Image.fromarray(values).convert("RGB")
+
+
+def _int_to_uint8(img: Image.Image) -> np.ndarray:
+    """16/32-bit integer greyscale to uint8: the 16-bit range maps linearly onto 0..255 (65535 -> 255)."""
+    values = np.asarray(img).astype(np.float64)
+    if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        # Values outside the 16-bit range: no natural scale, stretch min..max onto 0..255.
+        lo, hi = values.min(), values.max()
+        return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return np.round(values / 257.0).astype(np.uint8)
+
+
+def _float_to_uint8(img: Image.Image) -> np.ndarray:
+    """Float greyscale to uint8: [0, 1] maps onto 0..255, any other range is stretched min..max."""
+    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    if lo >= 0.0 and hi <= 1.0:
+        return np.round(values * 255.0).astype(np.uint8)
+    if hi == lo:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """Any PIL mode as 8-bit RGB; transparency is composited onto white."""
+    mode = img.mode
+    if "transparency" in img.info and mode in {"P", "L", "RGB"}:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode == "RGB":
+        return img
+    if mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode in _INT16_MODES or mode == "I":
+        return _grey_to_rgb(_int_to_uint8(img))
+    if mode == "F":
+        return _grey_to_rgb(_float_to_uint8(img))
+    try:
+        return img.convert("RGB")
+    except ValueError as err:
+        raise ImageLoadError(path, f"unsupported image mode {mode!r} ({err})") from err
+
+
+def _exif_transpose(img: Image.Image, path: Path) -> Image.Image:
+    """A copy of `img` with the EXIF orientation applied; a malformed EXIF block keeps the stored pixels."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError) as err:
+        logger.warning("%s: EXIF orientation ignored (%s)", path, err)
+        return img.copy()
+
+
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode an image file to 8-bit RGB, EXIF orientation applied.
+
+    Images larger than `max_pixels` (width * height) are refused before decoding. Every failure (missing
+    file, not an image, truncated or corrupt data, too large) raises ImageLoadError naming the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(path, "file not found" if not path.exists() else "not a file")
+    with warnings.catch_warnings():
+        # Our own max_pixels check replaces PIL's warning; PIL's hard limit still raises and is translated.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                _check_size(path, img.size, max_pixels)
+                img.load()
+                # A copy: the opened image is released when the `with` block closes it.
+                decoded = _exif_transpose(img, path)
+            return _to_rgb(decoded, path)
+        except ImageLoadError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+            raise _open_error(path, err) from err
+
+
+def resolve_image_path(root: str | Path, image_id: str) -> Path:
+    """`root / image_id`, refusing ids that are empty, absolute or lead outside `root` (checked lexically).
+
+    Both "/" and "\\" count as separators, so an id that would escape on Windows is refused everywhere.
+    """
+    if not isinstance(image_id, str) or not image_id.strip():
+        raise ValueError(f"image id {image_id!r} is empty; every row needs an image file name")
+    if "\x00" in image_id:
+        raise ValueError(f"image id {image_id!r} contains a NUL character")
+    if image_id[0] in "/\\" or _DRIVE.match(image_id):
+        raise ValueError(
+            f"image id {image_id!r} is an absolute path; use a path relative to the image folder"
+        )
+    if not image_id.strip("./\\"):
+        raise ValueError(f"image id {image_id!r} names the image folder itself, not a file")
+    if ".." in image_id:
+        for flavour in (posixpath, ntpath):
+            normal = flavour.normpath(image_id)
+            if normal == "." or normal.split(flavour.sep, 1)[0] == "..":
+                raise ValueError(f"image id {image_id!r} points outside the image folder (.. components)")
+        image_id = os.path.normpath(image_id)
+    return Path(root) / image_id
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _images_below(folder: Path) -> list[Path]:
+    """Image files below `folder`, recursively, sorted; hidden files and folders (".name") are skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        base = Path(dirpath)
+        found.extend(base / name for name in filenames if not name.startswith(".") and _is_image(Path(name)))
+    return sorted(found)
+
+
+def _images_in_list(list_file: Path) -> list[Path]:
+    """The paths listed one per line in a .txt/.lst file; relative lines are relative to its folder."""
+    paths = []
+    with open(list_file, encoding="utf-8-sig") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            entry = line.strip()
+            if not entry:
+                continue
+            path = Path(entry)
+            if not path.is_absolute():
+                path = list_file.parent / path
+            if path.is_dir():
+                paths.extend(_images_below(path))
+            elif _is_image(path):
+                paths.append(path)
+            else:
+                raise ValueError(
+                    f"{list_file} line {line_no}: {entry!r} is neither a folder nor an image file "
+                    f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
+                )
+    return paths
+
+
+def list_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand image files, folders (recursive, sorted) and .txt/.lst list files into image paths.
+
+    Order is preserved and a path given twice is kept once.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found: dict[Path, None] = {}
+    for item in paths:
+        path = Path(item)
+        if path.is_dir():
+            expanded = _images_below(path)
+        elif path.suffix.lower() in LIST_EXTENSIONS:
+            if not path.is_file():
+                raise ValueError(f"{path}: list file not found")
+            expanded = _images_in_list(path)
+        elif _is_image(path):
+            if not path.is_file():
+                raise ValueError(f"{path}: image file not found")
+            expanded = [path]
+        else:
+            raise ValueError(
+                f"{path}: not a folder, an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) or a .txt/.lst list"
+            )
+        found.update(dict.fromkeys(expanded))
+    return list(found)
