@@ -1,0 +1,285 @@
+"""Evaluation metrics for image aesthetics assessment, with the long-tail views of ELTA.
+
+Correlations (PLCC, SRCC, KRCC), errors on the MOS (MAE, MSE, RMSE), binary accuracy, EMD between rating
+distributions, and the long-tail breakdowns: MAE per ground-truth percentile bucket (the paper's LL / LM / LH),
+balanced MAE over equal-width score bins, regression-to-the-mean diagnostics (bias, spread) and MAE on minority
+versus majority groups (ELTA 2.0's SN / SJ). Pure numpy / scipy; every function takes array-likes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import stats
+
+__all__ = [
+    "balanced_mae",
+    "correlations",
+    "emd",
+    "evaluate",
+    "format_metrics",
+    "minority_groups",
+    "tail_buckets",
+]
+
+BUCKETS = ("low", "medium", "high")
+
+
+def _as_scores(x, name: str) -> np.ndarray:
+    """``x`` as a finite 1-D float64 array, or a ValueError naming ``name``."""
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(
+            f"{name}: {bad.size} non-finite value(s) out of {arr.size} (first at index {bad[0]}: {arr[bad[0]]})"
+        )
+    return arr
+
+
+def _as_pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ``(pred, gt)``: finite, 1-D, equal and non-zero length."""
+    p, g = _as_scores(pred, "pred"), _as_scores(gt, "gt")
+    if p.shape != g.shape:
+        raise ValueError(f"pred has {p.size} values but gt has {g.size}")
+    if p.size == 0:
+        raise ValueError("no samples to evaluate (pred and gt are empty)")
+    return p, g
+
+
+def _mean_or_nan(x: np.ndarray) -> float:
+    return float(x.mean()) if x.size else math.nan
+
+
+def correlations(pred, gt) -> dict[str, float]:
+    """PLCC, SRCC and KRCC (scipy pearsonr / spearmanr / kendalltau-b) of ``pred`` against ``gt``.
+
+    pred, gt: [N] scores. A coefficient is NaN when N < 2 or either input is constant.
+    """
+    p, g = _as_pair(pred, gt)
+    if p.size < 2 or np.ptp(p) == 0 or np.ptp(g) == 0:
+        return {"plcc": math.nan, "srcc": math.nan, "krcc": math.nan}
+    return {
+        "plcc": float(stats.pearsonr(p, g).statistic),
+        "srcc": float(stats.spearmanr(p, g).statistic),
+        "krcc": float(stats.kendalltau(p, g).statistic),
+    }
+
+
+def tail_buckets(gt) -> np.ndarray:
+    """Long-tail bucket of each sample by its ground-truth percentile: ``"low"``, ``"medium"`` or ``"high"``.
+
+    gt: [N] ground-truth MOS. With p20, p80 = ``np.percentile(gt, [20, 80])`` (linear interpolation),
+    low is ``gt <= p20``, high is ``gt >= p80`` and medium the rest, so every sample is in exactly one bucket
+    (samples equal to a cut included). When p20 == p80, a sample equal to both goes to low.
+    Returns [N] strings.
+    """
+    g = _as_scores(gt, "gt")
+    if g.size == 0:
+        raise ValueError("gt is empty")
+    p20, p80 = np.percentile(g, [20, 80])
+    return np.where(g <= p20, "low", np.where(g >= p80, "high", "medium"))
+
+
+def balanced_mae(pred, gt, score_range: tuple[float, float] | None, num_bins: int | None = None) -> float:
+    """Mean over equal-width ground-truth bins of each non-empty bin's MAE.
+
+    pred, gt: [N] scores. ``score_range`` (lo, hi) is split into ``num_bins`` equal bins (default 18: 0.5 wide
+    on AVA's 1..10 scale); None uses [min(gt), max(gt)]. A bin holds [left, right); the top edge belongs to the
+    last bin and values outside the range fall into the end bins.
+    """
+    p, g = _as_pair(pred, gt)
+    num_bins = 18 if num_bins is None else int(num_bins)
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    if score_range is None:
+        lo, hi = float(g.min()), float(g.max())
+    else:
+        lo, hi = (float(v) for v in score_range)
+        if not hi > lo:
+            raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
+    inner_edges = np.linspace(lo, hi, num_bins + 1)[1:-1]
+    bins = np.searchsorted(inner_edges, g, side="right")
+    err = np.abs(p - g)
+    per_bin = np.bincount(bins, weights=err, minlength=num_bins)
+    counts = np.bincount(bins, minlength=num_bins)
+    filled = counts > 0
+    return float(np.mean(per_bin[filled] / counts[filled]))
+
+
+def emd(pred_dist, gt_dist, r: float = 2.0) -> float:
+    """Earth mover's distance between rating distributions (NIMA's definition), averaged over samples.
+
+    pred_dist, gt_dist: [N, K] non-negative weights over K ordered bins; each row is normalised to sum 1, so
+    vote counts work as well as probabilities. Per sample ``(mean_k |CDF_pred(k) - CDF_gt(k)|^r)^(1/r)``.
+    """
+    p = np.asarray(pred_dist, dtype=np.float64)
+    q = np.asarray(gt_dist, dtype=np.float64)
+    if p.ndim != 2 or p.shape != q.shape:
+        raise ValueError(f"pred_dist {p.shape} and gt_dist {q.shape} must both be [N, K] with the same shape")
+    if p.shape[0] == 0:
+        raise ValueError("no samples to evaluate (distributions are empty)")
+    for name, d in (("pred_dist", p), ("gt_dist", q)):
+        bad = np.flatnonzero(~(np.isfinite(d).all(axis=1) & (d >= 0).all(axis=1) & (d.sum(axis=1) > 0)))
+        if bad.size:
+            raise ValueError(
+                f"{name}: {bad.size} row(s) not a distribution (non-finite, negative or all zero), "
+                f"first at row {bad[0]}"
+            )
+    p = p / p.sum(axis=1, keepdims=True)
+    q = q / q.sum(axis=1, keepdims=True)
+    cdf_diff = np.abs(np.cumsum(p, axis=1) - np.cumsum(q, axis=1))
+    return float(np.mean(np.mean(cdf_diff**r, axis=1) ** (1.0 / r)))
+
+
+def minority_groups(group_counts: dict[str, int], ratio: float = 0.2) -> set[str]:
+    """Groups whose (training) count is under ``ratio`` x the largest group's count.
+
+    The empty name ``""`` means "no group" and is never a group. Returns an empty set for no groups.
+    """
+    counts = {str(k): int(v) for k, v in group_counts.items() if str(k) != ""}
+    if not counts:
+        return set()
+    largest = max(counts.values())
+    return {k for k, v in counts.items() if v < ratio * largest}
+
+
+def _group_names(groups, n: int) -> list[str]:
+    """Group of each sample as a string; None / NaN become ``""`` (no group)."""
+    names = [
+        "" if g is None or (isinstance(g, float) and math.isnan(g)) else str(g)
+        for g in np.asarray(groups).tolist()
+    ]
+    if len(names) != n:
+        raise ValueError(f"groups has {len(names)} values but there are {n} samples")
+    return names
+
+
+def evaluate(
+    pred,
+    gt,
+    *,
+    pred_dist=None,
+    gt_dist=None,
+    threshold: float | None = None,
+    score_range: tuple[float, float] | None = None,
+    groups=None,
+    group_counts: dict[str, int] | None = None,
+    minority_ratio: float = 0.2,
+) -> dict[str, float]:
+    """All metrics of predicted against ground-truth MOS, as plain Python numbers.
+
+    pred, gt: [N] MOS on the dataset's scale. ``threshold`` splits good from bad for ``acc`` (AVA: 5); None
+    uses the midpoint of ``score_range`` (lo, hi), which also sets the bins of ``bmae``. ``pred_dist``,
+    ``gt_dist``: [N, K] distributions, adds ``emd`` when both are given. ``groups``: [N] group names (ints
+    are compared as strings) with ``group_counts`` the TRAINING count of each group: adds ``mae_minority``,
+    ``mae_majority``, ``n_minority``, ``n_majority``; samples with no group or a group absent from
+    ``group_counts`` count as neither. An empty bucket or group gives NaN.
+    """
+    p, g = _as_pair(pred, gt)
+    if threshold is None:
+        if score_range is None:
+            raise ValueError("acc needs a threshold or a score_range (threshold = its midpoint); got neither")
+        threshold = (float(score_range[0]) + float(score_range[1])) / 2.0
+    err = p - g
+    mse = float(np.mean(err**2))
+    out: dict[str, float] = {"n": int(p.size), **correlations(p, g)}
+    out.update(
+        mae=float(np.mean(np.abs(err))),
+        mse=mse,
+        rmse=math.sqrt(mse),
+        acc=float(np.mean((p >= threshold) == (g >= threshold))),
+    )
+    buckets = tail_buckets(g)
+    for b in BUCKETS:
+        out[f"mae_{b}"] = _mean_or_nan(np.abs(err[buckets == b]))
+    out["bmae"] = balanced_mae(p, g, score_range)
+    out["bias_low"] = _mean_or_nan(err[buckets == "low"])
+    out["bias_high"] = _mean_or_nan(err[buckets == "high"])
+    out["spread"] = float(p.std() / g.std()) if np.ptp(g) > 0 else math.nan
+    if pred_dist is not None and gt_dist is not None:
+        if len(pred_dist) != p.size:
+            raise ValueError(f"pred_dist has {len(pred_dist)} rows but there are {p.size} samples")
+        out["emd"] = emd(pred_dist, gt_dist)
+    if groups is not None:
+        if group_counts is None:
+            raise ValueError("groups needs group_counts (the training count of each group)")
+        names = _group_names(groups, p.size)
+        known = {str(k) for k in group_counts} - {""}
+        minority = minority_groups(group_counts, minority_ratio)
+        is_min = np.array([s in minority for s in names], dtype=bool)
+        is_maj = np.array([s in known and s not in minority for s in names], dtype=bool)
+        out.update(
+            mae_minority=_mean_or_nan(np.abs(err[is_min])),
+            mae_majority=_mean_or_nan(np.abs(err[is_maj])),
+            n_minority=int(is_min.sum()),
+            n_majority=int(is_maj.sum()),
+        )
+    return out
+
+
+_OVERALL_ROWS: Sequence[tuple[str, str]] = (
+    ("n", "n"),
+    ("plcc", "PLCC"),
+    ("srcc", "SRCC"),
+    ("krcc", "KRCC"),
+    ("acc", "acc"),
+    ("mae", "MAE"),
+    ("rmse", "RMSE"),
+    ("emd", "EMD"),
+    ("bmae", "bMAE"),
+)
+_TAIL_ROWS: Sequence[tuple[str, str]] = (
+    ("mae_low", "MAE low"),
+    ("mae_medium", "MAE medium"),
+    ("mae_high", "MAE high"),
+    ("bias_low", "bias low"),
+    ("bias_high", "bias high"),
+    ("spread", "spread"),
+    ("mae_minority", "MAE minority"),
+    ("mae_majority", "MAE majority"),
+)
+
+
+def _format_value(key: str, value) -> str:
+    if key == "n" or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)):
+        return str(int(value))
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    return f"{value:+.4f}" if key.startswith("bias") else f"{value:.4f}"
+
+
+def format_metrics(metrics: dict, title: str | None = None) -> str:
+    """``metrics`` (from :func:`evaluate`) as an aligned two-column plain-text table.
+
+    Overall metrics first, then a "long tail" block; keys absent from ``metrics`` are skipped.
+    """
+    rows: list[tuple[str, str]] = [("metric", "value")]
+    for key, label in _OVERALL_ROWS:
+        if key in metrics:
+            rows.append((label, _format_value(key, metrics[key])))
+    tail: list[tuple[str, str]] = []
+    for key, label in _TAIL_ROWS:
+        if key in metrics:
+            count_key = "n_" + key.removeprefix("mae_")
+            if count_key in metrics:
+                label = f"{label} (n={int(metrics[count_key])})"
+            tail.append((label, _format_value(key, metrics[key])))
+    width_l = max(len(label) for label, _ in rows + tail)
+    width_v = max(len(value) for _, value in rows + tail)
+
+    def line(label: str, value: str) -> str:
+        return f"{label:<{width_l}}  {value:>{width_v}}"
+
+    lines = [title] if title else []
+    lines.append(line(*rows[0]))
+    lines.append("-" * (width_l + 2 + width_v))
+    lines += [line(*row) for row in rows[1:]]
+    if tail:
+        lines.append("long tail")
+        lines += [line(*row) for row in tail]
+    return "\n".join(lines)
