@@ -32,7 +32,9 @@ def test_scalar_head_maps_sigmoid_onto_score_range():
 
 
 def test_neck_changes_feature_width():
-    model = build_model("test_convnext", "distribution", list(range(1, 11)), [1, 10], image_size=64, neck_dim=16)
+    model = build_model(
+        "test_convnext", "distribution", list(range(1, 11)), [1, 10], image_size=64, neck_dim=16
+    )
     assert model(torch.randn(2, 3, 64, 64)).features.shape == (2, 16)
 
 

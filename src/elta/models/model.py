@@ -85,7 +85,9 @@ class AestheticModel(nn.Module):
         else:
             self.head = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(dim, 1))
         self.register_buffer("centers", torch.tensor(spec.centers, dtype=torch.float32), persistent=False)
-        self.register_buffer("score_range", torch.tensor(spec.score_range, dtype=torch.float32), persistent=False)
+        self.register_buffer(
+            "score_range", torch.tensor(spec.score_range, dtype=torch.float32), persistent=False
+        )
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features through the neck: [B, 3, H, W] -> [B, D]."""

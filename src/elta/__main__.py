@@ -1,0 +1,5 @@
+import sys
+
+from elta.cli import main
+
+sys.exit(main())

@@ -1,0 +1,293 @@
+"""The ``elta`` command line: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from elta.config import FORMATS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES, RunConfig
+
+log = logging.getLogger("elta.cli")
+
+# (flag, config section, config key, type, help) — the train options, also read by `demo` and `evaluate`.
+TRAIN_OPTIONS: list[tuple[str, str, str, type, str]] = [
+    (
+        "--data",
+        "data",
+        "data",
+        str,
+        "annotation file or dataset folder (AVA.txt, ELTA CSV folder, KonIQ, PARA, AADB, CSV)",
+    ),
+    (
+        "--images",
+        "data",
+        "images",
+        str,
+        "image root folder (default: the format's usual folder next to --data)",
+    ),
+    ("--format", "data", "format", str, f"annotation format: {'|'.join(FORMATS)} (default auto)"),
+    ("--splits", "data", "splits", str, "folder with train.txt / val.txt / test.txt split lists (AVA)"),
+    (
+        "--val-fraction",
+        "data",
+        "val_fraction",
+        float,
+        "fraction of train held out when there is no val split",
+    ),
+    ("--image-column", "data", "image_column", str, "generic CSV: image column name"),
+    ("--mos-column", "data", "mos_column", str, "generic CSV: MOS column name"),
+    ("--split-column", "data", "split_column", str, "generic CSV: split column name"),
+    ("--group-column", "data", "group_column", str, "generic CSV: group / tag column name"),
+    ("--workers", "data", "workers", int, "data-loading processes (default: from the CPU count)"),
+    (
+        "--backbone",
+        "model",
+        "backbone",
+        str,
+        "timm model name (default swinv2_base_window8_256, the paper's)",
+    ),
+    ("--weights", "model", "weights", str, "imagenet | none | PATH to a backbone weights file"),
+    ("--image-size", "model", "image_size", int, "input size (default: the backbone's pretrained size)"),
+    ("--resize", "model", "resize", int, "square resize before the random crop (default image_size·300/256)"),
+    ("--neck-dim", "model", "neck_dim", int, "add a Linear+ReLU neck of this width before the head"),
+    ("--dropout", "model", "dropout", float, "dropout before the scalar head (default 0.75)"),
+    ("--epochs", "train", "epochs", int, "epochs (default 20)"),
+    ("--batch-size", "train", "batch_size", int, "batch size (default 48)"),
+    ("--lr", "train", "lr", float, "learning rate (default 1e-5)"),
+    ("--optimizer", "train", "optimizer", str, f"{'|'.join(OPTIMIZERS)} (default adam)"),
+    ("--weight-decay", "train", "weight_decay", float, "weight decay (default 0)"),
+    ("--schedule", "train", "schedule", str, f"learning-rate schedule: {'|'.join(SCHEDULES)}"),
+    ("--warmup-epochs", "train", "warmup_epochs", float, "linear warm-up length in epochs"),
+    ("--grad-clip", "train", "grad_clip", float, "clip the gradient norm to this value (0 = off)"),
+    ("--loss", "train", "loss", str, f"{'|'.join(LOSSES)}: emd needs vote distributions (default auto)"),
+    ("--metric", "train", "metric", str, f"validation metric that picks best.pt: {'|'.join(METRICS)}"),
+    ("--seed", "train", "seed", int, "random seed (default 0)"),
+    ("--device", "train", "device", str, "auto | cpu | cuda | cuda:N | mps"),
+    ("--checkpoint-every", "train", "checkpoint_every", int, "also write last.pt every N steps in an epoch"),
+]
+DATA_KEYS = (
+    "--data",
+    "--images",
+    "--format",
+    "--splits",
+    "--image-column",
+    "--mos-column",
+    "--split-column",
+    "--group-column",
+)
+
+
+def _add_options(parser: argparse.ArgumentParser, flags: tuple[str, ...] | None = None) -> None:
+    for flag, _section, key, kind, help_text in TRAIN_OPTIONS:
+        if flags is None or flag in flags:
+            parser.add_argument(flag, dest=key, type=kind, default=None, help=help_text)
+    if flags is None or "--strict" in flags:
+        parser.add_argument("--strict", action="store_true", default=None, help="any bad row is an error")
+    if flags is None or "--score-range" in flags:
+        parser.add_argument(
+            "--score-range",
+            dest="score_range",
+            type=float,
+            nargs=2,
+            default=None,
+            metavar=("LOW", "HIGH"),
+            help="generic CSV: the rating scale's ends",
+        )
+
+
+def _apply_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """Command-line values override the config file's, section by section."""
+    for section in ("data", "model", "train"):
+        values = {key: getattr(args, key, None) for flag, sec, key, _t, _h in TRAIN_OPTIONS if sec == section}
+        if section == "data":
+            values["strict"] = getattr(args, "strict", None)
+            score_range = getattr(args, "score_range", None)
+            values["score_range"] = tuple(score_range) if score_range else None
+        cfg = cfg.override(section, **values)
+    return cfg
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from elta.engine.train import train
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.yaml"
+        if not saved.is_file():
+            raise SystemExit(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
+        cfg = RunConfig.from_yaml(saved)
+    else:
+        if not args.out:
+            raise SystemExit("elta train: --out RUN_DIR is required (or --resume RUN_DIR)")
+        run_dir = Path(args.out)
+        cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+        cfg = _apply_options(cfg, args)
+    summary = train(cfg, run_dir, resume=bool(args.resume), progress=_progress())
+    print(f"best {summary['metric']} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}")
+    print(f"checkpoints: {summary['best']}  {summary['last']}")
+    print(f"per-epoch metrics: {summary['metrics_csv']}")
+    return 0
+
+
+def _data_config_for(args: argparse.Namespace, payload: dict) -> RunConfig:
+    """Data settings from the command line, falling back to the checkpoint's training data."""
+    cfg = RunConfig()
+    saved = payload.get("config")
+    if args.data is None and saved:
+        cfg = RunConfig.from_dict(saved)
+        log.info("no --data given: evaluating on the checkpoint's training dataset %s", cfg.data.data)
+    elif args.data is None:
+        raise SystemExit("elta evaluate: --data is required (the checkpoint records no dataset)")
+    return _apply_options(cfg, args)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from elta.engine.checkpoint import load_checkpoint
+    from elta.engine.evaluate import evaluate_checkpoint
+    from elta.metrics import format_metrics
+
+    payload = load_checkpoint(args.checkpoint)
+    cfg = _data_config_for(args, payload)
+    metrics = evaluate_checkpoint(
+        args.checkpoint,
+        cfg,
+        args.out,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device or "auto",
+        workers=args.workers,
+        progress=_progress(),
+    )
+    print(format_metrics(metrics, title=f"{Path(payload['path']).name} on split '{args.split}'"))
+    out = Path(args.out)
+    print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.csv'}, {out / 'report.png'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from elta.engine.predict import Scorer, write_scores
+
+    scorer = Scorer(args.checkpoint, device=args.device, batch_size=args.batch_size, workers=args.workers)
+    frame = scorer.score(args.paths, progress=_progress())
+    failed = int((frame["error"] != "").sum())
+    if args.out:
+        write_scores(frame, args.out)
+        print(f"scored {len(frame) - failed} images ({failed} unreadable) -> {args.out}")
+    else:
+        print(frame.to_csv(index=False, float_format="%.4f"), end="")
+    if failed:
+        for _, row in frame[frame["error"] != ""].head(10).iterrows():
+            print(f"  unreadable: {row['error']}", file=sys.stderr)
+    return 0 if failed < len(frame) else 1
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from elta.data.check import check_dataset, write_problems
+    from elta.engine.train import read_dataset
+
+    cfg = _apply_options(RunConfig(), args)
+    df = read_dataset(cfg)
+    report = check_dataset(df, deep=not args.quick, progress=_progress())
+    print(report.format())
+    if args.out and report.problems:
+        print(f"problem list: {write_problems(report.problems, args.out)}")
+    return 1 if report.problems else 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from elta.data.demo import make_demo_dataset
+
+    path = make_demo_dataset(args.out, n=args.n, seed=args.seed, progress=_progress())
+    print(f"demo dataset: {path} ({args.n} images in {Path(args.out) / 'images'})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from elta.demo import run_demo
+
+    run_demo(args.out, progress=_progress(), device=args.device)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elta", description="Long-tail-aware image aesthetics assessment.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--version", action="version", version=f"elta {__import__('elta').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train", help="train a model on a dataset", description="Train a model; writes RUN_DIR."
+    )
+    p.add_argument("--config", help="YAML config (sections data / model / train); options below override it")
+    p.add_argument("--out", help="run directory for config.yaml, metrics.csv, last.pt, best.pt, train.log")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
+    _add_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--split", default="test", help="train | val | test | all (default test)")
+    p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv, report.png")
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_options(p, DATA_KEYS + ("--workers", "--device", "--strict", "--score-range"))
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="score photos with a checkpoint")
+    p.add_argument("paths", nargs="+", help="image files, folders (recursive) or .txt lists of paths")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--out", help="scores.csv or scores.json (default: CSV on standard output)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--workers", type=int, default=None)
+    p.set_defaults(func=cmd_predict)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("check", help="report bad rows and unreadable images, and the label statistics")
+    _add_options(p, DATA_KEYS + ("--strict", "--score-range"))
+    p.add_argument("--quick", action="store_true", help="only check that images exist and have a header")
+    p.add_argument("--out", help="write the problem list to this CSV")
+    p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("demo-data", help="build the long-tailed demo dataset (AVA layout)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=1500, help="number of images (default 1500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("demo", help="build demo data, train, evaluate and print the metrics")
+    p.add_argument(
+        "--out", default="elta-demo", help="folder for the data, run and evaluation (default elta-demo)"
+    )
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    logging.getLogger("elta").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"elta {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Evaluation of a checkpoint on a dataset split: metrics.json, predictions.csv, report.png."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from elta.config import RunConfig
+from elta.data.dataset import AnnotationDataset, dist_columns
+from elta.data.transforms import ImageTransform
+from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from elta.engine.inference import run_inference
+from elta.engine.report import draw_report
+from elta.engine.train import read_dataset
+from elta.metrics import evaluate
+from elta.utils import atomic_write_text, resolve_device
+
+__all__ = ["evaluate_checkpoint", "select_split"]
+
+log = logging.getLogger(__name__)
+
+
+def select_split(df: pd.DataFrame, split: str) -> pd.DataFrame:
+    """Rows of ``split`` (train | val | test | all); an empty selection is an error naming what exists."""
+    if split == "all":
+        chosen = df
+    else:
+        chosen = df[df["split"] == split]
+    if chosen.empty:
+        counts = df["split"].replace("", "(none)").value_counts().to_dict()
+        raise ValueError(
+            f"no rows in split '{split}' (splits here: {counts}); choose --split with one of them or all"
+        )
+    return chosen.reset_index(drop=True)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    split: str = "test",
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Score ``split`` of the dataset in ``cfg.data`` and write the evaluation files into ``out``.
+
+    Returns the metrics dict (plus ``skipped``: images that could not be read, listed in predictions.csv).
+    """
+    out = Path(out)
+    payload = load_checkpoint(checkpoint)
+    dev = resolve_device(device)
+    model = model_from_checkpoint(payload, dev)
+    spec = model.spec
+    df = read_dataset(cfg)
+    if df.attrs.get("problems"):
+        log.warning("%d annotation rows could not be used (see `elta data check`)", len(df.attrs["problems"]))
+    frame = select_split(df, split)
+    cols = dist_columns(frame)
+    if spec.head == "distribution" and cols and len(cols) != spec.num_bins:
+        raise ValueError(
+            f"checkpoint predicts {spec.num_bins} bins but {cfg.data.data} has {len(cols)}: "
+            "evaluate on a dataset with the same rating scale"
+        )
+    dataset = AnnotationDataset(frame, ImageTransform.from_spec(spec, train=False))
+    preds = run_inference(
+        model, dataset, batch_size=batch_size, device=dev, workers=workers, progress=progress
+    )
+    ok = preds.ok
+    if not ok.any():
+        raise RuntimeError(f"none of the {len(frame)} images in split '{split}' could be read")
+    gt = frame["mos"].to_numpy(dtype=np.float64)
+    groups = frame["group"].astype(str).to_numpy()
+    gt_dist = frame[cols].to_numpy(dtype=np.float64) if cols else None
+    use_dist = preds.dist is not None and gt_dist is not None
+    metrics = evaluate(
+        preds.score[ok],
+        gt[ok],
+        pred_dist=preds.dist[ok] if use_dist else None,
+        gt_dist=gt_dist[ok] if use_dist else None,
+        threshold=spec.acc_threshold,
+        score_range=tuple(spec.score_range),
+        groups=groups[ok] if spec.group_counts and (groups != "").any() else None,
+        group_counts=spec.group_counts or None,
+    )
+    metrics["skipped"] = int((~ok).sum())
+    metrics["split"] = split
+    metrics["checkpoint"] = str(payload["path"])
+
+    table = pd.DataFrame(
+        {"image_id": frame["image_id"], "gt": gt, "pred": preds.score, "pred_std": preds.std}
+    )
+    if preds.dist is not None:
+        for k in range(preds.dist.shape[1]):
+            table[f"p{k + 1}"] = preds.dist[:, k]
+    if (groups != "").any():
+        table["group"] = groups
+    table["error"] = preds.errors
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
+    draw_report(
+        preds.score[ok],
+        gt[ok],
+        out / "report.png",
+        title=f"{Path(payload['path']).name} on {split}",
+        score_range=tuple(spec.score_range),
+    )
+    if metrics["skipped"]:
+        log.warning(
+            "%d images could not be read; their reasons are in %s",
+            metrics["skipped"],
+            out / "predictions.csv",
+        )
+    return metrics
+
+
+def _json_safe(metrics: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}

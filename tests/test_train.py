@@ -1,0 +1,177 @@
+"""Training runs end to end on a small real dataset: outputs, exact resume after a kill, failure paths."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.engine import train as train_module
+from elta.engine.checkpoint import load_checkpoint
+from elta.engine.train import RunExistsError, TrainingDivergedError, train
+
+
+def tiny_config(data_root, epochs=2, **train_kw) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(data=str(data_root / "AVA.txt"), workers=0),
+        model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56),
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, device="cpu", **train_kw),
+    )
+
+
+def test_training_writes_a_complete_run_directory(demo_data, tmp_path):
+    summary = train(tiny_config(demo_data), tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "train.log", "split.csv"):
+        assert (run / name).is_file(), name
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2]
+    assert {"train_loss", "val_loss", "val_srcc", "val_plcc", "val_acc", "val_mae_low", "lr"} <= set(metrics)
+    assert metrics["train_loss"].notna().all()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["backbone"] == "test_convnext"
+    assert RunConfig.from_yaml(run / "config.yaml") == tiny_config(demo_data)
+    ckpt = load_checkpoint(run / "best.pt")
+    assert ckpt["spec"]["centers"] == [float(c) for c in range(1, 11)]
+    assert ckpt["spec"]["acc_threshold"] == 5.0
+    assert ckpt["spec"]["head"] == "distribution"
+    assert ckpt["epoch"] == summary["best_epoch"]
+    # the demo data has split lists: the run trains on train and validates on val
+    split = pd.read_csv(run / "split.csv")
+    listed = set((demo_data / "val.txt").read_text().split())
+    assert set(split.loc[split["split"] == "val", "image_id"].astype(str)) == listed
+
+
+def test_existing_run_is_not_overwritten(demo_data, tmp_path):
+    cfg = tiny_config(demo_data, epochs=1)
+    train(cfg, tmp_path / "run")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(RunExistsError, match="--resume"):
+        train(cfg, tmp_path / "run")
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def _state(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_killed_run_resumes_to_the_same_weights(demo_data, tmp_path):
+    """SIGKILL a CLI run in the middle, resume it, and end exactly where an uninterrupted run ends."""
+    reference = tmp_path / "reference"
+    train(tiny_config(demo_data, epochs=3), reference)
+
+    run = tmp_path / "killed"
+    args = [
+        sys.executable,
+        "-m",
+        "elta",
+        "train",
+        "--data",
+        str(demo_data / "AVA.txt"),
+        "--out",
+        str(run),
+        "--backbone",
+        "test_convnext",
+        "--weights",
+        "none",
+        "--image-size",
+        "48",
+        "--resize",
+        "56",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--checkpoint-every",
+        "1",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ})
+    deadline = time.time() + 120
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stopped_at = load_checkpoint(run / "last.pt")
+    assert (stopped_at["epoch"], stopped_at["step"]) < (3, 0), "the run finished before it could be killed"
+
+    resumed = subprocess.run(
+        [sys.executable, "-m", "elta", "train", "--resume", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _state(reference / "last.pt"), _state(run / "last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ref_metrics = pd.read_csv(reference / "metrics.csv").drop(columns="time_s")
+    run_metrics = pd.read_csv(run / "metrics.csv").drop(columns="time_s")
+    pd.testing.assert_frame_equal(ref_metrics, run_metrics)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path, monkeypatch):
+    real_loss = train_module.main_loss
+    calls = {"n": 0}
+    steps_per_epoch = len(train_module.epoch_batches(63, 16, 0, 0))
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] > steps_per_epoch else loss
+
+    monkeypatch.setattr(train_module, "main_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError, match="nan at epoch 2, step 1.*last good checkpoint"):
+        train(tiny_config(demo_data, epochs=3), run)
+    kept = load_checkpoint(run / "last.pt")
+    assert kept["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+
+
+def test_scalar_dataset_trains_a_scalar_head_and_refuses_emd(tmp_path, demo_data):
+    ava = pd.read_csv(demo_data / "AVA.txt", sep=" ", header=None)
+    votes = ava.iloc[:, 2:12].to_numpy()
+    mos = (votes * range(1, 11)).sum(1) / votes.sum(1)
+    csv = tmp_path / "scores.csv"
+    pd.DataFrame({"image": [f"{i}.jpg" for i in ava[1]], "score": mos}).to_csv(csv, index=False)
+    cfg = tiny_config(demo_data, epochs=1)
+    cfg = cfg.override("data", data=str(csv), images=str(demo_data / "images"), score_range=(1.0, 10.0))
+    train(cfg, tmp_path / "run")
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert ckpt["spec"]["head"] == "scalar"
+    assert "no validation split" in (tmp_path / "run" / "train.log").read_text()
+    with pytest.raises(ValueError, match="--loss emd needs vote distributions"):
+        train(cfg.override("train", loss="emd"), tmp_path / "run2")
+
+
+def test_unreadable_training_image_is_reported_then_skipped(demo_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    train_ids = (data / "train.txt").read_text().split()
+    (data / "images" / f"{train_ids[0]}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (data / "images" / f"{train_ids[1]}.jpg").unlink()
+    cfg = tiny_config(data, epochs=1)
+    train(cfg, tmp_path / "run")
+    bad = pd.read_csv(tmp_path / "run" / "bad_rows.csv")
+    assert {str(train_ids[0]), str(train_ids[1])} <= set(bad["image_id"].astype(str))
+    assert (bad["file"] == "AVA.txt").all()
+    with pytest.raises(ValueError, match="strict"):
+        train(cfg.override("data", strict=True), tmp_path / "strict")
