@@ -53,7 +53,9 @@ class DataConfig:
         if self.score_range is not None:
             lo, hi = (float(v) for v in self.score_range)
             if not lo < hi:
-                raise ValueError(f"data.score_range must be [low, high] with low < high; got {self.score_range}")
+                raise ValueError(
+                    f"data.score_range must be [low, high] with low < high; got {self.score_range}"
+                )
             self.score_range = (lo, hi)
         if self.workers is not None:
             _check_positive("data.workers", self.workers, allow_zero=True)
@@ -76,7 +78,9 @@ class ModelConfig:
         if self.resize is not None:
             _check_positive("model.resize", self.resize)
             if self.image_size is not None and self.resize < self.image_size:
-                raise ValueError(f"model.resize ({self.resize}) must be ≥ model.image_size ({self.image_size})")
+                raise ValueError(
+                    f"model.resize ({self.resize}) must be ≥ model.image_size ({self.image_size})"
+                )
         _check_positive("model.neck_dim", self.neck_dim, allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
@@ -139,7 +143,9 @@ class RunConfig:
             known = {f.name for f in dataclasses.fields(section_cls)}
             bad = set(values) - known
             if bad:
-                raise ValueError(f"{source}: unknown key(s) in '{name}': {sorted(bad)}; known: {sorted(known)}")
+                raise ValueError(
+                    f"{source}: unknown key(s) in '{name}': {sorted(bad)}; known: {sorted(known)}"
+                )
             if values.get("score_range") is not None:
                 values = {**values, "score_range": tuple(values["score_range"])}
             kwargs[name] = section_cls(**values)

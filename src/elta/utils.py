@@ -48,7 +48,9 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        raise RuntimeError(
+            f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)"
+        )
     return device
 
 
