@@ -1,0 +1,229 @@
+"""A small, long-tailed image quality dataset in the AVA layout, built offline from real photographs.
+
+Each image is a random crop of one of scikit-image's bundled colour photographs, degraded by one to three
+distortions (blur, noise, JPEG, exposure, contrast, saturation) whose severity is a monotone function of the
+image's MOS, so the score is learnable from pixels. MOS follows a long-tailed bell shape like AVA's (a scaled
+Student-t with 4 degrees of freedom, mean 5.4), and each image carries 50-200 integer votes on 1..10 whose mean
+is that MOS. Layout written to ``out``::
+
+    images/<id>.jpg             RGB JPEGs, image_size x image_size, ids 1..n
+    AVA.txt                     index, id, 10 vote counts, tag 1 (source photo, 1-based), tag 2 (0), challenge (0)
+    train.txt val.txt test.txt  image ids, a seeded 70 / 15 / 15 split
+
+AVA.txt is written last, once every image exists, so its presence marks a complete dataset.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFilter
+from tqdm import tqdm
+
+__all__ = ["make_demo_dataset", "demo_dataset_exists", "severity_of_mos"]
+
+log = logging.getLogger(__name__)
+
+MOS_CENTRE = 5.4
+MOS_RANGE = (1.2, 9.8)
+N_RATINGS = 10  # AVA's rating scale 1..10
+# blur, noise and JPEG hide detail everywhere in a crop; one of them is always present so every image shows
+# its quality in its texture, whatever its content.
+STRUCTURAL = ("blur", "noise", "jpeg")
+PHOTOMETRIC = ("exposure", "contrast", "saturation")
+SAVE_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """How one image is made: source photo, square crop box (x, y, side) in source pixels, flip, distortions."""
+
+    source: int
+    box: tuple[int, int, int]
+    flip: bool
+    distortions: tuple[tuple[str, float, int], ...]  # (name, severity in [0, 1], direction +1 / -1)
+
+
+def demo_dataset_exists(out: str | Path) -> bool:
+    """True when ``out`` holds a completely written demo dataset (its AVA.txt)."""
+    return (Path(out) / "AVA.txt").is_file()
+
+
+def severity_of_mos(mos: np.ndarray | float) -> np.ndarray:
+    """Distortion severity in [0, 1] for a MOS on 1..10: ~0.87 at MOS 4, 0.63 at 5, 0.31 at 6, 0.11 at 7.
+
+    Steepest around the centre of the score distribution, where most images lie, and saturating in the tails.
+    """
+    return 0.5 * (1.0 + np.tanh((MOS_CENTRE - np.asarray(mos, dtype=float)) / 1.5))
+
+
+def _source_photos() -> list[Image.Image]:
+    """scikit-image's bundled colour photographs (shipped with the package: no download)."""
+    try:
+        from skimage import data
+    except ImportError as exc:
+        raise ImportError("the demo dataset needs scikit-image: pip install 'elta[demo]'") from exc
+    arrays = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.stereo_motorcycle()[0]]
+    return [Image.fromarray(a[..., :3]).convert("RGB") for a in arrays]
+
+
+def _target_mos(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Long-tailed target scores: Student-t (4 dof) with sd ~0.8 around 5.4, clipped to 1.2..9.8."""
+    return np.clip(MOS_CENTRE + 0.57 * rng.standard_t(4, size=n), *MOS_RANGE)
+
+
+def _vote_probabilities(mos: np.ndarray, sd: np.ndarray) -> np.ndarray:
+    """Discretised Gaussians over ratings 1..10, [n, 10], whose centre is solved so that the mean is ``mos``.
+
+    Clipping at 1 and 10 pulls a tail distribution's mean inwards; bisection on the centre compensates.
+    """
+    ratings = np.arange(1, N_RATINGS + 1)
+    lo, hi = np.full_like(mos, -30.0), np.full_like(mos, 40.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        p = np.exp(-0.5 * ((ratings[None, :] - mid[:, None]) / sd[:, None]) ** 2)
+        mean = (p * ratings).sum(1) / p.sum(1)
+        below = mean < mos
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    p = np.exp(-0.5 * ((ratings[None, :] - ((lo + hi) / 2)[:, None]) / sd[:, None]) ** 2)
+    return p / p.sum(1, keepdims=True)
+
+
+def _vote_counts(rng: np.random.Generator, mos: np.ndarray) -> np.ndarray:
+    """Vote counts [n, 10] from 50-200 raters per image, each vote an integer on 1..10 around the target.
+
+    Raters are drawn by systematic (stratified) sampling of the vote distribution: every vote keeps its
+    marginal distribution, and the mean of the votes stays within a few hundredths of the target.
+    """
+    n = len(mos)
+    raters = rng.integers(50, 201, size=n)
+    probs = _vote_probabilities(mos, rng.uniform(1.2, 1.5, size=n))
+    counts = np.zeros((n, N_RATINGS), dtype=np.int64)
+    for i in range(n):
+        u = (np.arange(raters[i]) + rng.random()) / raters[i]
+        votes = np.searchsorted(np.cumsum(probs[i]), u, side="right").clip(0, N_RATINGS - 1)
+        counts[i] = np.bincount(votes, minlength=N_RATINGS)
+    return counts
+
+
+def _recipe(rng: np.random.Generator, photo: Image.Image, source: int, severity: float, size: int) -> _Recipe:
+    """Random crop, flip and distortion set for one image of the given severity."""
+    short = min(photo.size)
+    # a crop much smaller than the output would be upsampled, adding blur unrelated to the score
+    low = min(1.0, max(0.4, 0.8 * size / short))
+    side = int(round(rng.uniform(low, 1.0) * short))
+    box = (int(rng.integers(0, photo.width - side + 1)), int(rng.integers(0, photo.height - side + 1)), side)
+    extra = int(rng.choice(3, p=[0.4, 0.4, 0.2]))
+    primary = str(rng.choice(STRUCTURAL))
+    others = [d for d in STRUCTURAL + PHOTOMETRIC if d != primary]
+    names = [primary, *(str(d) for d in rng.choice(others, size=extra, replace=False))]
+    order = PHOTOMETRIC + STRUCTURAL  # camera-like order: tone first, then optics, sensor noise, compression
+    names.sort(key=order.index)
+    distortions = tuple(
+        (name, float(np.clip(severity * rng.uniform(0.95, 1.05), 0.0, 1.0)), int(rng.choice([-1, 1])))
+        for name in names
+    )
+    return _Recipe(source, box, bool(rng.random() < 0.5), distortions)
+
+
+def _distort(
+    img: Image.Image, name: str, severity: float, direction: int, rng: np.random.Generator
+) -> Image.Image:
+    """Apply one distortion at ``severity`` in [0, 1]; pixel sizes are for a 256-px image and scale with it."""
+    scale = img.width / 256
+    if name == "blur":
+        return img.filter(ImageFilter.GaussianBlur(radius=3.5 * severity * scale))
+    if name == "noise":
+        noise = rng.standard_normal((img.height, img.width, 3), dtype=np.float32) * (40.0 * severity)
+        return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+    if name == "jpeg":
+        buffer = io.BytesIO()
+        img.save(buffer, format="JPEG", quality=int(round(75 * (4 / 75) ** severity)))
+        buffer.seek(0)
+        return Image.open(buffer).convert("RGB")
+    if name == "exposure":
+        gain = 2.0 ** (1.5 * severity * direction)
+        return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) * gain, 0, 255).astype(np.uint8))
+    if name == "contrast":
+        return ImageEnhance.Contrast(img).enhance(1.0 - 0.7 * severity)
+    if name == "saturation":
+        factor = 1.0 + 1.6 * severity if direction > 0 else 1.0 - 0.9 * severity
+        return ImageEnhance.Color(img).enhance(factor)
+    raise ValueError(f"unknown distortion {name!r}")
+
+
+def _render(photo: Image.Image, recipe: _Recipe, size: int, rng: np.random.Generator) -> Image.Image:
+    """The crop of ``photo`` described by ``recipe``, resized to ``size`` and distorted."""
+    x, y, side = recipe.box
+    img = photo.resize((size, size), Image.Resampling.LANCZOS, box=(x, y, x + side, y + side))
+    if recipe.flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for name, severity, direction in recipe.distortions:
+        img = _distort(img, name, severity, direction, rng)
+    return img
+
+
+def _split_ids(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """A 70 / 15 / 15 split of ids 1..n, each part sorted."""
+    ids = rng.permutation(n) + 1
+    n_train, n_val = int(round(0.7 * n)), int(round(0.15 * n))
+    parts = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
+    return {name: np.sort(part) for name, part in parts.items()}
+
+
+def _write_text(path: Path, lines: list[str]) -> None:
+    """Write lines to ``path`` through a temporary file, so the file appears complete or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def _remove_stale_images(images: Path, n: int) -> None:
+    """Delete ``<id>.jpg`` files with id > n left by an earlier, larger build into the same folder."""
+    for path in images.glob("*.jpg"):
+        if path.stem.isdigit() and int(path.stem) > n:
+            path.unlink()
+
+
+def make_demo_dataset(
+    out: str | Path, n: int = 1500, seed: int = 0, image_size: int = 256, progress: bool = False
+) -> Path:
+    """Build the demo dataset of ``n`` images into ``out`` (AVA layout) and return the path of its AVA.txt.
+
+    Deterministic: the same ``seed``, ``n`` and ``image_size`` give the same files, byte for byte.
+    """
+    if n < 3:
+        raise ValueError(f"n={n}: the demo dataset needs at least 3 images (one per split)")
+    out = Path(out)
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    (out / "AVA.txt").unlink(missing_ok=True)  # an interrupted rebuild must not look complete
+    _remove_stale_images(images, n)
+
+    rng = np.random.default_rng(seed)
+    photos = _source_photos()
+    weights = 0.6 ** np.arange(len(photos))  # long-tailed content groups: the last photo is a minority group
+    sources = rng.choice(len(photos), size=n, p=weights / weights.sum())
+    counts = _vote_counts(rng, _target_mos(rng, n))
+    mos = (counts * np.arange(1, N_RATINGS + 1)).sum(1) / counts.sum(1)
+    severity = severity_of_mos(mos)  # from the recorded MOS, so label and pixels agree exactly
+    splits = _split_ids(rng, n)
+
+    for i, image_rng in enumerate(tqdm(rng.spawn(n), desc="demo images", disable=not progress)):
+        recipe = _recipe(image_rng, photos[sources[i]], int(sources[i]), float(severity[i]), image_size)
+        img = _render(photos[sources[i]], recipe, image_size, image_rng)
+        img.save(images / f"{i + 1}.jpg", format="JPEG", quality=SAVE_QUALITY)
+
+    for name, ids in splits.items():
+        _write_text(out / f"{name}.txt", [str(i) for i in ids])
+    rows = [
+        " ".join(map(str, [i + 1, i + 1, *counts[i].tolist(), int(sources[i]) + 1, 0, 0])) for i in range(n)
+    ]
+    _write_text(out / "AVA.txt", rows)
+    log.info("demo dataset: %d images in %s, MOS mean %.2f sd %.2f", n, out, mos.mean(), mos.std())
+    return out / "AVA.txt"
