@@ -6,9 +6,23 @@ Every function works on any device, keeps the batch on it, and is differentiable
 
 from __future__ import annotations
 
-import torch
+from typing import NamedTuple
 
-__all__ = ["dist_to_score", "dist_std", "emd_loss"]
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "dist_to_score",
+    "dist_std",
+    "emd_loss",
+    "TFAMix",
+    "tfa_anchor_probs",
+    "tfa_partner_probs",
+    "tfa_mix",
+    "flsa_loss",
+    "apds_sharpen",
+    "apds_select",
+]
 
 
 def dist_to_score(dist: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -40,3 +54,173 @@ def emd_loss(pred: torch.Tensor, target: torch.Tensor, r: float = 2.0) -> torch.
     per_sample = cdf_diff.abs().pow(r).mean(dim=1)
     # The root has an infinite gradient at 0: a tiny floor keeps a perfect prediction's gradient finite.
     return per_sample.clamp_min(1e-20).pow(1.0 / r).mean()
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as float32, or as float64 when it already is."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+# --- TFA: tail feature augmentation -------------------------------------------------------------------------
+
+
+class TFAMix(NamedTuple):
+    """A batch with ``m`` mixed rows appended (see :func:`tfa_mix`)."""
+
+    features: torch.Tensor  # [B + m, D]
+    targets: torch.Tensor  # [B + m, K] or [B + m]
+    scores: torch.Tensor  # [B + m], the mixed rows carry the mixed MOS
+    anchors: torch.Tensor  # [m] long, indices into the original batch
+    partners: torch.Tensor  # [m] long
+    lam: torch.Tensor  # [m], weight of the anchor
+
+
+def tfa_anchor_probs(scores: torch.Tensor, tau1: float) -> torch.Tensor:
+    """Anchor probabilities ``P(i) = softmax_i(|s̄ − s_i| / τ1)``, s̄ the batch mean.
+
+    scores: [B] MOS on any scale. Returns [B] in float32 (float64 if scores are), computed in log space.
+    """
+    s = _at_least_float32(scores)
+    return torch.softmax((s.mean() - s).abs() / tau1, dim=0)
+
+
+def _partner_probs(scores: torch.Tensor, anchors: torch.Tensor, tau2: float, eps: float) -> torch.Tensor:
+    """``P(j | a)`` for each anchor ``a``: [B] scores, [m] anchors -> [m, B], zero at ``j = a``."""
+    s = _at_least_float32(scores)
+    logits = tau2 / ((s[anchors].unsqueeze(1) - s.unsqueeze(0)).abs() + eps)
+    # Softmax of the logits, never exp(τ2 / ε) itself: that overflows float64 once τ2 > ~7.1 with a tie.
+    is_anchor = anchors.unsqueeze(1) == torch.arange(s.shape[0], device=s.device).unsqueeze(0)
+    return torch.softmax(logits.masked_fill(is_anchor, float("-inf")), dim=1)
+
+
+def tfa_partner_probs(scores: torch.Tensor, anchor: int, tau2: float, eps: float = 0.01) -> torch.Tensor:
+    """Partner probabilities ``P(j | a) ∝ exp(τ2 / (|s_a − s_j| + ε))`` over ``j ≠ a``; exactly 0 at ``j = a``.
+
+    scores: [B] MOS (B ≥ 2); anchor: index a in [−B, B). Returns [B] in float32 (float64 if scores are),
+    computed in log space, so ties stay finite for any τ2.
+    """
+    n = scores.shape[0]
+    if not -n <= anchor < n:
+        raise IndexError(f"tfa_partner_probs: anchor {anchor} out of range for a batch of {n}")
+    anchors = torch.tensor([anchor % n], device=scores.device)
+    return _partner_probs(scores, anchors, tau2, eps)[0]
+
+
+def _append_mixed(
+    x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor
+) -> torch.Tensor:
+    """``x`` [B, ...] with rows ``λ x_a + (1 − λ) x_p`` appended; floating inputs keep their dtype."""
+    w = lam.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+    anchors, partners = anchors.to(x.device), partners.to(x.device)
+    mixed = w * x[anchors] + (1 - w) * x[partners]
+    dtype = x.dtype if x.is_floating_point() else mixed.dtype
+    return torch.cat([x.to(dtype), mixed.to(dtype)])
+
+
+def tfa_mix(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    scores: torch.Tensor,
+    tau1: float,
+    tau2: float,
+    num_pairs: int = 1,
+    generator: torch.Generator | None = None,
+) -> TFAMix:
+    """Tail feature augmentation: mix ``m`` drawn (anchor, partner) pairs and append them to the batch.
+
+    features: [B, D]; targets: [B, K] distributions or [B] scalars; scores: [B] MOS. Anchors are drawn without
+    replacement from :func:`tfa_anchor_probs`, each one's partner from :func:`tfa_partner_probs` (ε = 0.01),
+    and ``λ = P(a) / (P(a) + P(p))`` with both P from the anchor distribution. ``m = min(num_pairs, B)``; a
+    batch of fewer than 2 samples (or ``num_pairs = 0``) comes back unchanged with empty anchors.
+    Everything stays on the input device; this code never copies to the host (``torch.multinomial``'s own
+    input checks may still synchronise, depending on the torch version). ``generator``, if given, must live
+    on that same device (``torch.multinomial`` requires it). Differentiable w.r.t. features (and targets).
+    """
+    if num_pairs < 0:
+        raise ValueError(f"tfa_mix: num_pairs must be >= 0, got {num_pairs}")
+    n = scores.shape[0]
+    if features.shape[0] != n or targets.shape[0] != n:
+        raise ValueError(
+            f"tfa_mix: batch sizes differ: features {tuple(features.shape)}, targets {tuple(targets.shape)}, "
+            f"scores {tuple(scores.shape)}"
+        )
+    m = min(num_pairs, n)
+    if n < 2 or m == 0:
+        empty = torch.empty(0, dtype=torch.long, device=scores.device)
+        lam = torch.empty(0, dtype=_at_least_float32(scores).dtype, device=scores.device)
+        return TFAMix(features, targets, scores, empty, empty, lam)
+    p = tfa_anchor_probs(scores, tau1)
+    anchors = torch.multinomial(p, m, replacement=False, generator=generator)
+    partner_probs = _partner_probs(scores, anchors, tau2, eps=0.01)
+    partners = torch.multinomial(partner_probs, 1, generator=generator).squeeze(1)
+    lam = p[anchors] / (p[anchors] + p[partners])
+    return TFAMix(
+        features=_append_mixed(features, anchors, partners, lam),
+        targets=_append_mixed(targets, anchors, partners, lam),
+        scores=_append_mixed(scores, anchors, partners, lam),
+        anchors=anchors,
+        partners=partners,
+        lam=lam,
+    )
+
+
+# --- FLSA: feature–label similarity alignment ---------------------------------------------------------------
+
+
+def flsa_loss(features: torch.Tensor, scores: torch.Tensor, score_range: float | None = None) -> torch.Tensor:
+    """Mean over all pairs (i, j) of ``(cos(f_i, f_j) − (1 − |s_i − s_j| / R))²``.
+
+    features: [B, D]; scores: [B] MOS. R is the batch's max − min score, or ``score_range`` (the dataset's
+    hi − lo, same units as scores) when given; with R = 0 the label similarity is 1 everywhere.
+    Returns a scalar in float32 (float64 if the features are), whatever the features' dtype or autocast.
+    """
+    if score_range is not None and score_range <= 0:
+        raise ValueError(f"flsa_loss: score_range must be > 0, got {score_range}")
+    f = F.normalize(_at_least_float32(features), dim=1)
+    # Autocast would run the matmul in bf16/fp16 again; cosines near 1 need the full float32 mantissa.
+    with torch.autocast(f.device.type, enabled=False):
+        feature_sim = f @ f.T
+    s = scores.to(device=f.device, dtype=f.dtype)
+    r = (
+        s.max() - s.min()
+        if score_range is None
+        else torch.tensor(score_range, dtype=f.dtype, device=f.device)
+    )
+    gap = (s.unsqueeze(1) - s.unsqueeze(0)).abs()
+    # A batch of equal scores has R = 0: every pair is then fully similar. Divide by a safe R so that
+    # neither the value nor the gradient of the unused branch is NaN.
+    safe_r = torch.where(r > 0, r, torch.ones_like(r))
+    label_sim = torch.where(r > 0, 1 - gap / safe_r, torch.ones_like(gap))
+    return (feature_sim - label_sim).pow(2).mean()
+
+
+# --- APDS: adaptive pseudo-label distribution sharpening ----------------------------------------------------
+
+
+def apds_sharpen(
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    beta: float,
+    center: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sharpened distributions ``q = softmax(z · exp(β · |c − ŝ|))``.
+
+    logits: [B, K]; scores: [B] predicted MOS; center c on the same scale (default: mean of ``scores``).
+    Returns [B, K] in float32 (float64 if the logits are).
+    """
+    z = _at_least_float32(logits)
+    s = scores.to(device=z.device, dtype=z.dtype)
+    c = s.mean() if center is None else torch.as_tensor(center, dtype=z.dtype, device=z.device)
+    temperature = torch.exp(beta * (c - s).abs())
+    return torch.softmax(z * temperature.unsqueeze(1), dim=1)
+
+
+def apds_select(
+    logits: torch.Tensor,
+    scores: torch.Tensor,
+    beta: float,
+    threshold: float,
+    center: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Which samples to pseudo-label: ``max_k q_k > threshold`` with q from :func:`apds_sharpen`. Bool [B]."""
+    return apds_sharpen(logits, scores, beta, center).amax(dim=1) > threshold
