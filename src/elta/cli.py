@@ -192,7 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from elta.data.check import check_dataset, write_problems
-    from elta.engine.train import read_dataset
+    from elta.engine.prepare import read_dataset
 
     cfg = _apply_options(RunConfig(), args)
     df = read_dataset(cfg)

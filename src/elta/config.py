@@ -45,6 +45,8 @@ class DataConfig:
     group_column: str | None = None
     score_range: tuple[float, float] | None = None  # generic CSV without a known scale
     workers: int | None = None  # data-loading processes; None = chosen from the CPU count
+    pseudo_labels: str | None = None  # CSV from `elta pseudo-label`, added to the training rows
+    pseudo_weight: float = 1.0  # loss weight of pseudo-labelled rows (a row's own `weight` column wins)
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, FORMATS)
@@ -59,6 +61,7 @@ class DataConfig:
             self.score_range = (lo, hi)
         if self.workers is not None:
             _check_positive("data.workers", self.workers, allow_zero=True)
+        _check_positive("data.pseudo_weight", self.pseudo_weight, allow_zero=True)
 
 
 @dataclass
@@ -71,6 +74,9 @@ class ModelConfig:
     resize: int | None = None  # square resize before the random crop; None = image_size · 300/256
     neck_dim: int = 0  # > 0 adds Linear(D, neck_dim) + ReLU before the head
     dropout: float = 0.75  # before the scalar head (the original's "mse" mode)
+    init_from: str | None = None  # start from this checkpoint's weights (elta or original ELTA release)
+    freeze_backbone: bool = False  # train only the neck and head (regressor retraining)
+    reset_head: bool = False  # re-initialise the head after --init-from
 
     def __post_init__(self) -> None:
         if self.image_size is not None:
@@ -84,6 +90,8 @@ class ModelConfig:
         _check_positive("model.neck_dim", self.neck_dim, allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
+        if self.reset_head and not self.init_from:
+            raise ValueError("model.reset_head needs model.init_from (a fresh model's head is new anyway)")
 
 
 @dataclass
@@ -103,6 +111,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 0  # also write last.pt every N steps inside an epoch; 0 = at epoch ends only
+    cache_features: bool = False  # frozen backbone: compute pooled features once, train the head on them
+    feature_cache: str | None = None  # cache file; None = RUN_DIR/feature_cache.pt
 
     def __post_init__(self) -> None:
         _check_positive("train.epochs", self.epochs)
@@ -127,6 +137,16 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    enhancers: list[dict[str, Any]] = field(default_factory=list)  # e.g. [{"name": "tfa", "tau1": 0.5}]
+
+    def __post_init__(self) -> None:
+        from elta.enhancers import build_enhancers
+
+        build_enhancers(self.enhancers)  # unknown names or settings fail here, not mid-run
+        if self.train.cache_features and not self.model.freeze_backbone:
+            raise ValueError(
+                "train.cache_features needs model.freeze_backbone (features change while it trains)"
+            )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
@@ -135,7 +155,10 @@ class RunConfig:
         unknown = set(raw) - set(sections)
         if unknown:
             raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
-        kwargs = {}
+        enhancers = raw.get("enhancers") or []
+        if not isinstance(enhancers, list) or not all(isinstance(e, dict) and "name" in e for e in enhancers):
+            raise ValueError(f"{source}: 'enhancers' must be a list of mappings with a 'name'")
+        kwargs: dict[str, Any] = {"enhancers": [dict(e) for e in enhancers]}
         for name, section_cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
             values = raw.get(name) or {}
             if not isinstance(values, dict):
@@ -157,7 +180,7 @@ class RunConfig:
         with path.open(encoding="utf-8") as fh:
             raw = yaml.safe_load(fh) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping with sections data/model/train")
+            raise ValueError(f"{path}: expected a mapping with sections data/model/train/enhancers")
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

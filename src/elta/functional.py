@@ -41,19 +41,23 @@ def dist_std(dist: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     return var.clamp_min(0).sqrt()
 
 
-def emd_loss(pred: torch.Tensor, target: torch.Tensor, r: float = 2.0) -> torch.Tensor:
+def emd_loss(
+    pred: torch.Tensor, target: torch.Tensor, r: float = 2.0, reduction: str = "mean"
+) -> torch.Tensor:
     """Earth mover's distance between ordered distributions (NIMA's definition).
 
-    Per sample ``(mean_k |CDF_pred(k) − CDF_target(k)|^r)^(1/r)``, then the mean over the batch.
-    pred, target: [B, K] probabilities. The original release took one root of the mean over the whole
-    batch instead, which weights samples differently; this is the per-sample form the papers state.
+    Per sample ``(mean_k |CDF_pred(k) − CDF_target(k)|^r)^(1/r)``, then the mean over the batch
+    (``reduction="none"`` returns the [B] per-sample values). pred, target: [B, K] probabilities.
+    The original release took one root of the mean over the whole batch instead, which weights samples
+    differently; this is the per-sample form the papers state.
     """
     if pred.shape != target.shape:
         raise ValueError(f"emd_loss: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
     cdf_diff = torch.cumsum(pred, dim=1) - torch.cumsum(target.to(pred.dtype), dim=1)
     per_sample = cdf_diff.abs().pow(r).mean(dim=1)
     # The root has an infinite gradient at 0: a tiny floor keeps a perfect prediction's gradient finite.
-    return per_sample.clamp_min(1e-20).pow(1.0 / r).mean()
+    per_sample = per_sample.clamp_min(1e-20).pow(1.0 / r)
+    return per_sample if reduction == "none" else per_sample.mean()
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ class Batch:
     indices: torch.Tensor  # [B] positions in the dataset
     mos: torch.Tensor | None = None  # [B]
     dist: torch.Tensor | None = None  # [B, K]
+    weight: torch.Tensor | None = None  # [B] loss weights
     failures: list[tuple[int, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -42,23 +43,37 @@ class Batch:
 
 
 class AnnotationDataset(Dataset):
-    """Rows of an annotation frame (``path``, ``mos`` and optionally ``p1..pK``) as model inputs."""
+    """Rows of an annotation frame (``path``, ``mos``, optionally ``p1..pK`` and ``weight``) as model inputs.
+
+    With ``features`` ([N, D], e.g. a frozen backbone's cached output) the rows yield those vectors
+    instead of decoded images; rows listed in ``failed`` (index -> reason) yield their failure.
+    """
 
     def __init__(
         self,
         frame: pd.DataFrame,
-        transform: ImageTransform,
+        transform: ImageTransform | None,
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        features: torch.Tensor | None = None,
+        failed: dict[int, str] | None = None,
     ) -> None:
         self.paths = frame["path"].astype(str).tolist()
         self.mos = torch.tensor(frame["mos"].to_numpy(dtype=np.float32))
         cols = dist_columns(frame)
         self.dist = torch.tensor(frame[cols].to_numpy(dtype=np.float32)) if cols else None
+        weights = (
+            frame["weight"].to_numpy(dtype=np.float32)
+            if "weight" in frame
+            else np.ones(len(frame), np.float32)
+        )
+        self.weight = torch.tensor(weights)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
         self.max_pixels = max_pixels
+        self.features = features
+        self.failed = failed or {}
 
     def set_epoch(self, epoch: int) -> None:
         """Training augmentations are a function of (seed, epoch, index)."""
@@ -67,13 +82,27 @@ class AnnotationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _input(self, index: int) -> torch.Tensor:
+        if self.features is not None:
+            return self.features[index]
+        image = load_image(self.paths[index], max_pixels=self.max_pixels)
+        seed = derive_seed(self.seed, self.epoch, index) if self.transform.train else None
+        return self.transform(image, seed)
+
     def __getitem__(self, index: int) -> dict:
+        if index in self.failed:
+            return {"ok": False, "index": index, "reason": self.failed[index]}
         try:
-            image = load_image(self.paths[index], max_pixels=self.max_pixels)
+            inputs = self._input(index)
         except ImageLoadError as exc:
             return {"ok": False, "index": index, "reason": str(exc)}
-        seed = derive_seed(self.seed, self.epoch, index) if self.transform.train else None
-        sample = {"ok": True, "index": index, "image": self.transform(image, seed), "mos": self.mos[index]}
+        sample = {
+            "ok": True,
+            "index": index,
+            "image": inputs,
+            "mos": self.mos[index],
+            "weight": self.weight[index],
+        }
         if self.dist is not None:
             sample["dist"] = self.dist[index]
         return sample
@@ -118,4 +147,6 @@ def collate(samples: list[dict]) -> Batch:
         batch.mos = torch.stack([s["mos"] for s in good])
     if "dist" in good[0]:
         batch.dist = torch.stack([s["dist"] for s in good])
+    if "weight" in good[0]:
+        batch.weight = torch.stack([s["weight"] for s in good])
     return batch

@@ -14,8 +14,8 @@ from elta.data.dataset import AnnotationDataset, dist_columns
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from elta.engine.inference import run_inference
+from elta.engine.prepare import read_dataset
 from elta.engine.report import draw_report
-from elta.engine.train import read_dataset
 from elta.metrics import evaluate
 from elta.utils import atomic_write_text, resolve_device
 

@@ -1,8 +1,8 @@
-"""The training loop: data preparation, epochs, validation, checkpoints, exact resume.
+"""The training loop: epochs, enhancers, validation, checkpoints, exact resume.
 
-Randomness is a function of (seed, epoch, step): the shuffle of epoch e, the augmentation of each sample
-and the dropout masks of each step are derived from the run seed. A run killed at any point and resumed
-from ``last.pt`` therefore ends with the same weights as an uninterrupted one.
+Randomness is a function of (seed, epoch, step): the shuffle of epoch e, the augmentation of each sample,
+the dropout masks and the enhancers' draws of each step are derived from the run seed. A run killed at
+any point and resumed from ``last.pt`` therefore ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +20,22 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from elta.config import RunConfig
-from elta.data.check import check_images, write_problems
+from elta.data.check import write_problems
 from elta.data.dataset import AnnotationDataset, Batch, dist_columns
-from elta.data.readers import AnnotationError, CsvColumns, read_annotations
+from elta.data.readers import AnnotationError
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint, save_checkpoint
+from elta.engine.features import load_or_compute_features
 from elta.engine.inference import Predictions, default_workers, make_loader, run_inference
+from elta.engine.prepare import PreparedData, prepare_data, read_dataset
+from elta.enhancers import StepState, build_enhancers
 from elta.functional import emd_loss
 from elta.metrics import emd as emd_metric
 from elta.metrics import evaluate
 from elta.models.model import AestheticModel, build_model
 from elta.utils import atomic_write_text, derive_seed, resolve_device
 
-__all__ = ["train", "prepare_data", "TrainingDivergedError", "RunExistsError", "read_dataset"]
+__all__ = ["train", "TrainingDivergedError", "RunExistsError", "read_dataset", "main_loss", "epoch_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -45,78 +48,6 @@ class RunExistsError(RuntimeError):
     """The output folder already holds a run and --resume was not given."""
 
 
-@dataclass
-class PreparedData:
-    train: pd.DataFrame
-    val: pd.DataFrame
-    attrs: dict
-    problems: list[dict]
-
-
-def read_dataset(cfg: RunConfig) -> pd.DataFrame:
-    """``read_annotations`` with the run's data settings."""
-    d = cfg.data
-    if d.data is None:
-        raise ValueError("no dataset given: pass --data (annotation file or folder)")
-    columns = CsvColumns(image=d.image_column, mos=d.mos_column, split=d.split_column, group=d.group_column)
-    return read_annotations(
-        d.data,
-        d.format,
-        d.images,
-        splits=d.splits,
-        strict=d.strict,
-        columns=columns,
-        score_range=d.score_range,
-    )
-
-
-def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False) -> PreparedData:
-    """Read, check and split the dataset; every skipped row is written to ``run_dir/bad_rows.csv``."""
-    df = read_dataset(cfg)
-    problems = list(df.attrs.get("problems", []))
-    image_problems = check_images(df, deep=False, progress=progress)
-    problems += image_problems
-    if problems:
-        where = write_problems(problems, run_dir / "bad_rows.csv")
-        if cfg.data.strict:
-            first = "; ".join(f"{p['file']} row {p['row']}: {p['reason']}" for p in problems[:5])
-            raise AnnotationError(f"{len(problems)} bad rows (strict mode): {first} … full list: {where}")
-        log.warning("skipping %d bad rows (listed in %s)", len(problems), where)
-    bad_paths = {p.get("path") for p in image_problems}
-    df = df[~df["path"].isin(bad_paths)]
-    train_df = df[df["split"] == "train"]
-    val_df = df[df["split"] == "val"]
-    if train_df.empty:
-        raise AnnotationError(
-            f"{cfg.data.data}: no usable training rows ({df.attrs.get('split_source', '')})"
-        )
-    if val_df.empty:
-        n_val = max(1, int(round(len(train_df) * cfg.data.val_fraction)))
-        if n_val >= len(train_df):
-            raise AnnotationError(
-                f"{cfg.data.data}: too few training rows ({len(train_df)}) to hold out validation"
-            )
-        rng = np.random.default_rng(derive_seed(cfg.train.seed, 7919))
-        held = rng.permutation(len(train_df))[:n_val]
-        mask = np.zeros(len(train_df), dtype=bool)
-        mask[held] = True
-        val_df, train_df = train_df[mask], train_df[~mask]
-        log.info(
-            "no validation split in %s: holding out %.0f%% of train (%d images, seed %d) for validation",
-            cfg.data.data,
-            100 * cfg.data.val_fraction,
-            n_val,
-            cfg.train.seed,
-        )
-    split_table = pd.concat([train_df.assign(split="train"), val_df.assign(split="val")])[
-        ["image_id", "split"]
-    ]
-    atomic_write_text(run_dir / "split.csv", split_table.to_csv(index=False))
-    return PreparedData(
-        train_df.reset_index(drop=True), val_df.reset_index(drop=True), dict(df.attrs), problems
-    )
-
-
 def resolve_loss(name: str, has_distribution: bool) -> str:
     if name == "auto":
         return "emd" if has_distribution else "mse"
@@ -127,15 +58,25 @@ def resolve_loss(name: str, has_distribution: bool) -> str:
     return name
 
 
-def main_loss(model: AestheticModel, out, batch: Batch, loss_name: str) -> torch.Tensor:
-    """EMD on distributions, or MSE / L1 on the MOS scaled to [0, 1]."""
+def targets_of(model: AestheticModel, batch: Batch, loss_name: str) -> torch.Tensor:
+    """What the head is trained towards: the vote distribution, or the MOS scaled to [0, 1]."""
     if loss_name == "emd":
-        return emd_loss(out.distribution, batch.dist)
+        return batch.dist
     lo, hi = model.score_range[0], model.score_range[1]
-    target = (batch.mos - lo) / (hi - lo)
-    if loss_name == "mse":
-        return F.mse_loss(out.score_unit, target)
-    return F.l1_loss(out.score_unit, target)
+    return (batch.mos - lo) / (hi - lo)
+
+
+def main_loss(
+    model: AestheticModel, out, targets: torch.Tensor, weights: torch.Tensor, loss_name: str
+) -> torch.Tensor:
+    """Weighted mean of the per-sample EMD (distribution head) or squared / absolute error (scalar head)."""
+    if loss_name == "emd":
+        per_sample = emd_loss(out.distribution, targets, reduction="none")
+    elif loss_name == "mse":
+        per_sample = F.mse_loss(out.score_unit, targets, reduction="none")
+    else:
+        per_sample = F.l1_loss(out.score_unit, targets, reduction="none")
+    return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -251,7 +192,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     Returns a summary: best metric and epoch, paths of best.pt / last.pt / metrics.csv.
     """
     run_dir = Path(run_dir)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    last_path = run_dir / "last.pt"
     if last_path.exists() and not resume:
         raise RunExistsError(
             f"{run_dir} already holds a run (last.pt): use --resume {run_dir} or another --out"
@@ -259,185 +200,331 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _attach_log_file(run_dir)
     try:
-        return _train(cfg, run_dir, last_path, best_path, resume and last_path.exists(), progress)
+        return _Trainer(cfg, run_dir, progress).fit(resume=resume and last_path.exists())
     finally:
         logging.getLogger("elta").removeHandler(handler)
         handler.close()
 
 
-def _train(
-    cfg: RunConfig, run_dir: Path, last_path: Path, best_path: Path, resume: bool, progress: bool
-) -> dict:
-    t = cfg.train
-    device = resolve_device(t.device)
-    cfg.to_yaml(run_dir / "config.yaml")
-    data = prepare_data(cfg, run_dir, progress=progress)
-    loss_name = resolve_loss(t.loss, data.attrs["has_distribution"])
-    head = "distribution" if loss_name == "emd" else "scalar"
+def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resume: bool) -> AestheticModel:
+    """The model before training: fresh (with cfg.model.weights) or from --init-from."""
     groups = data.train["group"].astype(str)
     group_counts = {g: int(c) for g, c in groups[groups != ""].value_counts().items()}
-    state = load_checkpoint(last_path) if resume else None
-    torch.manual_seed(derive_seed(t.seed, -1))  # the initial weights of new layers
+    m = cfg.model
+    source = None if resume or not m.init_from else load_checkpoint(m.init_from)
+    backbone, image_size, resize = m.backbone, m.image_size, m.resize
+    if source is not None:  # the architecture and input geometry come from the starting checkpoint
+        s = source["spec"]
+        backbone, image_size, resize = s["backbone"], s["image_size"], s["resize"]
+        if backbone != m.backbone:
+            log.info("--init-from %s: using its backbone %s", m.init_from, backbone)
+    torch.manual_seed(derive_seed(cfg.train.seed, -1))  # the initial weights of new layers
     model = build_model(
-        cfg.model.backbone,
+        backbone,
         head,
         data.attrs["centers"],
         data.attrs["score_range"],
-        weights="none" if resume else cfg.model.weights,
-        image_size=cfg.model.image_size,
-        resize=cfg.model.resize,
-        neck_dim=cfg.model.neck_dim,
-        dropout=cfg.model.dropout,
+        weights="none" if resume or source is not None else m.weights,
+        image_size=image_size,
+        resize=resize,
+        neck_dim=m.neck_dim,
+        dropout=m.dropout,
         acc_threshold=data.attrs.get("acc_threshold"),
         dataset_format=data.attrs.get("format", ""),
         group_counts=group_counts,
-    ).to(device)
-    workers = default_workers(device) if cfg.data.workers is None else cfg.data.workers
-    train_set = AnnotationDataset(data.train, ImageTransform.from_spec(model.spec, train=True), seed=t.seed)
-    val_set = AnnotationDataset(data.val, ImageTransform.from_spec(model.spec, train=False))
-    steps_per_epoch = len(epoch_batches(len(train_set), t.batch_size, t.seed, 0))
-    optimizer = make_optimizer(model, cfg)
-    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-    runlog = _RunLog(run_dir, data.problems)
-    start_epoch, start_step, global_step = 0, 0, 0
-    best_metric, best_epoch = -math.inf, 0
-    carried = {"loss_sum": 0.0, "samples": 0}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, start_step, global_step = state["epoch"], state["step"], state["global_step"]
-        best_metric, best_epoch = state["best_metric"], state["best_epoch"]
-        carried = {"loss_sum": state["epoch_loss_sum"], "samples": state["epoch_samples"]}
-        runlog.restore(start_epoch)
-        log.info("resuming %s at epoch %d, step %d", run_dir, start_epoch + 1, start_step)
-    log.info(
-        "training %s (%s head, %s loss) on %d images, validating on %d; %d steps an epoch on %s",
-        cfg.model.backbone,
-        head,
-        loss_name,
-        len(train_set),
-        len(val_set),
-        steps_per_epoch,
-        device,
     )
+    if source is not None:
+        _load_initial_weights(model, source, m.init_from, m.reset_head)
+    if m.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    return model
 
-    def snapshot(epoch_done: int, step: int, loss_sum: float, samples: int) -> dict:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch_done,
-            "step": step,
-            "global_step": global_step,
-            "best_metric": best_metric,
-            "best_epoch": best_epoch,
-            "epoch_loss_sum": loss_sum,
-            "epoch_samples": samples,
-            "config": cfg.to_dict(),
-        }
 
-    epoch_bar = tqdm(range(start_epoch, t.epochs), desc="epochs", unit="epoch", disable=not progress)
-    for epoch in epoch_bar:
-        started = time.perf_counter()
-        model.train()
-        train_set.set_epoch(epoch)
-        batches = epoch_batches(len(train_set), t.batch_size, t.seed, epoch)
-        first = start_step if epoch == start_epoch else 0
-        loss_sum, samples = (carried["loss_sum"], carried["samples"]) if first else (0.0, 0)
-        loader = make_loader(train_set, t.batch_size, workers, device, batch_sampler=batches[first:])
-        bar = tqdm(
-            loader,
-            desc=f"epoch {epoch + 1}",
-            unit="batch",
-            disable=not progress,
-            leave=False,
-            initial=first,
-            total=len(batches),
+def _load_initial_weights(model: AestheticModel, source: dict, path: str, reset_head: bool) -> None:
+    own = model.state_dict()
+    state = {k: v for k, v in source["model"].items() if not (reset_head and k.startswith("head."))}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(
+            f"--init-from {path}: {', '.join(mismatched[:3])} have other shapes than this model's "
+            "(another number of bins or a new neck?): add --reset-head"
         )
-        for step, batch in enumerate(bar, start=first):
-            if batch.failures:
-                runlog.add_failures(data.train, batch.failures)
-                log.warning(
-                    "skipped %d unreadable training images (listed in %s)",
-                    len(batch.failures),
-                    runlog.bad_rows_path,
-                )
-                if cfg.data.strict:
-                    raise AnnotationError(f"unreadable training image (strict mode): {batch.failures[0][1]}")
-            if len(batch) < 2:
-                continue
-            torch.manual_seed(derive_seed(t.seed, epoch, step, 1))
-            batch.images = batch.images.to(device, non_blocking=True)
-            batch.mos = batch.mos.to(device)
-            batch.dist = batch.dist.to(device) if batch.dist is not None else None
-            out = model(batch.images)
-            loss = main_loss(model, out, batch, loss_name)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                kept = (
-                    f"the last good checkpoint is {last_path}"
-                    if last_path.exists()
-                    else "no checkpoint was written yet"
-                )
-                raise TrainingDivergedError(
-                    f"loss became {loss_value} at epoch {epoch + 1}, step {step + 1}; stopping ({kept}). "
-                    "Try a lower --lr or --grad-clip 1.0."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            global_step += 1
-            loss_sum += loss_value * len(batch)
-            samples += len(batch)
-            bar.set_postfix(loss=f"{loss_value:.4f}")
-            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < len(batches):
-                save_checkpoint(last_path, model, **snapshot(epoch, step + 1, loss_sum, samples))
-        bar.close()
-        preds = run_inference(
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new_layers = sorted({k.split(".")[0] for k in missing})
+    if unexpected:
+        raise ValueError(f"--init-from {path}: tensors this model does not have: {unexpected[:3]}")
+    log.info("initialised from %s%s", path, f" (new: {', '.join(new_layers)})" if new_layers else "")
+
+
+class _Trainer:
+    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.progress = progress
+        self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
+
+    def fit(self, resume: bool) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        device = resolve_device(t.device)
+        cfg.to_yaml(self.run_dir / "config.yaml")
+        data = prepare_data(cfg, self.run_dir, progress=self.progress)
+        loss_name = resolve_loss(t.loss, data.attrs["has_distribution"])
+        head = "distribution" if loss_name == "emd" else "scalar"
+        state = load_checkpoint(self.last_path) if resume else None
+        model = _initial_model(cfg, data, head, resume).to(device)
+        enhancers = build_enhancers(cfg.enhancers).to(device)
+        workers = default_workers(device) if cfg.data.workers is None else cfg.data.workers
+        train_set, val_set = self._datasets(model, data, device, workers)
+        steps_per_epoch = len(epoch_batches(len(train_set), t.batch_size, t.seed, 0))
+        optimizer = make_optimizer(model, cfg)
+        scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+        runlog = _RunLog(self.run_dir, data.problems)
+        progress_state = {
+            "epoch": 0,
+            "step": 0,
+            "global_step": 0,
+            "best_metric": -math.inf,
+            "best_epoch": 0,
+            "epoch_loss_sums": {},
+            "epoch_samples": 0,
+        }
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            progress_state.update({k: state[k] for k in progress_state})
+            runlog.restore(progress_state["epoch"])
+            log.info(
+                "resuming %s at epoch %d, step %d",
+                self.run_dir,
+                progress_state["epoch"] + 1,
+                progress_state["step"],
+            )
+        log.info(
+            "training %s (%s head, %s loss%s) on %d images, validating on %d; %d steps an epoch on %s",
+            model.spec.backbone,
+            head,
+            loss_name,
+            "".join(f", {e.name}" for e in enhancers),
+            len(train_set),
+            len(val_set),
+            steps_per_epoch,
+            device,
+        )
+        loop = _EpochLoop(
+            self, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers
+        )
+        return loop.run(train_set, val_set, progress_state)
+
+    def _datasets(self, model, data, device, workers):
+        cfg = self.cfg
+        if not cfg.train.cache_features:
+            train_set = AnnotationDataset(
+                data.train, ImageTransform.from_spec(model.spec, train=True), seed=cfg.train.seed
+            )
+            val_set = AnnotationDataset(data.val, ImageTransform.from_spec(model.spec, train=False))
+            return train_set, val_set
+        cache_path = (
+            Path(cfg.train.feature_cache) if cfg.train.feature_cache else self.run_dir / "feature_cache.pt"
+        )
+        weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
+        caches = load_or_compute_features(
+            cache_path,
             model,
-            val_set,
-            batch_size=t.batch_size,
+            {"train": data.train, "val": data.val},
+            weights_id,
+            batch_size=cfg.train.batch_size,
             device=device,
             workers=workers,
-            progress=progress,
+            progress=self.progress,
+        )
+        train_set = AnnotationDataset(
+            data.train, None, features=caches["train"].features, failed=caches["train"].failed
+        )
+        val_set = AnnotationDataset(
+            data.val, None, features=caches["val"].features, failed=caches["val"].failed
+        )
+        return train_set, val_set
+
+
+class _EpochLoop:
+    """The epochs of one run; holds the objects a step needs."""
+
+    def __init__(
+        self, trainer, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers
+    ):
+        self.trainer, self.cfg = trainer, trainer.cfg
+        self.model, self.enhancers = model, enhancers
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.runlog, self.data = runlog, data
+        self.loss_name, self.device, self.workers = loss_name, device, workers
+        self.cached = self.cfg.train.cache_features
+        self.score_range = tuple(float(v) for v in model.spec.score_range)
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.neck(inputs) if self.cached else self.model.forward_features(inputs)
+
+    def head_forward(self, inputs: torch.Tensor):
+        return self.model.forward_head(self.features(inputs))
+
+    def snapshot(self, p: dict) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.cfg.to_dict(),
+            **p,
+        }
+
+    def step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns the loss terms (total first)."""
+        batch.images = batch.images.to(self.device, non_blocking=True)
+        batch.mos = batch.mos.to(self.device)
+        batch.dist = batch.dist.to(self.device) if batch.dist is not None else None
+        weights = batch.weight.to(self.device)
+        state = StepState(
+            self.features(batch.images),
+            targets_of(self.model, batch, self.loss_name),
+            batch.mos,
+            weights,
+            self.score_range,
+        )
+        for enhancer in self.enhancers:
+            state = enhancer(state)
+        out = self.model.forward_head(state.features)
+        terms = {"main": main_loss(self.model, out, state.targets, state.weights, self.loss_name)}
+        terms.update(state.losses)
+        total = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": total, **terms}
+
+    def run(self, train_set: AnnotationDataset, val_set: AnnotationDataset, p: dict) -> dict:
+        t = self.cfg.train
+        last_path, best_path = self.trainer.last_path, self.trainer.best_path
+        progress = self.trainer.progress
+        start_epoch = p["epoch"]
+        for epoch in tqdm(range(start_epoch, t.epochs), desc="epochs", unit="epoch", disable=not progress):
+            started = time.perf_counter()
+            self.model.train()
+            if self.cfg.model.freeze_backbone:
+                self.model.backbone.eval()  # frozen batch-norm statistics too
+            train_set.set_epoch(epoch)
+            batches = epoch_batches(len(train_set), t.batch_size, t.seed, epoch)
+            first = p["step"] if epoch == start_epoch else 0
+            sums = defaultdict(float, p["epoch_loss_sums"] if first else {})
+            samples = p["epoch_samples"] if first else 0
+            loader = make_loader(
+                train_set, t.batch_size, self.workers, self.device, batch_sampler=batches[first:]
+            )
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch + 1}",
+                unit="batch",
+                disable=not progress,
+                leave=False,
+                initial=first,
+                total=len(batches),
+            )
+            for step, batch in enumerate(bar, start=first):
+                self._report_failures(batch)
+                if len(batch) < 2:
+                    continue
+                torch.manual_seed(derive_seed(t.seed, epoch, step, 1))
+                terms = self.step(batch)
+                values = {k: float(v.detach()) for k, v in terms.items()}
+                if not math.isfinite(values["loss"]):
+                    kept = (
+                        f"the last good checkpoint is {last_path}"
+                        if last_path.exists()
+                        else "no checkpoint was written yet"
+                    )
+                    raise TrainingDivergedError(
+                        f"loss became {values['loss']} at epoch {epoch + 1}, step {step + 1}; stopping ({kept}). "
+                        "Try a lower --lr or --grad-clip 1.0."
+                    )
+                p["global_step"] += 1
+                for k, v in values.items():
+                    sums[k] += v * len(batch)
+                samples += len(batch)
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+                if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < len(batches):
+                    p.update(epoch=epoch, step=step + 1, epoch_loss_sums=dict(sums), epoch_samples=samples)
+                    save_checkpoint(last_path, self.model, **self.snapshot(p))
+            bar.close()
+            row = {"epoch": epoch + 1}
+            row.update(
+                {
+                    ("train_loss" if k == "loss" else f"train_{k}"): v / max(1, samples)
+                    for k, v in sums.items()
+                }
+            )
+            row.update(self._validate(val_set))
+            row.update(
+                {
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "time_s": round(time.perf_counter() - started, 2),
+                }
+            )
+            value = row[f"val_{t.metric}"]
+            improved = math.isfinite(value) and value > p["best_metric"]
+            if improved:
+                p.update(best_metric=value, best_epoch=epoch + 1)
+            self.runlog.add_epoch(row)
+            p.update(epoch=epoch + 1, step=0, epoch_loss_sums={}, epoch_samples=0)
+            save_checkpoint(last_path, self.model, **self.snapshot(p))
+            if improved:
+                save_checkpoint(best_path, self.model, **self.snapshot(p))
+            log.info(
+                "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_srcc %.4f  val_plcc %.4f  val_acc %.4f  %s  (%.1fs)",
+                epoch + 1,
+                t.epochs,
+                row.get("train_loss", math.nan),
+                row["val_loss"],
+                row["val_srcc"],
+                row["val_plcc"],
+                row["val_acc"],
+                "best" if improved else f"best {t.metric} {p['best_metric']:.4f} @ {p['best_epoch']}",
+                row["time_s"],
+            )
+        if not best_path.exists():  # every validation metric was NaN: keep the last weights as the result
+            save_checkpoint(best_path, self.model, **self.snapshot(p))
+        return {
+            "run_dir": str(self.trainer.run_dir),
+            "best_metric": p["best_metric"],
+            "best_epoch": p["best_epoch"],
+            "metric": t.metric,
+            "best": str(best_path),
+            "last": str(last_path),
+            "metrics_csv": str(self.runlog.metrics_path),
+        }
+
+    def _report_failures(self, batch: Batch) -> None:
+        if not batch.failures:
+            return
+        self.runlog.add_failures(self.data.train, batch.failures)
+        log.warning(
+            "skipped %d unreadable training images (listed in %s)",
+            len(batch.failures),
+            self.runlog.bad_rows_path,
+        )
+        if self.cfg.data.strict:
+            raise AnnotationError(f"unreadable training image (strict mode): {batch.failures[0][1]}")
+
+    def _validate(self, val_set: AnnotationDataset) -> dict:
+        preds = run_inference(
+            self.model,
+            val_set,
+            batch_size=self.cfg.train.batch_size,
+            device=self.device,
+            workers=self.workers,
+            progress=self.trainer.progress,
             desc="validating",
+            forward=self.head_forward,
         )
         if not preds.ok.all():
-            runlog.add_failures(data.val, [(i, e) for i, e in enumerate(preds.errors) if e])
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, samples)}
-        row.update(validation_row(model, preds, data.val, loss_name))
-        row.update({"lr": optimizer.param_groups[0]["lr"], "time_s": round(time.perf_counter() - started, 2)})
-        value = row[f"val_{t.metric}"]
-        improved = math.isfinite(value) and value > best_metric
-        if improved:
-            best_metric, best_epoch = value, epoch + 1
-        runlog.add_epoch(row)
-        save_checkpoint(last_path, model, **snapshot(epoch + 1, 0, 0.0, 0))
-        if improved:
-            save_checkpoint(best_path, model, **snapshot(epoch + 1, 0, 0.0, 0))
-        log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_srcc %.4f  val_plcc %.4f  val_acc %.4f  %s  (%.1fs)",
-            epoch + 1,
-            t.epochs,
-            row["train_loss"],
-            row["val_loss"],
-            row["val_srcc"],
-            row["val_plcc"],
-            row["val_acc"],
-            "best" if improved else f"best {t.metric} {best_metric:.4f} @ {best_epoch}",
-            row["time_s"],
-        )
-    if not best_path.exists():  # every validation metric was NaN: keep the last weights as the result
-        save_checkpoint(best_path, model, **snapshot(t.epochs, 0, 0.0, 0))
-    return {
-        "run_dir": str(run_dir),
-        "best_metric": best_metric,
-        "best_epoch": best_epoch,
-        "metric": t.metric,
-        "best": str(best_path),
-        "last": str(last_path),
-        "metrics_csv": str(runlog.metrics_path),
-    }
+            self.runlog.add_failures(self.data.val, [(i, e) for i, e in enumerate(preds.errors) if e])
+        return validation_row(self.model, preds, self.data.val, self.loss_name)

@@ -1,0 +1,101 @@
+"""The enhancer interface: plug-ins that see a training step's features and targets.
+
+An enhancer receives the step's :class:`StepState` (pooled features, targets, MOS, per-sample weights)
+and returns it, possibly with rows appended (feature augmentation) and with named loss terms added.
+Enhancers run in ``order`` (augmenters before regularisers), after the backbone (and neck) and before
+the head, so every loss covers the augmented batch. They are registered by name and built from plain
+dicts (``{"name": "tfa", "tau1": 0.5}``), which is how a run's config stores them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["StepState", "Enhancer", "register_enhancer", "build_enhancers", "ENHANCERS", "parse_enhancer"]
+
+ENHANCERS: dict[str, type[Enhancer]] = {}
+
+
+@dataclass
+class StepState:
+    """One training step's tensors between the feature extractor and the head.
+
+    features [N, D]; targets [N, K] distributions or [N] scores in [0, 1] (scalar head); scores [N] MOS on
+    the dataset's scale; weights [N] per-sample loss weights. ``losses`` holds named extra terms that
+    are already weighted: the total loss is the main loss plus their sum.
+    """
+
+    features: torch.Tensor
+    targets: torch.Tensor
+    scores: torch.Tensor
+    weights: torch.Tensor
+    score_range: tuple[float, float]
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Enhancer(nn.Module):
+    """Base class. Subclasses set ``name`` and ``order`` and implement :meth:`forward`."""
+
+    name: ClassVar[str] = ""
+    order: ClassVar[int] = 100  # augmenters < 50 <= regularisers
+
+    def forward(self, state: StepState) -> StepState:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        """The enhancer's settings as a plain dict (``name`` first), as stored in a run's config."""
+        return {"name": self.name, **self._settings}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self._settings.items())
+
+
+def register_enhancer(cls: type[Enhancer]) -> type[Enhancer]:
+    """Class decorator: make ``cls`` available by ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    ENHANCERS[cls.name] = cls
+    return cls
+
+
+def build_enhancers(specs: list[dict[str, Any]]) -> nn.ModuleList:
+    """Instantiate enhancers from ``[{"name": ..., setting: value, ...}, ...]``, sorted by ``order``.
+
+    Unknown names and unknown settings are errors that list what is known.
+    """
+    built = []
+    for spec in specs:
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name not in ENHANCERS:
+            raise ValueError(f"unknown enhancer {name!r}; known: {', '.join(sorted(ENHANCERS))}")
+        cls = ENHANCERS[name]
+        known = {f.name for f in dataclasses.fields(cls.Settings)}
+        bad = set(spec) - known
+        if bad:
+            raise ValueError(f"enhancer {name}: unknown setting(s) {sorted(bad)}; known: {sorted(known)}")
+        built.append(cls(cls.Settings(**spec)))
+    names = [e.name for e in built]
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        raise ValueError(f"enhancer(s) given twice: {sorted(duplicated)}")
+    return nn.ModuleList(sorted(built, key=lambda e: e.order))
+
+
+def parse_enhancer(text: str) -> dict[str, Any]:
+    """``"tfa:tau1=0.3,pairs=2"`` -> ``{"name": "tfa", "tau1": 0.3, "pairs": 2}`` (numbers parsed, YAML-style)."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"name": name.strip()}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--enhancer {text}: expected key=value, got {item!r}")
+        spec[key.strip()] = yaml.safe_load(value)
+    return spec

@@ -1,0 +1,90 @@
+"""The ELTA enhancers: tail feature augmentation (TFA) and feature–label similarity alignment (FLSA).
+
+Liu, He, Ming, Xie, Ma. "ELTA: An Enhancer against Long-Tail for Aesthetics-oriented Models", ICML 2024.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from elta.enhancers.base import Enhancer, StepState, register_enhancer
+from elta.functional import flsa_loss, tfa_mix
+
+__all__ = ["TFA", "FLSA"]
+
+
+@register_enhancer
+class TFA(Enhancer):
+    """Mix tail-anchored pairs in feature space and append the mixed rows to the batch.
+
+    Anchor i ~ softmax(|s̄ − s_i| / τ1) without replacement, partner j ~ softmax(τ2 / (|s_i − s_j| + ε)),
+    λ = P(i) / (P(i) + P(j)); f̃ = λ f_i + (1 − λ) f_j, and the same for targets, scores and weights.
+    Draws use torch's default generator of the features' device, which the trainer seeds every step.
+    """
+
+    name = "tfa"
+    order = 10
+
+    @dataclass
+    class Settings:
+        tau1: float = 0.5
+        tau2: float = 2.0
+        pairs: int = 1
+
+        def __post_init__(self) -> None:
+            if self.tau1 <= 0 or self.tau2 <= 0:
+                raise ValueError(f"tfa: tau1 and tau2 must be > 0; got {self.tau1}, {self.tau2}")
+            if self.pairs < 1:
+                raise ValueError(f"tfa: pairs must be ≥ 1; got {self.pairs}")
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.cfg = settings
+        self._settings = asdict(settings)
+
+    def forward(self, state: StepState) -> StepState:
+        mixed = tfa_mix(
+            state.features, state.targets, state.scores, self.cfg.tau1, self.cfg.tau2, self.cfg.pairs
+        )
+        if mixed.anchors.numel():
+            lam = mixed.lam.to(state.weights.dtype)
+            extra = lam * state.weights[mixed.anchors] + (1 - lam) * state.weights[mixed.partners]
+            state.weights = torch.cat([state.weights, extra])
+        state.features, state.targets, state.scores = mixed.features, mixed.targets, mixed.scores
+        return state
+
+
+@register_enhancer
+class FLSA(Enhancer):
+    """Align the batch's feature cosine similarities with its label similarities.
+
+    L = mean_ij (cos(f_i, f_j) − (1 − |s_i − s_j| / R))², R = the batch's score range (``range: batch``) or
+    the dataset's (``range: dataset``); the total loss gains ``weight · L``.
+    """
+
+    name = "flsa"
+    order = 60
+
+    @dataclass
+    class Settings:
+        weight: float = 1.0
+        range: str = "batch"
+
+        def __post_init__(self) -> None:
+            if self.weight < 0:
+                raise ValueError(f"flsa: weight must be ≥ 0; got {self.weight}")
+            if self.range not in ("batch", "dataset"):
+                raise ValueError(f"flsa: range must be batch or dataset; got {self.range!r}")
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__()
+        self.cfg = settings
+        self._settings = asdict(settings)
+
+    def forward(self, state: StepState) -> StepState:
+        lo, hi = state.score_range
+        span = (hi - lo) if self.cfg.range == "dataset" else None
+        state.losses["flsa"] = self.cfg.weight * flsa_loss(state.features, state.scores, score_range=span)
+        return state
