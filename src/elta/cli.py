@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -66,7 +67,54 @@ TRAIN_OPTIONS: list[tuple[str, str, str, type, str]] = [
     ("--seed", "train", "seed", int, "random seed (default 0)"),
     ("--device", "train", "device", str, "auto | cpu | cuda | cuda:N | mps"),
     ("--checkpoint-every", "train", "checkpoint_every", int, "also write last.pt every N steps in an epoch"),
+    ("--strict", "data", "strict", bool, "any bad row is an error instead of a reported skip"),
+    (
+        "--pseudo-labels",
+        "data",
+        "pseudo_labels",
+        str,
+        "pseudo-label CSV (elta pseudo-label) added to training",
+    ),
+    ("--pseudo-weight", "data", "pseudo_weight", float, "loss weight of pseudo-labelled rows (default 1)"),
+    (
+        "--init-from",
+        "model",
+        "init_from",
+        str,
+        "start from this checkpoint (elta's or the original release's)",
+    ),
+    (
+        "--freeze-backbone",
+        "model",
+        "freeze_backbone",
+        bool,
+        "train only the neck and head (regressor retraining)",
+    ),
+    ("--reset-head", "model", "reset_head", bool, "re-initialise the head after --init-from"),
+    (
+        "--cache-features",
+        "train",
+        "cache_features",
+        bool,
+        "frozen backbone: compute features once, reuse them",
+    ),
+    (
+        "--feature-cache",
+        "train",
+        "feature_cache",
+        str,
+        "feature cache file (default RUN_DIR/feature_cache.pt)",
+    ),
 ]
+ENHANCER_FLAGS = (
+    "--tfa",
+    "--tfa-tau1",
+    "--tfa-tau2",
+    "--tfa-pairs",
+    "--flsa-weight",
+    "--flsa-range",
+    "--enhancer",
+)
 DATA_KEYS = (
     "--data",
     "--images",
@@ -82,9 +130,10 @@ DATA_KEYS = (
 def _add_options(parser: argparse.ArgumentParser, flags: tuple[str, ...] | None = None) -> None:
     for flag, _section, key, kind, help_text in TRAIN_OPTIONS:
         if flags is None or flag in flags:
-            parser.add_argument(flag, dest=key, type=kind, default=None, help=help_text)
-    if flags is None or "--strict" in flags:
-        parser.add_argument("--strict", action="store_true", default=None, help="any bad row is an error")
+            if kind is bool:
+                parser.add_argument(flag, dest=key, action="store_true", default=None, help=help_text)
+            else:
+                parser.add_argument(flag, dest=key, type=kind, default=None, help=help_text)
     if flags is None or "--score-range" in flags:
         parser.add_argument(
             "--score-range",
@@ -95,6 +144,56 @@ def _add_options(parser: argparse.ArgumentParser, flags: tuple[str, ...] | None 
             metavar=("LOW", "HIGH"),
             help="generic CSV: the rating scale's ends",
         )
+    if flags is None:
+        group = parser.add_argument_group("enhancers (ELTA)")
+        group.add_argument(
+            "--tfa", action="store_true", default=None, help="tail feature augmentation (mixup)"
+        )
+        group.add_argument("--tfa-tau1", type=float, help="TFA anchor temperature τ1 (default 0.5)")
+        group.add_argument("--tfa-tau2", type=float, help="TFA partner temperature τ2 (default 2)")
+        group.add_argument("--tfa-pairs", type=int, help="mixed samples appended per batch (default 1)")
+        group.add_argument("--flsa-weight", type=float, help="feature-label similarity alignment weight w")
+        group.add_argument(
+            "--flsa-range", choices=("batch", "dataset"), help="FLSA label range R (default batch)"
+        )
+        group.add_argument(
+            "--enhancer",
+            action="append",
+            metavar="NAME[:k=v,...]",
+            help="any registered enhancer with settings, e.g. tfa:tau1=0.3 (repeatable)",
+        )
+
+
+def _enhancers_from_args(current: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The config's enhancer list with the command line's additions and changes."""
+    from elta.enhancers import parse_enhancer
+
+    specs = {e["name"]: dict(e) for e in current}
+    tfa = {
+        k: v
+        for k, v in (
+            ("tau1", getattr(args, "tfa_tau1", None)),
+            ("tau2", getattr(args, "tfa_tau2", None)),
+            ("pairs", getattr(args, "tfa_pairs", None)),
+        )
+        if v is not None
+    }
+    if getattr(args, "tfa", None) or tfa:
+        specs["tfa"] = {**specs.get("tfa", {"name": "tfa"}), **tfa}
+    flsa = {
+        k: v
+        for k, v in (
+            ("weight", getattr(args, "flsa_weight", None)),
+            ("range", getattr(args, "flsa_range", None)),
+        )
+        if v is not None
+    }
+    if flsa:
+        specs["flsa"] = {**specs.get("flsa", {"name": "flsa"}), **flsa}
+    for text in getattr(args, "enhancer", None) or []:
+        spec = parse_enhancer(text)
+        specs[spec["name"]] = {**specs.get(spec["name"], {}), **spec}
+    return list(specs.values())
 
 
 def _apply_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
@@ -102,11 +201,11 @@ def _apply_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     for section in ("data", "model", "train"):
         values = {key: getattr(args, key, None) for flag, sec, key, _t, _h in TRAIN_OPTIONS if sec == section}
         if section == "data":
-            values["strict"] = getattr(args, "strict", None)
             score_range = getattr(args, "score_range", None)
             values["score_range"] = tuple(score_range) if score_range else None
         cfg = cfg.override(section, **values)
-    return cfg
+    enhancers = _enhancers_from_args(cfg.enhancers, args)
+    return dataclasses.replace(cfg, enhancers=enhancers) if enhancers != cfg.enhancers else cfg
 
 
 def _progress() -> bool:
@@ -211,6 +310,21 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from elta.engine.ablate import run_ablation
+
+    cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
+    cfg = _apply_options(cfg, args)
+    if cfg.enhancers:
+        raise SystemExit("elta ablate: give enhancers through --variants, not --tfa/--flsa-weight/--enhancer")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    run_ablation(cfg, variants, args.seeds, args.out, progress=_progress())
+    out = Path(args.out)
+    print((out / "ablation.md").read_text())
+    print(f"wrote {out / 'ablation.csv'} and {out / 'ablation.md'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from elta.demo import run_demo
 
@@ -235,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
     _add_options(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ablate", help="train variants (baseline, tfa, flsa, …) on the same seeds and compare")
+    p.add_argument(
+        "--variants",
+        default="baseline,tfa,flsa,tfa+flsa",
+        help="comma-separated: baseline, or enhancers joined by + with optional :k=v settings",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on; default 3)")
+    p.add_argument("--out", required=True, help="folder for runs/, ablation.csv, ablation.md")
+    p.add_argument("--config", help="YAML config shared by every variant")
+    _add_options(p)
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
@@ -272,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_demo)
+
+    from elta.cli_selftrain import add_selftrain_commands
+
+    add_selftrain_commands(sub)
     return parser
 
 

@@ -13,13 +13,14 @@ from elta.config import RunConfig
 from elta.data.dataset import AnnotationDataset, dist_columns
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from elta.engine.inference import run_inference
+from elta.engine.inference import Predictions, run_inference
 from elta.engine.prepare import read_dataset
 from elta.engine.report import draw_report
 from elta.metrics import evaluate
+from elta.models.model import ModelSpec
 from elta.utils import atomic_write_text, resolve_device
 
-__all__ = ["evaluate_checkpoint", "select_split"]
+__all__ = ["evaluate_checkpoint", "select_split", "score_metrics", "write_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,58 @@ def select_split(df: pd.DataFrame, split: str) -> pd.DataFrame:
     return chosen.reset_index(drop=True)
 
 
+def score_metrics(frame: pd.DataFrame, preds: Predictions, spec: ModelSpec) -> dict:
+    """The metrics of SPEC.md for predictions on ``frame`` (rows whose image failed are left out)."""
+    ok = preds.ok
+    if not ok.any():
+        raise RuntimeError(f"none of the {len(frame)} images could be read")
+    cols = dist_columns(frame)
+    gt = frame["mos"].to_numpy(dtype=np.float64)
+    groups = frame["group"].astype(str).to_numpy()
+    use_dist = preds.dist is not None and bool(cols)
+    gt_dist = frame[cols].to_numpy(dtype=np.float64) if use_dist else None
+    metrics = evaluate(
+        preds.score[ok],
+        gt[ok],
+        pred_dist=preds.dist[ok] if use_dist else None,
+        gt_dist=gt_dist[ok] if use_dist else None,
+        threshold=spec.acc_threshold,
+        score_range=tuple(spec.score_range),
+        groups=groups[ok] if spec.group_counts and (groups != "").any() else None,
+        group_counts=spec.group_counts or None,
+    )
+    metrics["skipped"] = int((~ok).sum())
+    return metrics
+
+
+def write_evaluation(
+    out: Path, frame: pd.DataFrame, preds: Predictions, spec: ModelSpec, metrics: dict, title: str
+) -> None:
+    """metrics.json, predictions.csv (image_id, gt, pred, pred_std, p1..pK, group, error) and report.png."""
+    gt = frame["mos"].to_numpy(dtype=np.float64)
+    groups = frame["group"].astype(str).to_numpy()
+    table = pd.DataFrame(
+        {"image_id": frame["image_id"], "gt": gt, "pred": preds.score, "pred_std": preds.std}
+    )
+    if preds.dist is not None:
+        for k in range(preds.dist.shape[1]):
+            table[f"p{k + 1}"] = preds.dist[:, k]
+    if (groups != "").any():
+        table["group"] = groups
+    table["error"] = preds.errors
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
+    ok = preds.ok
+    draw_report(preds.score[ok], gt[ok], out / "report.png", title=title, score_range=tuple(spec.score_range))
+    if metrics.get("skipped"):
+        log.warning(
+            "%d images could not be read; their reasons are in %s",
+            metrics["skipped"],
+            out / "predictions.csv",
+        )
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     cfg: RunConfig,
@@ -53,7 +106,6 @@ def evaluate_checkpoint(
 
     Returns the metrics dict (plus ``skipped``: images that could not be read, listed in predictions.csv).
     """
-    out = Path(out)
     payload = load_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, dev)
@@ -72,52 +124,10 @@ def evaluate_checkpoint(
     preds = run_inference(
         model, dataset, batch_size=batch_size, device=dev, workers=workers, progress=progress
     )
-    ok = preds.ok
-    if not ok.any():
-        raise RuntimeError(f"none of the {len(frame)} images in split '{split}' could be read")
-    gt = frame["mos"].to_numpy(dtype=np.float64)
-    groups = frame["group"].astype(str).to_numpy()
-    gt_dist = frame[cols].to_numpy(dtype=np.float64) if cols else None
-    use_dist = preds.dist is not None and gt_dist is not None
-    metrics = evaluate(
-        preds.score[ok],
-        gt[ok],
-        pred_dist=preds.dist[ok] if use_dist else None,
-        gt_dist=gt_dist[ok] if use_dist else None,
-        threshold=spec.acc_threshold,
-        score_range=tuple(spec.score_range),
-        groups=groups[ok] if spec.group_counts and (groups != "").any() else None,
-        group_counts=spec.group_counts or None,
-    )
-    metrics["skipped"] = int((~ok).sum())
+    metrics = score_metrics(frame, preds, spec)
     metrics["split"] = split
     metrics["checkpoint"] = str(payload["path"])
-
-    table = pd.DataFrame(
-        {"image_id": frame["image_id"], "gt": gt, "pred": preds.score, "pred_std": preds.std}
-    )
-    if preds.dist is not None:
-        for k in range(preds.dist.shape[1]):
-            table[f"p{k + 1}"] = preds.dist[:, k]
-    if (groups != "").any():
-        table["group"] = groups
-    table["error"] = preds.errors
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
-    atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
-    draw_report(
-        preds.score[ok],
-        gt[ok],
-        out / "report.png",
-        title=f"{Path(payload['path']).name} on {split}",
-        score_range=tuple(spec.score_range),
-    )
-    if metrics["skipped"]:
-        log.warning(
-            "%d images could not be read; their reasons are in %s",
-            metrics["skipped"],
-            out / "predictions.csv",
-        )
+    write_evaluation(Path(out), frame, preds, spec, metrics, title=f"{Path(payload['path']).name} on {split}")
     return metrics
 
 

@@ -1,0 +1,197 @@
+"""``elta ablate``: train each variant with the same data, split and seeds, and compare them.
+
+A variant is ``baseline`` or enhancers joined by ``+``, each optionally with settings:
+``tfa``, ``flsa``, ``tfa+flsa``, ``tfa:tau1=0.3+flsa:weight=0.1``. Every (variant, seed) run lives in
+``OUT/runs/<variant>/seed<k>`` and is resumed or reused when the command is run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from elta.config import RunConfig
+from elta.data.dataset import AnnotationDataset
+from elta.data.transforms import ImageTransform
+from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from elta.engine.evaluate import score_metrics, select_split, write_evaluation
+from elta.engine.features import load_or_compute_features
+from elta.engine.inference import run_inference
+from elta.engine.prepare import read_dataset
+from elta.engine.train import train
+from elta.enhancers import parse_enhancer
+from elta.utils import atomic_write_text, resolve_device
+
+__all__ = ["parse_variant", "run_ablation", "summarise", "COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+# (metric, direction): +1 higher is better, -1 lower is better, 0 closest to zero, 1.0 closest to one
+COLUMNS: list[tuple[str, object]] = [
+    ("plcc", +1),
+    ("srcc", +1),
+    ("acc", +1),
+    ("mae", -1),
+    ("mae_low", -1),
+    ("mae_medium", -1),
+    ("mae_high", -1),
+    ("bias_low", 0),
+    ("bias_high", 0),
+    ("spread", 1.0),
+]
+
+
+def parse_variant(name: str) -> list[dict]:
+    """``"tfa:tau1=0.3+flsa"`` -> enhancer specs; ``"baseline"`` -> []."""
+    name = name.strip()
+    if name == "baseline":
+        return []
+    return [parse_enhancer(token) for token in name.split("+")]
+
+
+def _folder_name(variant: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", variant)
+
+
+def _eval_split(cfg: RunConfig) -> str:
+    splits = set(read_dataset(cfg)["split"])
+    if "test" in splits:
+        return "test"
+    log.warning("%s has no test split: the ablation compares validation metrics", cfg.data.data)
+    return "val"
+
+
+def _evaluate_run(cfg: RunConfig, run_dir: Path, split: str, cache_path: Path | None, progress: bool) -> dict:
+    out = run_dir / "eval"
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    payload = load_checkpoint(run_dir / "best.pt")
+    device = resolve_device(cfg.train.device)
+    model = model_from_checkpoint(payload, device)
+    frame = select_split(read_dataset(cfg), split)
+    if cache_path is not None:  # frozen backbone: the evaluation split's features are cached as well
+        weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
+        cache = load_or_compute_features(
+            cache_path,
+            model,
+            {split: frame},
+            weights_id,
+            batch_size=cfg.train.batch_size,
+            device=device,
+            workers=0,
+            progress=progress,
+        )[split]
+        dataset = AnnotationDataset(frame, None, features=cache.features, failed=cache.failed)
+        preds = run_inference(
+            model,
+            dataset,
+            batch_size=256,
+            device=device,
+            workers=0,
+            forward=lambda f: model.forward_head(model.neck(f)),
+        )
+    else:
+        dataset = AnnotationDataset(frame, ImageTransform.from_spec(model.spec, train=False))
+        preds = run_inference(
+            model, dataset, batch_size=cfg.train.batch_size, device=device, progress=progress
+        )
+    metrics = score_metrics(frame, preds, model.spec)
+    metrics.update(split=split, checkpoint=str(run_dir / "best.pt"))
+    write_evaluation(out, frame, preds, model.spec, metrics, title=f"{run_dir.parent.name} / {run_dir.name}")
+    return metrics
+
+
+def run_ablation(
+    base: RunConfig, variants: list[str], seeds: int, out: str | Path, *, progress: bool = False
+) -> pd.DataFrame:
+    """Train and evaluate every variant on seeds ``base.train.seed … + seeds − 1``; write the tables."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = {v: parse_variant(v) for v in variants}  # bad names fail before any training
+    for enhancers in specs.values():
+        dataclasses.replace(base, enhancers=enhancers)  # validates every variant's settings now
+    split = _eval_split(base)
+    cache_path = out / "feature_cache.pt" if base.train.cache_features else None
+    rows = []
+    for seed in range(base.train.seed, base.train.seed + seeds):
+        for variant, enhancers in specs.items():
+            run_dir = out / "runs" / _folder_name(variant) / f"seed{seed}"
+            train_cfg = dataclasses.replace(
+                base.train,
+                seed=seed,
+                feature_cache=str(cache_path) if cache_path else base.train.feature_cache,
+            )
+            cfg = dataclasses.replace(base, enhancers=enhancers, train=train_cfg)
+            log.info("ablation: %s, seed %d -> %s", variant, seed, run_dir)
+            train(cfg, run_dir, resume=True, progress=progress)
+            metrics = _evaluate_run(cfg, run_dir, split, cache_path, progress)
+            rows.append(
+                {
+                    "variant": variant,
+                    "seed": seed,
+                    **{k: metrics.get(k) for k, _ in COLUMNS},
+                    "n": metrics.get("n"),
+                }
+            )
+    table = pd.DataFrame(rows)
+    atomic_write_text(out / "ablation.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(out / "ablation.md", summarise(table, variants, split))
+    return table
+
+
+def _best_index(values: pd.Series, direction) -> object:
+    clean = values.dropna()
+    if clean.empty:
+        return None
+    if direction == +1:
+        return clean.idxmax()
+    if direction == -1:
+        return clean.idxmin()
+    return (clean - float(direction)).abs().idxmin()
+
+
+def summarise(table: pd.DataFrame, variants: list[str], split: str) -> str:
+    """Markdown: mean ± sd over seeds per variant (best marked in bold) and paired differences from baseline."""
+    seeds = sorted(table["seed"].unique())
+    means = table.groupby("variant")[[k for k, _ in COLUMNS]].agg(["mean", "std"])
+    lines = [
+        f"Test metrics on the `{split}` split, mean ± sd over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}). "
+        "Bold: the best value per column (bias: closest to 0; spread: closest to 1).",
+        "",
+        "| variant | " + " | ".join(k for k, _ in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    best = {k: _best_index(means[(k, "mean")], d) for k, d in COLUMNS}
+    for variant in variants:
+        cells = []
+        for k, _ in COLUMNS:
+            mean, sd = means.loc[variant, (k, "mean")], means.loc[variant, (k, "std")]
+            text = f"{mean:.4f}" + (f" ± {sd:.4f}" if len(seeds) > 1 and np.isfinite(sd) else "")
+            cells.append(f"**{text}**" if best[k] == variant else text)
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    if "baseline" in variants and len(variants) > 1:
+        lines += [
+            "",
+            "Paired difference from the baseline on the same seed (variant − baseline), mean ± sd:",
+            "",
+            "| variant | " + " | ".join(f"Δ{k}" for k, _ in COLUMNS) + " |",
+            "|---|" + "---|" * len(COLUMNS),
+        ]
+        base = table[table["variant"] == "baseline"].set_index("seed")
+        for variant in variants:
+            if variant == "baseline":
+                continue
+            own = table[table["variant"] == variant].set_index("seed")
+            cells = []
+            for k, _ in COLUMNS:
+                diff = (own[k] - base[k]).dropna()
+                sd = f" ± {diff.std():.4f}" if len(diff) > 1 else ""
+                cells.append(f"{diff.mean():+.4f}{sd}")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

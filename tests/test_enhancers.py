@@ -1,0 +1,127 @@
+"""Enhancers in training: the interface, TFA/FLSA in a real run, regressor retraining, the ablation table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from elta.cli import main
+from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.engine.ablate import parse_variant, run_ablation
+from elta.engine.checkpoint import load_checkpoint
+from elta.engine.train import train
+from elta.enhancers import StepState, build_enhancers, parse_enhancer
+from elta.functional import flsa_loss
+
+
+def tiny(data_root, **model_kw) -> RunConfig:
+    return RunConfig(
+        data=DataConfig(data=str(data_root / "AVA.txt"), workers=0),
+        model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56, **model_kw),
+        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, device="cpu"),
+    )
+
+
+def step_state(n=6, k=4):
+    g = torch.Generator().manual_seed(0)
+    dist = torch.rand(n, k, generator=g)
+    return StepState(
+        features=torch.randn(n, 8, generator=g),
+        targets=dist / dist.sum(1, keepdim=True),
+        scores=torch.tensor([1.0, 2.0, 2.5, 3.0, 3.5, 9.0])[:n],
+        weights=torch.ones(n),
+        score_range=(1.0, 10.0),
+    )
+
+
+def test_registry_builds_in_order_and_rejects_typos():
+    built = build_enhancers([{"name": "flsa", "weight": 0.1}, {"name": "tfa", "tau2": 10}])
+    assert [e.name for e in built] == ["tfa", "flsa"]  # augmentation first, so FLSA covers mixed rows
+    with pytest.raises(ValueError, match="unknown enhancer 'tfb'"):
+        build_enhancers([{"name": "tfb"}])
+    with pytest.raises(ValueError, match="unknown setting.*tau3"):
+        build_enhancers([{"name": "tfa", "tau3": 1}])
+    with pytest.raises(ValueError, match="tau1 and tau2 must be > 0"):
+        build_enhancers([{"name": "tfa", "tau1": 0}])
+    assert parse_enhancer("tfa:tau1=0.3,pairs=2") == {"name": "tfa", "tau1": 0.3, "pairs": 2}
+    assert parse_variant("tfa:tau1=0.3+flsa:weight=0.1") == [
+        {"name": "tfa", "tau1": 0.3},
+        {"name": "flsa", "weight": 0.1},
+    ]
+    assert parse_variant("baseline") == []
+
+
+def test_tfa_appends_mixed_rows_and_flsa_covers_them():
+    tfa, flsa = build_enhancers([{"name": "tfa", "pairs": 2}, {"name": "flsa", "weight": 2.0}])
+    state = step_state()
+    torch.manual_seed(0)
+    state = tfa(state)
+    assert state.features.shape == (8, 8) and state.targets.shape == (8, 4) and state.scores.shape == (8,)
+    assert torch.allclose(state.targets.sum(1), torch.ones(8))
+    assert state.weights.shape == (8,) and torch.allclose(state.weights, torch.ones(8))
+    state = flsa(state)
+    expected = 2.0 * flsa_loss(state.features, state.scores)
+    assert torch.allclose(state.losses["flsa"], expected)
+    dataset_range = build_enhancers([{"name": "flsa", "range": "dataset"}])[0](step_state())
+    assert torch.allclose(dataset_range.losses["flsa"], flsa_loss(step_state().features, step_state().scores, 9.0))
+
+
+def test_training_with_tfa_and_flsa_logs_each_loss_term(demo_data, tmp_path):
+    code = main([
+        "train", "--data", str(demo_data / "AVA.txt"), "--out", str(tmp_path / "run"), "--backbone",
+        "test_convnext", "--weights", "none", "--image-size", "48", "--resize", "56", "--epochs", "1",
+        "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--workers", "0", "--tfa", "--tfa-tau2", "10",
+        "--flsa-weight", "0.5",
+    ])
+    assert code == 0
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert {"train_loss", "train_main", "train_flsa"} <= set(metrics.columns)
+    row = metrics.iloc[0]
+    assert row["train_loss"] == pytest.approx(row["train_main"] + row["train_flsa"], rel=1e-5)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["enhancers"] == [{"name": "tfa", "tau2": 10.0}, {"name": "flsa", "weight": 0.5}]
+    assert RunConfig.from_yaml(tmp_path / "run" / "config.yaml").enhancers == saved["enhancers"]
+
+
+def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
+    teacher = tmp_path / "stage1"
+    train(tiny(demo_data), teacher)
+    cfg = tiny(demo_data, init_from=str(teacher / "best.pt"), freeze_backbone=True, reset_head=True, neck_dim=16)
+    cfg = dataclasses.replace(cfg, enhancers=[{"name": "flsa", "weight": 1.0}])
+    cfg = cfg.override("train", cache_features=True, epochs=2)
+    train(cfg, tmp_path / "rrt")
+    cache = tmp_path / "rrt" / "feature_cache.pt"
+    assert cache.is_file()
+    before, after = load_checkpoint(teacher / "best.pt")["model"], load_checkpoint(tmp_path / "rrt" / "last.pt")["model"]
+    backbone_keys = [k for k in before if k.startswith("backbone.")]
+    assert all(torch.equal(before[k], after[k]) for k in backbone_keys), "the frozen backbone changed"
+    assert "neck.0.weight" in after and not torch.equal(before["head.2.weight"], after["head.2.weight"])
+    log = (tmp_path / "rrt" / "train.log").read_text()
+    assert log.count("computing backbone features") == 2  # train and val, once
+    # The cached features are those of the eval transform: the same as a forward of the backbone.
+    stored = torch.load(cache, weights_only=True)
+    assert stored["train"]["features"].shape[1] == 64
+
+    with pytest.raises(ValueError, match="cache_features needs model.freeze_backbone"):
+        cfg.override("model", freeze_backbone=False)
+    with pytest.raises(ValueError, match="--reset-head"):
+        train(tiny(demo_data, init_from=str(teacher / "best.pt"), neck_dim=16), tmp_path / "bad")
+
+
+def test_ablation_table_over_variants_and_seeds(demo_data, tmp_path):
+    base = tiny(demo_data, freeze_backbone=True).override("train", cache_features=True, epochs=2, lr=3e-3)
+    table = run_ablation(base, ["baseline", "tfa", "tfa+flsa"], seeds=2, out=tmp_path / "abl")
+    assert len(table) == 6 and set(table["variant"]) == {"baseline", "tfa", "tfa+flsa"}
+    assert table[["srcc", "mae_low", "bias_low", "spread"]].notna().all().all()
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| tfa+flsa |" in md and "Δsrcc" in md and "**" in md and " ± " in md
+    csv = pd.read_csv(tmp_path / "abl" / "ablation.csv")
+    assert list(csv.columns[:3]) == ["variant", "seed", "plcc"]
+    # Running it again reuses every finished run and gives the same table.
+    again = run_ablation(base, ["baseline", "tfa", "tfa+flsa"], seeds=2, out=tmp_path / "abl")
+    pd.testing.assert_frame_equal(table, again)
+    assert (tmp_path / "abl" / "feature_cache.pt").is_file()
