@@ -250,11 +250,11 @@ def _data_config_for(args: argparse.Namespace, payload: dict) -> RunConfig:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from elta.engine.checkpoint import load_checkpoint
     from elta.engine.evaluate import evaluate_checkpoint
     from elta.metrics import format_metrics
+    from elta.models.original import load_any_checkpoint
 
-    payload = load_checkpoint(args.checkpoint)
+    payload = load_any_checkpoint(args.checkpoint)
     cfg = _data_config_for(args, payload)
     metrics = evaluate_checkpoint(
         args.checkpoint,
@@ -325,6 +325,16 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from elta.models.original import import_original_checkpoint
+
+    out = import_original_checkpoint(
+        args.source, args.out, head=args.head, backbone=args.backbone, image_size=args.image_size
+    )
+    print(f"wrote {out}: use it with --checkpoint (predict, evaluate) or --init-from (train)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from elta.demo import run_demo
 
@@ -385,6 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="only check that images exist and have a header")
     p.add_argument("--out", help="write the problem list to this CSV")
     p.set_defaults(func=cmd_data_check)
+
+    p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the original ELTA release")
+    p.add_argument("source", help="the original checkpoint (.pth with 'state_dict': vit.*, linear_emd.*, …)")
+    p.add_argument("out", help="the elta checkpoint to write")
+    p.add_argument(
+        "--head",
+        default="auto",
+        choices=("auto", "distribution", "scalar"),
+        help="which of its heads was trained (auto: read from the optimizer state)",
+    )
+    p.add_argument("--backbone", default="swinv2_base_window8_256")
+    p.add_argument("--image-size", type=int, default=256)
+    p.set_defaults(func=cmd_import_checkpoint)
 
     p = sub.add_parser("demo-data", help="build the long-tailed demo dataset (AVA layout)")
     p.add_argument("out", help="output folder")

@@ -12,12 +12,13 @@ import pandas as pd
 from elta.config import RunConfig
 from elta.data.dataset import AnnotationDataset, dist_columns
 from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from elta.engine.checkpoint import model_from_checkpoint
 from elta.engine.inference import Predictions, run_inference
 from elta.engine.prepare import read_dataset
 from elta.engine.report import draw_report
 from elta.metrics import evaluate
 from elta.models.model import ModelSpec
+from elta.models.original import load_any_checkpoint
 from elta.utils import atomic_write_text, resolve_device
 
 __all__ = ["evaluate_checkpoint", "select_split", "score_metrics", "write_evaluation"]
@@ -106,7 +107,7 @@ def evaluate_checkpoint(
 
     Returns the metrics dict (plus ``skipped``: images that could not be read, listed in predictions.csv).
     """
-    payload = load_checkpoint(checkpoint)
+    payload = load_any_checkpoint(checkpoint)
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, dev)
     spec = model.spec

@@ -13,8 +13,9 @@ import torch
 from elta.data.dataset import ImageListDataset
 from elta.data.images import list_images
 from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from elta.engine.checkpoint import model_from_checkpoint
 from elta.engine.inference import run_inference
+from elta.models.original import load_any_checkpoint
 from elta.utils import atomic_write_text, resolve_device
 
 __all__ = ["Scorer", "load", "write_scores"]
@@ -34,7 +35,7 @@ class Scorer:
         batch_size: int = 32,
         workers: int | None = None,
     ) -> None:
-        payload = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+        payload = checkpoint if isinstance(checkpoint, dict) else load_any_checkpoint(checkpoint)
         self.device = resolve_device(device)
         self.model = model_from_checkpoint(payload, self.device)
         self.spec = self.model.spec

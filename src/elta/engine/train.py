@@ -33,9 +33,18 @@ from elta.functional import emd_loss
 from elta.metrics import emd as emd_metric
 from elta.metrics import evaluate
 from elta.models.model import AestheticModel, build_model
+from elta.models.original import load_any_checkpoint
 from elta.utils import atomic_write_text, derive_seed, resolve_device
 
-__all__ = ["train", "TrainingDivergedError", "RunExistsError", "read_dataset", "main_loss", "epoch_batches"]
+__all__ = [
+    "train",
+    "TrainingDivergedError",
+    "RunExistsError",
+    "read_dataset",
+    "main_loss",
+    "loss_terms",
+    "epoch_batches",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,23 @@ def main_loss(
     else:
         per_sample = F.l1_loss(out.score_unit, targets, reduction="none")
     return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
+
+
+def loss_terms(
+    model: AestheticModel, enhancers, features: torch.Tensor, batch: Batch, loss_name: str
+) -> dict[str, torch.Tensor]:
+    """The losses of one training step from pooled ``features`` [B, D]: enhancers, head, main loss.
+
+    Returns ``{"loss": total, "main": …, <enhancer terms>…}``; the total is what is back-propagated.
+    """
+    score_range = (float(model.spec.score_range[0]), float(model.spec.score_range[1]))
+    weights = batch.weight.to(features.device) if batch.weight is not None else features.new_ones(len(batch))
+    state = StepState(features, targets_of(model, batch, loss_name), batch.mos, weights, score_range)
+    for enhancer in enhancers:
+        state = enhancer(state)
+    out = model.forward_head(state.features)
+    terms = {"main": main_loss(model, out, state.targets, state.weights, loss_name), **state.losses}
+    return {"loss": sum(terms.values()), **terms}
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -211,7 +237,7 @@ def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resume: bool) 
     groups = data.train["group"].astype(str)
     group_counts = {g: int(c) for g, c in groups[groups != ""].value_counts().items()}
     m = cfg.model
-    source = None if resume or not m.init_from else load_checkpoint(m.init_from)
+    source = None if resume or not m.init_from else load_any_checkpoint(m.init_from)
     backbone, image_size, resize = m.backbone, m.image_size, m.resize
     if source is not None:  # the architecture and input geometry come from the starting checkpoint
         s = source["spec"]
@@ -359,7 +385,6 @@ class _EpochLoop:
         self.runlog, self.data = runlog, data
         self.loss_name, self.device, self.workers = loss_name, device, workers
         self.cached = self.cfg.train.cache_features
-        self.score_range = tuple(float(v) for v in model.spec.score_range)
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model.neck(inputs) if self.cached else self.model.forward_features(inputs)
@@ -380,27 +405,15 @@ class _EpochLoop:
         batch.images = batch.images.to(self.device, non_blocking=True)
         batch.mos = batch.mos.to(self.device)
         batch.dist = batch.dist.to(self.device) if batch.dist is not None else None
-        weights = batch.weight.to(self.device)
-        state = StepState(
-            self.features(batch.images),
-            targets_of(self.model, batch, self.loss_name),
-            batch.mos,
-            weights,
-            self.score_range,
-        )
-        for enhancer in self.enhancers:
-            state = enhancer(state)
-        out = self.model.forward_head(state.features)
-        terms = {"main": main_loss(self.model, out, state.targets, state.weights, self.loss_name)}
-        terms.update(state.losses)
-        total = sum(terms.values())
+        terms = loss_terms(self.model, self.enhancers, self.features(batch.images), batch, self.loss_name)
+        total = terms["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return {"loss": total, **terms}
+        return terms
 
     def run(self, train_set: AnnotationDataset, val_set: AnnotationDataset, p: dict) -> dict:
         t = self.cfg.train
