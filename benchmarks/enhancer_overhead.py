@@ -1,0 +1,80 @@
+"""Cost of the ELTA enhancers in a training step: baseline vs TFA + FLSA, same backbone and batch.
+
+Runs the trainer's own step (``elta.engine.train.loss_terms`` + backward + Adam) on random images,
+alternating baseline and enhanced steps so that both see the same machine state, and prints the ratio
+of the median step times. Usage:
+
+    python benchmarks/enhancer_overhead.py [--backbone tf_efficientnet_lite0] [--image-size 224]
+        [--batch-size 48] [--steps 10] [--device auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from elta.data.dataset import Batch
+from elta.engine.train import loss_terms
+from elta.enhancers import build_enhancers
+from elta.models import build_model
+from elta.utils import resolve_device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="tf_efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.backbone, "distribution", list(range(1, 11)), [1, 10], image_size=args.image_size)
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    kinds = {
+        "baseline": build_enhancers([]),
+        "tfa+flsa": build_enhancers([{"name": "tfa"}, {"name": "flsa", "weight": 1.0}]).to(device),
+    }
+    b = args.batch_size
+    dist = torch.softmax(torch.randn(b, 10), 1).to(device)
+    batch = Batch(
+        images=torch.randn(b, 3, args.image_size, args.image_size, device=device),
+        indices=torch.arange(b),
+        mos=(dist @ torch.arange(1.0, 11.0, device=device)),
+        dist=dist,
+        weight=torch.ones(b, device=device),
+    )
+
+    def step(enhancers) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        terms = loss_terms(model, enhancers, model.forward_features(batch.images), batch, "emd")
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for enhancers in kinds.values():  # warm-up
+        step(enhancers)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(args.steps):
+        for name, enhancers in kinds.items():
+            times[name].append(step(enhancers))
+    base = statistics.median(times["baseline"])
+    enhanced = statistics.median(times["tfa+flsa"])
+    print(f"backbone {args.backbone} @ {args.image_size}px, batch {b}, device {device}, {args.steps} steps each")
+    print(f"median step: baseline {base * 1000:.1f} ms, tfa+flsa {enhanced * 1000:.1f} ms")
+    print(f"ratio tfa+flsa / baseline: {enhanced / base:.4f}  ({(enhanced / base - 1) * 100:+.2f} %)")
+
+
+if __name__ == "__main__":
+    main()
