@@ -32,6 +32,7 @@ from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from elta.engine.inference import Predictions, run_inference
 from elta.engine.prepare import _hold_out_validation, read_dataset
 from elta.functional import apds_sharpen
+from elta.models.model import AestheticModel
 from elta.utils import atomic_write_text, resolve_device
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "logits_from_distribution",
     "pseudo_label",
     "read_unlabeled",
+    "scalar_head_message",
 ]
 
 log = logging.getLogger(__name__)
@@ -203,17 +205,61 @@ def _calibration_rows(cfg: RunConfig, df: pd.DataFrame, split: str) -> pd.DataFr
 
 
 def _score(
-    model, transform, paths: Sequence[Path], batch_size, device, workers, progress, desc
+    model: AestheticModel,
+    paths: Sequence[Path],
+    batch_size: int,
+    device: torch.device,
+    workers: int | None,
+    progress: bool,
+    desc: str,
 ) -> Predictions:
+    """The model's predictions for image files, in order; unreadable files get their reason."""
     return run_inference(
         model,
-        ImageListDataset(list(paths), transform),
+        ImageListDataset(list(paths), ImageTransform.from_spec(model.spec, train=False)),
         batch_size=batch_size,
         device=device,
         workers=workers if workers is not None else (0 if len(paths) < 64 else None),
         progress=progress,
         desc=desc,
     )
+
+
+def _search(
+    model: AestheticModel,
+    rows: pd.DataFrame,
+    betas: Sequence[float],
+    thresholds: Sequence[float],
+    min_selected: int | None,
+    score_args: tuple,
+) -> dict:
+    """Score the labelled calibration ``rows`` and run :func:`calibrate_apds` on them."""
+    cal = _score(model, [Path(p) for p in rows["path"]], *score_args, "calibrating")
+    ok = cal.ok
+    if not ok.any():
+        raise RuntimeError(
+            f"none of the {len(rows)} calibration images could be read ({rows['path'].iloc[0]} …)"
+        )
+    n = int(ok.sum())
+    center = float(cal.score[ok].mean())
+    min_selected = default_min_selected(n) if min_selected is None else min_selected
+    beta, threshold, grid = calibrate_apds(
+        logits_from_distribution(cal.dist[ok]),
+        cal.score[ok],
+        rows["mos"].to_numpy(dtype=np.float64)[ok],
+        betas,
+        thresholds,
+        min_selected,
+        center=center,
+    )
+    return {
+        "beta": beta,
+        "threshold": threshold,
+        "grid": grid,
+        "center": center,
+        "n": n,
+        "min_selected": min_selected,
+    }
 
 
 def _common_root(paths: Sequence[Path]) -> Path:
@@ -246,6 +292,31 @@ def _write_unreadable(path: Path, paths: list[Path], preds: Predictions) -> Path
         return None
     log.warning("%d unlabeled images could not be read (listed in %s)", len(bad), path)
     return atomic_write_text(path, pd.DataFrame(bad, columns=["path", "reason"]).to_csv(index=False))
+
+
+def _read_labelled(cfg: RunConfig | None, required: bool) -> pd.DataFrame | None:
+    """The labelled dataset; with β and t given, the teacher's own dataset may be gone (then None)."""
+    if cfg is None:
+        return None
+    try:
+        return read_dataset(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        if required:
+            raise
+        log.warning(
+            "cannot read %s (%s): its labelled images are not left out of the pool", cfg.data.data, exc
+        )
+        return None
+
+
+def _check_scale(labelled: pd.DataFrame, score_range: Sequence[float], cfg: RunConfig) -> None:
+    """Calibration MAE only means something on the teacher's rating scale."""
+    theirs = [float(v) for v in labelled.attrs["score_range"]]
+    if not np.allclose(theirs, [float(v) for v in score_range]):
+        raise ValueError(
+            f"teacher scores on {list(score_range)} but {cfg.data.data} is rated on {theirs}: "
+            "calibrate on a dataset with the teacher's rating scale (--calibrate-data)"
+        )
 
 
 def _labelled_dataset(calibration: RunConfig | None, payload: dict) -> RunConfig | None:
@@ -288,64 +359,46 @@ def pseudo_label(
     payload = load_checkpoint(checkpoint)
     if payload["spec"]["head"] != "distribution":
         raise APDSUnavailableError(scalar_head_message(f"teacher {payload['path']}"))
-    dev = resolve_device(device)
-    model = model_from_checkpoint(payload, dev)
-    transform = ImageTransform.from_spec(model.spec, train=False)
-    score_args = (batch_size, dev, workers, progress)
-
+    pool = read_unlabeled(unlabeled)
     cfg = _labelled_dataset(calibration, payload)
     if cfg is None and beta is None:
         raise ValueError(
             f"{payload['path']} records no training dataset to calibrate on: "
             "pass --calibrate-data, or --beta and --threshold"
         )
-    labelled = read_dataset(cfg) if cfg is not None else None
-    if labelled is not None and labelled.attrs["has_distribution"]:
-        if len(labelled.attrs["centers"]) != model.spec.num_bins:
-            raise ValueError(
-                f"teacher predicts {model.spec.num_bins} bins but {cfg.data.data} has "
-                f"{len(labelled.attrs['centers'])}: calibrate on a dataset with the teacher's rating scale"
-            )
+    labelled = _read_labelled(cfg, required=beta is None or calibration is not None)
+    dev = resolve_device(device)
+    model = model_from_checkpoint(payload, dev)
+    score_args = (batch_size, dev, workers, progress)
 
-    grid, center_cal, how, n_cal = None, None, "given", 0
+    search = {"grid": None, "center": None, "n": 0, "min_selected": None}
+    how = "given"
+    if labelled is not None:
+        _check_scale(labelled, model.spec.score_range, cfg)
     if beta is None:
         rows = _calibration_rows(cfg, labelled, calibrate_split)
-        cal = _score(model, transform, [Path(p) for p in rows["path"]], *score_args, "calibrating")
-        ok = cal.ok
-        if not ok.any():
-            raise RuntimeError(f"none of the {len(rows)} calibration images of {cfg.data.data} could be read")
-        n_cal = int(ok.sum())
-        center_cal = float(cal.score[ok].mean())
-        if min_selected is None:
-            min_selected = default_min_selected(n_cal)
-        beta, threshold, grid = calibrate_apds(
-            logits_from_distribution(cal.dist[ok]),
-            cal.score[ok],
-            rows["mos"].to_numpy(dtype=np.float64)[ok],
-            betas,
-            thresholds,
-            min_selected,
-            center=center_cal,
-        )
+        search = _search(model, rows, betas, thresholds, min_selected, score_args)
+        beta, threshold = search["beta"], search["threshold"]
         how = f"grid on {cfg.data.data} split {calibrate_split}"
-        log.info("APDS β=%g, t=%g chosen on %d calibration images (%s)", beta, threshold, n_cal, how)
+        log.info("APDS β=%g, t=%g chosen on %d calibration images (%s)", beta, threshold, search["n"], how)
 
-    pool = read_unlabeled(unlabeled)
-    known = set(labelled["path"].map(lambda p: os.path.abspath(p))) if labelled is not None else set()
-    skipped = [p for p in pool if str(p) in known]
-    if skipped:
-        log.info("leaving out %d unlabeled images that are labelled in %s", len(skipped), cfg.data.data)
-    pool = [p for p in pool if str(p) not in known]
-    if not pool:
-        raise ValueError(f"no unlabeled images to score in {', '.join(map(str, unlabeled))}")
-    preds = _score(model, transform, pool, *score_args, "pseudo-labelling")
+    known = set(labelled["path"].map(os.path.abspath)) if labelled is not None else set()
+    candidates = [p for p in pool if str(p) not in known]
+    if len(candidates) < len(pool):
+        log.info("leaving out %d images that are labelled in %s", len(pool) - len(candidates), cfg.data.data)
+    if not candidates:
+        where = f" that are not labelled in {cfg.data.data}" if pool else ""
+        raise ValueError(f"no unlabeled images{where} in {', '.join(map(str, unlabeled))}")
+    preds = _score(model, candidates, *score_args, "pseudo-labelling")
     ok = preds.ok
-    unreadable_path = _write_unreadable(out.with_name(f"{out.stem}_unreadable.csv"), pool, preds)
+    unreadable_path = _write_unreadable(out.with_name(f"{out.stem}_unreadable.csv"), candidates, preds)
     if not ok.any():
-        raise RuntimeError(f"none of the {len(pool)} unlabeled images could be read (see {unreadable_path})")
-    good = [p for p, keep in zip(pool, ok, strict=True) if keep]
+        raise RuntimeError(
+            f"none of the {len(candidates)} unlabeled images could be read (see {unreadable_path})"
+        )
+    good = [p for p, keep in zip(candidates, ok, strict=True) if keep]
     good_preds = Predictions(preds.score[ok], preds.std[ok], preds.dist[ok], [""] * len(good))
-    center = float(good_preds.score.mean())
+    center = float(good_preds.score.mean())  # SPEC: c is the mean prediction over the scored set
     q = apds_sharpen(
         logits_from_distribution(good_preds.dist), torch.as_tensor(good_preds.score), beta, center
     )
@@ -362,15 +415,15 @@ def pseudo_label(
         "beta": float(beta),
         "threshold": float(threshold),
         "chosen_by": how,
-        "min_selected": min_selected if grid is not None else None,
-        "grid": grid,
-        "apds_center": {"calibration": center_cal, "unlabeled": center},
+        "min_selected": search["min_selected"],
+        "grid": search["grid"],
+        "apds_center": {"calibration": search["center"], "unlabeled": center},
         "counts": {
-            "pool": len(pool) + len(skipped),
-            "labelled_skipped": len(skipped),
-            "calibration": n_cal,
+            "pool": len(pool),
+            "labelled_skipped": len(pool) - len(candidates),
+            "calibration": search["n"],
             "scored": len(good),
-            "unreadable": len(pool) - len(good),
+            "unreadable": len(candidates) - len(good),
             "selected": len(selected),
         },
         "selected_mos_mean": float(selected["mos"].mean()) if len(selected) else None,

@@ -46,8 +46,8 @@ class StaleStageError(RuntimeError):
     """A round's pseudo-labels no longer match its teacher or settings, and its student has started."""
 
 
-def _require_distribution_head(cfg: RunConfig) -> None:
-    """Refuse before any training when the runs would have a scalar head."""
+def _check_config(cfg: RunConfig) -> None:
+    """Refuse before any training: own pseudo-labels given, or runs that would have a scalar head."""
     if cfg.data.pseudo_labels:
         raise ValueError(
             "self-train makes its own pseudo-labels; drop --pseudo-labels (or use `elta train` with it)"
@@ -102,10 +102,8 @@ def _pseudo_stage(
     csv, meta = round_dir / "pseudo.csv", round_dir / "pseudo.json"
     if csv.is_file() and meta.is_file():
         done = json.loads(meta.read_text(encoding="utf-8"))
-        fresh = done.get("request") == request and done.get("teacher_fingerprint") == file_fingerprint(
-            teacher_best
-        )
-        if fresh:
+        same_teacher = done.get("teacher_fingerprint") == file_fingerprint(teacher_best)
+        if same_teacher and done.get("request") == request:
             log.info("reusing %s (%d pseudo-labels)", csv, done["counts"]["selected"])
             return done
         if (round_dir / "student" / "last.pt").exists():
@@ -126,7 +124,11 @@ def _pseudo_stage(
         device=cfg.train.device,
         workers=cfg.data.workers,
         progress=progress,
-        **{k: v for k, v in request.items() if k not in ("unlabeled", "weight")},
+        beta=request["beta"],
+        threshold=request["threshold"],
+        betas=request["betas"],
+        thresholds=request["thresholds"],
+        min_selected=request["min_selected"],
     )
     summary["request"] = request
     atomic_write_text(meta, json.dumps(summary, indent=2))
@@ -155,7 +157,7 @@ def self_train(
         raise ValueError(f"--rounds must be ≥ 1; got {rounds}")
     if (beta is None) != (threshold is None):
         raise ValueError("give --beta and --threshold together (or neither, to search the grid)")
-    _require_distribution_head(cfg)
+    _check_config(cfg)
     out = Path(out).absolute()  # the students' config.yaml names their pseudo-label CSV by this path
     pool = read_unlabeled(unlabeled)  # fails early on a wrong path, before hours of training
     request = {
