@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pandas as pd
 import pytest
@@ -67,16 +68,44 @@ def test_tfa_appends_mixed_rows_and_flsa_covers_them():
     expected = 2.0 * flsa_loss(state.features, state.scores)
     assert torch.allclose(state.losses["flsa"], expected)
     dataset_range = build_enhancers([{"name": "flsa", "range": "dataset"}])[0](step_state())
-    assert torch.allclose(dataset_range.losses["flsa"], flsa_loss(step_state().features, step_state().scores, 9.0))
+    assert torch.allclose(
+        dataset_range.losses["flsa"], flsa_loss(step_state().features, step_state().scores, 9.0)
+    )
 
 
 def test_training_with_tfa_and_flsa_logs_each_loss_term(demo_data, tmp_path):
-    code = main([
-        "train", "--data", str(demo_data / "AVA.txt"), "--out", str(tmp_path / "run"), "--backbone",
-        "test_convnext", "--weights", "none", "--image-size", "48", "--resize", "56", "--epochs", "1",
-        "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--workers", "0", "--tfa", "--tfa-tau2", "10",
-        "--flsa-weight", "0.5",
-    ])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(demo_data / "AVA.txt"),
+            "--out",
+            str(tmp_path / "run"),
+            "--backbone",
+            "test_convnext",
+            "--weights",
+            "none",
+            "--image-size",
+            "48",
+            "--resize",
+            "56",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--lr",
+            "1e-3",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--tfa",
+            "--tfa-tau2",
+            "10",
+            "--flsa-weight",
+            "0.5",
+        ]
+    )
     assert code == 0
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert {"train_loss", "train_main", "train_flsa"} <= set(metrics.columns)
@@ -90,13 +119,18 @@ def test_training_with_tfa_and_flsa_logs_each_loss_term(demo_data, tmp_path):
 def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
     teacher = tmp_path / "stage1"
     train(tiny(demo_data), teacher)
-    cfg = tiny(demo_data, init_from=str(teacher / "best.pt"), freeze_backbone=True, reset_head=True, neck_dim=16)
+    cfg = tiny(
+        demo_data, init_from=str(teacher / "best.pt"), freeze_backbone=True, reset_head=True, neck_dim=16
+    )
     cfg = dataclasses.replace(cfg, enhancers=[{"name": "flsa", "weight": 1.0}])
     cfg = cfg.override("train", cache_features=True, epochs=2)
     train(cfg, tmp_path / "rrt")
     cache = tmp_path / "rrt" / "feature_cache.pt"
     assert cache.is_file()
-    before, after = load_checkpoint(teacher / "best.pt")["model"], load_checkpoint(tmp_path / "rrt" / "last.pt")["model"]
+    before, after = (
+        load_checkpoint(teacher / "best.pt")["model"],
+        load_checkpoint(tmp_path / "rrt" / "last.pt")["model"],
+    )
     backbone_keys = [k for k in before if k.startswith("backbone.")]
     assert all(torch.equal(before[k], after[k]) for k in backbone_keys), "the frozen backbone changed"
     assert "neck.0.weight" in after and not torch.equal(before["head.2.weight"], after["head.2.weight"])
@@ -104,7 +138,8 @@ def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
     assert log.count("computing backbone features") == 2  # train and val, once
     # The cached features are those of the eval transform: the same as a forward of the backbone.
     stored = torch.load(cache, weights_only=True)
-    assert stored["train"]["features"].shape[1] == 64
+    train_entry = next(e for e in stored.values() if e["split"] == "train")
+    assert train_entry["features"].shape[1] == 64
 
     with pytest.raises(ValueError, match="cache_features needs model.freeze_backbone"):
         cfg.override("model", freeze_backbone=False)
@@ -125,3 +160,22 @@ def test_ablation_table_over_variants_and_seeds(demo_data, tmp_path):
     again = run_ablation(base, ["baseline", "tfa", "tfa+flsa"], seeds=2, out=tmp_path / "abl")
     pd.testing.assert_frame_equal(table, again)
     assert (tmp_path / "abl" / "feature_cache.pt").is_file()
+
+
+def test_ablation_apds_variant_self_trains_on_unlabelled_images(demo_data, tmp_path):
+    from elta.data.demo import make_demo_dataset
+
+    pool = tmp_path / "pool"
+    make_demo_dataset(pool, n=40, seed=11, image_size=64)
+    base = tiny(demo_data)
+    with pytest.raises(ValueError, match="--unlabeled"):
+        run_ablation(base, ["baseline", "apds"], seeds=1, out=tmp_path / "no-pool")
+    variant = "apds:beta=1.25,threshold=0.2"
+    table = run_ablation(
+        base, ["baseline", variant], seeds=1, out=tmp_path / "abl", unlabeled=[str(pool / "images")]
+    )
+    assert list(table["variant"]) == ["baseline", variant]
+    stage = tmp_path / "abl" / "runs" / "apds_beta=1.25_threshold=0.2" / "seed0"
+    assert (stage / "round1" / "student" / "eval" / "metrics.json").is_file()
+    pseudo = json.loads((stage / "round1" / "pseudo.json").read_text())
+    assert (pseudo["beta"], pseudo["threshold"]) == (1.25, 0.2)

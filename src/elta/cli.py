@@ -318,7 +318,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if cfg.enhancers:
         raise SystemExit("elta ablate: give enhancers through --variants, not --tfa/--flsa-weight/--enhancer")
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    run_ablation(cfg, variants, args.seeds, args.out, progress=_progress())
+    run_ablation(cfg, variants, args.seeds, args.out, unlabeled=args.unlabeled, progress=_progress())
     out = Path(args.out)
     print((out / "ablation.md").read_text())
     print(f"wrote {out / 'ablation.csv'} and {out / 'ablation.md'}")
@@ -369,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on; default 3)")
     p.add_argument("--out", required=True, help="folder for runs/, ablation.csv, ablation.md")
     p.add_argument("--config", help="YAML config shared by every variant")
+    p.add_argument("--unlabeled", nargs="+", help="unlabelled images for the apds variant (self-training)")
     _add_options(p)
     p.set_defaults(func=cmd_ablate)
 

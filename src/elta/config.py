@@ -90,8 +90,6 @@ class ModelConfig:
         _check_positive("model.neck_dim", self.neck_dim, allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
-        if self.reset_head and not self.init_from:
-            raise ValueError("model.reset_head needs model.init_from (a fresh model's head is new anyway)")
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """``elta ablate``: train each variant with the same data, split and seeds, and compare them.
 
 A variant is ``baseline`` or enhancers joined by ``+``, each optionally with settings:
-``tfa``, ``flsa``, ``tfa+flsa``, ``tfa:tau1=0.3+flsa:weight=0.1``. Every (variant, seed) run lives in
+``tfa``, ``flsa``, ``tfa+flsa``, ``tfa:tau1=0.3+flsa:weight=0.1``. The token ``apds`` (settings ``beta``,
+``threshold``, ``min_selected``) adds one round of APDS self-training on ``--unlabeled`` images. Every (variant, seed) run lives in
 ``OUT/runs/<variant>/seed<k>`` and is resumed or reused when the command is run again.
 """
 
@@ -24,11 +25,12 @@ from elta.engine.evaluate import score_metrics, select_split, write_evaluation
 from elta.engine.features import load_or_compute_features
 from elta.engine.inference import run_inference
 from elta.engine.prepare import read_dataset
+from elta.engine.selftrain import self_train
 from elta.engine.train import train
 from elta.enhancers import parse_enhancer
 from elta.utils import atomic_write_text, resolve_device
 
-__all__ = ["parse_variant", "run_ablation", "summarise", "COLUMNS"]
+__all__ = ["parse_variant", "apds_settings", "run_ablation", "summarise", "COLUMNS"]
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,31 @@ COLUMNS: list[tuple[str, object]] = [
 ]
 
 
+APDS_SETTINGS = ("beta", "threshold", "min_selected")
+
+
+def _tokens(name: str) -> list[dict]:
+    return [parse_enhancer(token) for token in name.strip().split("+")]
+
+
 def parse_variant(name: str) -> list[dict]:
-    """``"tfa:tau1=0.3+flsa"`` -> enhancer specs; ``"baseline"`` -> []."""
-    name = name.strip()
-    if name == "baseline":
+    """``"tfa:tau1=0.3+flsa"`` -> enhancer specs; ``"baseline"`` -> []; an ``apds`` token is not an enhancer
+    (see :func:`apds_settings`) and is left out."""
+    if name.strip() == "baseline":
         return []
-    return [parse_enhancer(token) for token in name.split("+")]
+    return [t for t in _tokens(name) if t["name"] != "apds"]
+
+
+def apds_settings(name: str) -> dict | None:
+    """Settings of the variant's ``apds[:beta=…,threshold=…,min_selected=…]`` token; None without one."""
+    found = [t for t in _tokens(name) if t["name"] == "apds"]
+    if not found:
+        return None
+    settings = {k: v for k, v in found[0].items() if k != "name"}
+    unknown = set(settings) - set(APDS_SETTINGS)
+    if unknown:
+        raise ValueError(f"variant {name}: unknown apds setting(s) {sorted(unknown)}; known: {APDS_SETTINGS}")
+    return settings
 
 
 def _folder_name(variant: str) -> str:
@@ -108,10 +129,21 @@ def _evaluate_run(cfg: RunConfig, run_dir: Path, split: str, cache_path: Path | 
 
 
 def run_ablation(
-    base: RunConfig, variants: list[str], seeds: int, out: str | Path, *, progress: bool = False
+    base: RunConfig,
+    variants: list[str],
+    seeds: int,
+    out: str | Path,
+    *,
+    unlabeled: list[str] | None = None,
+    progress: bool = False,
 ) -> pd.DataFrame:
-    """Train and evaluate every variant on seeds ``base.train.seed … + seeds − 1``; write the tables."""
+    """Train and evaluate every variant on seeds ``base.train.seed … + seeds − 1``; write the tables.
+
+    A variant with ``apds`` self-trains one round on ``unlabeled`` images; its student is evaluated.
+    """
     out = Path(out)
+    if any(apds_settings(v) is not None for v in variants) and not unlabeled:
+        raise ValueError("the apds variant self-trains on unlabelled images: give --unlabeled PATH…")
     out.mkdir(parents=True, exist_ok=True)
     specs = {v: parse_variant(v) for v in variants}  # bad names fail before any training
     for enhancers in specs.values():
@@ -129,7 +161,12 @@ def run_ablation(
             )
             cfg = dataclasses.replace(base, enhancers=enhancers, train=train_cfg)
             log.info("ablation: %s, seed %d -> %s", variant, seed, run_dir)
-            train(cfg, run_dir, resume=True, progress=progress)
+            apds = apds_settings(variant)
+            if apds is not None:
+                result = self_train(cfg, run_dir, unlabeled, rounds=1, progress=progress, **apds)
+                run_dir = Path(result["stages"][-1]["run_dir"])
+            else:
+                train(cfg, run_dir, resume=True, progress=progress)
             metrics = _evaluate_run(cfg, run_dir, split, cache_path, progress)
             rows.append(
                 {

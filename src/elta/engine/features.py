@@ -80,18 +80,15 @@ def load_or_compute_features(
     stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
     result, changed = {}, False
     for split, frame in frames.items():
-        key = _fingerprint(model, frame, weights_id)
-        entry = stored.get(split)
-        if entry is not None and entry["fingerprint"] == key:
+        key = _fingerprint(model, frame, weights_id)  # entries are keyed by content, so variants share them
+        entry = stored.get(key)
+        if entry is not None:
             result[split] = FeatureCache(entry["features"], {int(k): v for k, v in entry["failed"].items()})
             continue
         log.info("computing backbone features of %d %s images (once; cached in %s)", len(frame), split, path)
         result[split] = _compute(model, frame, batch_size, device, workers, progress)
-        stored[split] = {
-            "fingerprint": key,
-            "features": result[split].features,
-            "failed": {str(k): v for k, v in result[split].failed.items()},
-        }
+        failed = {str(k): v for k, v in result[split].failed.items()}
+        stored[key] = {"split": split, "features": result[split].features, "failed": failed}
         changed = True
     if changed:
         atomic_torch_save(stored, path)

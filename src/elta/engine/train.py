@@ -237,6 +237,8 @@ def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resume: bool) 
     groups = data.train["group"].astype(str)
     group_counts = {g: int(c) for g, c in groups[groups != ""].value_counts().items()}
     m = cfg.model
+    if m.reset_head and not m.init_from:
+        raise ValueError("--reset-head needs --init-from (a fresh model's head is new anyway)")
     source = None if resume or not m.init_from else load_any_checkpoint(m.init_from)
     backbone, image_size, resize = m.backbone, m.image_size, m.resize
     if source is not None:  # the architecture and input geometry come from the starting checkpoint
