@@ -28,7 +28,7 @@ from elta.engine.checkpoint import load_checkpoint, save_checkpoint
 from elta.engine.features import load_or_compute_features
 from elta.engine.inference import Predictions, default_workers, make_loader, run_inference
 from elta.engine.prepare import PreparedData, prepare_data, read_dataset
-from elta.enhancers import StepState, build_enhancers
+from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.functional import emd_loss
 from elta.metrics import emd as emd_metric
 from elta.metrics import evaluate
@@ -89,34 +89,60 @@ def main_loss(
 
 
 def loss_terms(
-    model: AestheticModel, enhancers, features: torch.Tensor, batch: Batch, loss_name: str
+    model: AestheticModel, enhancers, features: torch.Tensor, batch: Batch, loss_name: str, epoch: int = 0
 ) -> dict[str, torch.Tensor]:
     """The losses of one training step from pooled ``features`` [B, D]: enhancers, head, main loss.
 
     Returns ``{"loss": total, "main": …, <enhancer terms>…}``; the total is what is back-propagated.
+    An enhancer that replaces the main loss (``state.replace_main``) leaves ``main`` out of the total.
     """
     score_range = (float(model.spec.score_range[0]), float(model.spec.score_range[1]))
     weights = batch.weight.to(features.device) if batch.weight is not None else features.new_ones(len(batch))
-    state = StepState(features, targets_of(model, batch, loss_name), batch.mos, weights, score_range)
+    state = StepState(
+        features,
+        targets_of(model, batch, loss_name),
+        batch.mos,
+        weights,
+        score_range,
+        indices=batch.indices.to(features.device),
+        epoch=epoch,
+    )
     for enhancer in enhancers:
         state = enhancer(state)
     out = model.forward_head(state.features)
-    terms = {"main": main_loss(model, out, state.targets, state.weights, loss_name), **state.losses}
+    for enhancer in enhancers:
+        state = enhancer.after_head(state, out)
+    terms = dict(state.losses)
+    if not state.replace_main:
+        terms = {"main": main_loss(model, out, state.targets, state.weights, loss_name), **terms}
     return {"loss": sum(terms.values()), **terms}
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The shuffled batches of one epoch; a last batch of one sample joins the one before it."""
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, sample_weights: torch.Tensor | None = None
+) -> list[list[int]]:
+    """The shuffled batches of one epoch; a last batch of one sample joins the one before it.
+
+    With ``sample_weights`` [n] the epoch draws n rows with replacement, each with probability ∝ its weight.
+    """
     generator = torch.Generator().manual_seed(derive_seed(seed, epoch, 0))
-    order = torch.randperm(n, generator=generator).tolist()
+    if sample_weights is None:
+        order = torch.randperm(n, generator=generator).tolist()
+    else:
+        order = torch.multinomial(
+            sample_weights.double().cpu(), n, replacement=True, generator=generator
+        ).tolist()
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2].extend(batches.pop())
     return batches
 
 
-def make_optimizer(model: AestheticModel, cfg: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: AestheticModel, cfg: RunConfig, enhancers=None) -> torch.optim.Optimizer:
+    """Adam or AdamW over the trainable parameters of the model and of the enhancers (e.g. BMC's σ)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if enhancers is not None:
+        params += [p for p in enhancers.parameters() if p.requires_grad]
     t = cfg.train
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -284,6 +310,16 @@ def _load_initial_weights(model: AestheticModel, source: dict, path: str, reset_
     log.info("initialised from %s%s", path, f" (new: {', '.join(new_layers)})" if new_layers else "")
 
 
+def _sample_weights(enhancers, context: TrainingContext) -> torch.Tensor | None:
+    """The product of the enhancers' sampling weights over training rows, or None (plain shuffling)."""
+    weights = None
+    for enhancer in enhancers:
+        own = enhancer.sample_weights(context)
+        if own is not None:
+            weights = own.double() if weights is None else weights * own.double()
+    return weights
+
+
 class _Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool) -> None:
         self.cfg = cfg
@@ -300,11 +336,24 @@ class _Trainer:
         head = "distribution" if loss_name == "emd" else "scalar"
         state = load_checkpoint(self.last_path) if resume else None
         model = _initial_model(cfg, data, head, resume).to(device)
-        enhancers = build_enhancers(cfg.enhancers).to(device)
+        enhancers = build_enhancers(cfg.enhancers)
+        context = TrainingContext(
+            scores=torch.tensor(data.train["mos"].to_numpy(dtype=np.float32)),
+            groups=data.train["group"].astype(str).tolist(),
+            score_range=(float(model.spec.score_range[0]), float(model.spec.score_range[1])),
+            num_bins=model.spec.num_bins,
+            loss=loss_name,
+            feature_dim=model.spec.neck_dim or model.backbone.num_features,
+            epochs=t.epochs,
+        )
+        for enhancer in enhancers:
+            enhancer.setup(context)
+        enhancers.to(device)
+        sample_weights = _sample_weights(enhancers, context)
         workers = default_workers(device) if cfg.data.workers is None else cfg.data.workers
         train_set, val_set = self._datasets(model, data, device, workers)
         steps_per_epoch = len(epoch_batches(len(train_set), t.batch_size, t.seed, 0))
-        optimizer = make_optimizer(model, cfg)
+        optimizer = make_optimizer(model, cfg, enhancers)
         scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
         runlog = _RunLog(self.run_dir, data.problems)
         progress_state = {
@@ -318,6 +367,7 @@ class _Trainer:
         }
         if state is not None:
             model.load_state_dict(state["model"])
+            enhancers.load_state_dict(state.get("enhancers", {}))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             progress_state.update({k: state[k] for k in progress_state})
@@ -342,6 +392,7 @@ class _Trainer:
         loop = _EpochLoop(
             self, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers
         )
+        loop.sample_weights = sample_weights
         return loop.run(train_set, val_set, progress_state)
 
     def _datasets(self, model, data, device, workers):
@@ -387,6 +438,7 @@ class _EpochLoop:
         self.runlog, self.data = runlog, data
         self.loss_name, self.device, self.workers = loss_name, device, workers
         self.cached = self.cfg.train.cache_features
+        self.sample_weights: torch.Tensor | None = None
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model.neck(inputs) if self.cached else self.model.forward_features(inputs)
@@ -398,16 +450,18 @@ class _EpochLoop:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
+            "enhancers": self.enhancers.state_dict(),
             "config": self.cfg.to_dict(),
             **p,
         }
 
-    def step(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def step(self, batch: Batch, epoch: int) -> dict[str, torch.Tensor]:
         """One optimisation step; returns the loss terms (total first)."""
         batch.images = batch.images.to(self.device, non_blocking=True)
         batch.mos = batch.mos.to(self.device)
         batch.dist = batch.dist.to(self.device) if batch.dist is not None else None
-        terms = loss_terms(self.model, self.enhancers, self.features(batch.images), batch, self.loss_name)
+        features = self.features(batch.images)
+        terms = loss_terms(self.model, self.enhancers, features, batch, self.loss_name, epoch=epoch)
         total = terms["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -428,7 +482,7 @@ class _EpochLoop:
             if self.cfg.model.freeze_backbone:
                 self.model.backbone.eval()  # frozen batch-norm statistics too
             train_set.set_epoch(epoch)
-            batches = epoch_batches(len(train_set), t.batch_size, t.seed, epoch)
+            batches = epoch_batches(len(train_set), t.batch_size, t.seed, epoch, self.sample_weights)
             first = p["step"] if epoch == start_epoch else 0
             sums = defaultdict(float, p["epoch_loss_sums"] if first else {})
             samples = p["epoch_samples"] if first else 0
@@ -449,7 +503,7 @@ class _EpochLoop:
                 if len(batch) < 2:
                     continue
                 torch.manual_seed(derive_seed(t.seed, epoch, step, 1))
-                terms = self.step(batch)
+                terms = self.step(batch, epoch)
                 values = {k: float(v.detach()) for k, v in terms.items()}
                 if not math.isfinite(values["loss"]):
                     kept = (
@@ -470,6 +524,8 @@ class _EpochLoop:
                     p.update(epoch=epoch, step=step + 1, epoch_loss_sums=dict(sums), epoch_samples=samples)
                     save_checkpoint(last_path, self.model, **self.snapshot(p))
             bar.close()
+            for enhancer in self.enhancers:
+                enhancer.on_epoch_end(epoch)
             row = {"epoch": epoch + 1}
             row.update(
                 {

@@ -5,9 +5,18 @@ from elta.enhancers.base import (
     ENHANCERS,
     Enhancer,
     StepState,
+    TrainingContext,
     build_enhancers,
     parse_enhancer,
     register_enhancer,
 )
 
-__all__ = ["ENHANCERS", "Enhancer", "StepState", "build_enhancers", "parse_enhancer", "register_enhancer"]
+__all__ = [
+    "ENHANCERS",
+    "Enhancer",
+    "StepState",
+    "TrainingContext",
+    "build_enhancers",
+    "parse_enhancer",
+    "register_enhancer",
+]

@@ -1,10 +1,14 @@
-"""The enhancer interface: plug-ins that see a training step's features and targets.
+"""The enhancer interface: plug-ins that see a training step's features, targets and predictions.
 
 An enhancer receives the step's :class:`StepState` (pooled features, targets, MOS, per-sample weights)
-and returns it, possibly with rows appended (feature augmentation) and with named loss terms added.
-Enhancers run in ``order`` (augmenters before regularisers), after the backbone (and neck) and before
-the head, so every loss covers the augmented batch. They are registered by name and built from plain
-dicts (``{"name": "tfa", "tau1": 0.5}``), which is how a run's config stores them.
+and returns it, possibly with rows appended (feature augmentation), weights changed (re-weighting) and
+named loss terms added. Enhancers run in ``order`` (re-weighting < augmentation < regularisers), after the
+backbone (and neck) and before the head, so every loss covers the augmented batch; ``after_head`` sees the
+predictions too (losses on predictions, or a replacement of the main loss). Hooks around the loop:
+``setup`` (the training labels, once before the first step), ``on_epoch_end`` (e.g. statistics gathered
+over the epoch) and ``sample_weights`` (a weighted sampler). State kept in buffers is saved in checkpoints.
+They are registered by name and built from plain dicts (``{"name": "tfa", "tau1": 0.5}``), which is how a
+run's config stores them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-__all__ = ["StepState", "Enhancer", "register_enhancer", "build_enhancers", "ENHANCERS", "parse_enhancer"]
+__all__ = [
+    "StepState",
+    "TrainingContext",
+    "Enhancer",
+    "register_enhancer",
+    "build_enhancers",
+    "ENHANCERS",
+    "parse_enhancer",
+]
 
 ENHANCERS: dict[str, type[Enhancer]] = {}
 
@@ -36,16 +48,47 @@ class StepState:
     weights: torch.Tensor
     score_range: tuple[float, float]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    indices: torch.Tensor | None = None  # [B] training-row indices of the batch's real samples
+    epoch: int = 0  # 0-based
+    replace_main: bool = False  # set by an enhancer whose loss replaces the main loss (e.g. BMC)
+
+
+@dataclass
+class TrainingContext:
+    """What enhancers may know about the training set before training (``Enhancer.setup``)."""
+
+    scores: torch.Tensor  # [N] training MOS on the dataset's scale, in training-row order
+    groups: list[str]  # [N] training groups ("" = none)
+    score_range: tuple[float, float]
+    num_bins: int  # 0 for a scalar head
+    loss: str  # emd | mse | l1
+    feature_dim: int
+    epochs: int
 
 
 class Enhancer(nn.Module):
-    """Base class. Subclasses set ``name`` and ``order`` and implement :meth:`forward`."""
+    """Base class. Subclasses set ``name`` and ``order`` and implement the hooks they need."""
 
     name: ClassVar[str] = ""
-    order: ClassVar[int] = 100  # augmenters < 50 <= regularisers
+    order: ClassVar[int] = 100  # re-weighting < 10 <= augmentation < 50 <= regularisers
 
-    def forward(self, state: StepState) -> StepState:  # pragma: no cover - interface
-        raise NotImplementedError
+    def setup(self, context: TrainingContext) -> None:
+        """Called once before training (and before a resume loads the saved state)."""
+
+    def forward(self, state: StepState) -> StepState:
+        """Before the head: may change features, targets, scores, weights (rows appended at the end)."""
+        return state
+
+    def after_head(self, state: StepState, out) -> StepState:
+        """After the head on ``state.features``: ``out`` is the :class:`~elta.models.ModelOutput`."""
+        return state
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """Called after each epoch's last training step (before validation)."""
+
+    def sample_weights(self, context: TrainingContext) -> torch.Tensor | None:
+        """Per-row sampling weights [N] for a weighted sampler, or None for plain shuffling."""
+        return None
 
     def settings(self) -> dict[str, Any]:
         """The enhancer's settings as a plain dict (``name`` first), as stored in a run's config."""

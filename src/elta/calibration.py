@@ -1,0 +1,329 @@
+"""Post-hoc monotone calibration of predicted MOS against the long-tail regression to the mean.
+
+A model trained on long-tailed labels predicts too close to the mean: ``spread = sd(pred) / sd(gt) < 1``,
+positive bias on low-scored images and negative bias on high-scored ones. A strictly increasing map from
+predicted to ground-truth MOS, fitted on validation predictions, stretches the predictions back out and leaves
+their ranking, hence SRCC and KRCC, unchanged.
+
+Three maps (:data:`METHODS`):
+
+- ``affine``: match the mean and standard deviation of the ground truth.
+- ``quantile``: map the empirical distribution of the predictions onto the training-label distribution.
+- ``isotonic``: centred isotonic regression of gt on pred (Oron & Flournoy, "Centered isotonic regression",
+  Statistics in Biopharmaceutical Research, 2017): pool-adjacent-violators, then linear interpolation
+  through the block centres, which is strictly increasing where plain isotonic regression has flat steps.
+
+Every output is clipped to ``score_range``. That clip is the only place where two distinct predictions can
+get the same calibrated score (both land at or beyond the same bound); inside the range every map is strictly
+increasing (up to float64 rounding of inputs closer than about 1e-12 of the score scale).
+
+A :class:`Calibration` holds only plain floats, lists and strings, so ``cal.to_dict()`` can be stored in a
+checkpoint read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from elta.metrics import _OVERALL_ROWS, _TAIL_ROWS, _as_pair, _as_scores, _format_value, evaluate
+
+__all__ = [
+    "METHODS",
+    "Calibration",
+    "calibration_report",
+    "fit_calibration",
+    "format_calibration_report",
+]
+
+METHODS = ("affine", "quantile", "isotonic")
+
+# Quantile knots of the prediction distribution (every 1 %); fewer predictions than this keep them all.
+_QUANTILE_KNOTS = 101
+# Weight of the straight line blended into tied quantile targets to make them strictly increasing.
+_TIE_BREAK = 1e-6
+# Rows of the report that calibration is meant to move (and SRCC, which must not move).
+_HIGHLIGHT = {"srcc", "mae_low", "mae_medium", "mae_high", "bias_low", "bias_high", "spread"}
+
+
+def _check_range(score_range) -> tuple[float, float]:
+    lo, hi = (float(v) for v in score_range)
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise ValueError(f"score_range must be (low, high) with low < high, got {tuple(score_range)}")
+    return lo, hi
+
+
+def _check_knots(x, y, method: str) -> tuple[np.ndarray, np.ndarray]:
+    xk, yk = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xk.ndim != 1 or xk.shape != yk.shape or xk.size < 2:
+        raise ValueError(
+            f"{method} calibration needs params x and y of equal length >= 2, got {xk.size}, {yk.size}"
+        )
+    if not (
+        np.isfinite(xk).all()
+        and np.isfinite(yk).all()
+        and (np.diff(xk) > 0).all()
+        and (np.diff(yk) > 0).all()
+    ):
+        raise ValueError(f"{method} calibration knots x and y must be finite and strictly increasing")
+    return xk, yk
+
+
+def _piecewise(pred: np.ndarray, xk: np.ndarray, yk: np.ndarray) -> np.ndarray:
+    """Linear interpolation through the knots; beyond the end knots, lines with the chord slope of all knots.
+
+    The chord slope ``(y[-1] - y[0]) / (x[-1] - x[0])`` is the stretch the whole fit found; the end segments'
+    own slopes rest on a few tail samples and can be near zero (flat tails) or very steep.
+    """
+    slope = (yk[-1] - yk[0]) / (xk[-1] - xk[0])
+    out = np.interp(pred, xk, yk)
+    out = np.where(pred < xk[0], yk[0] + slope * (pred - xk[0]), out)
+    return np.where(pred > xk[-1], yk[-1] + slope * (pred - xk[-1]), out)
+
+
+@dataclass
+class Calibration:
+    """A fitted monotone map from predicted to ground-truth MOS.
+
+    method: one of :data:`METHODS`. params: ``{"a", "b"}`` (affine: ``a * pred + b``) or ``{"x", "y"}``
+    (quantile, isotonic: strictly increasing knots, prediction -> calibrated score). score_range: (lo, hi)
+    every output is clipped to. n_fit: number of validation samples the map was fitted on.
+    """
+
+    method: str
+    params: dict[str, list[float] | float]
+    score_range: tuple[float, float]
+    n_fit: int
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; choose one of {METHODS}")
+        self.score_range = _check_range(self.score_range)
+        self.n_fit = int(self.n_fit)
+        if self.method == "affine":
+            missing = {"a", "b"} - set(self.params)
+            if missing:
+                raise ValueError(f"affine calibration is missing params {sorted(missing)}")
+            a, b = float(self.params["a"]), float(self.params["b"])
+            if not (math.isfinite(a) and math.isfinite(b) and a > 0):
+                raise ValueError(
+                    f"affine calibration needs a finite slope a > 0 and finite b, got a={a}, b={b}"
+                )
+            self.params = {"a": a, "b": b}
+        else:
+            missing = {"x", "y"} - set(self.params)
+            if missing:
+                raise ValueError(f"{self.method} calibration is missing params {sorted(missing)}")
+            xk, yk = _check_knots(self.params["x"], self.params["y"], self.method)
+            self.params = {"x": [float(v) for v in xk], "y": [float(v) for v in yk]}
+
+    def apply(self, pred) -> np.ndarray:
+        """Calibrated scores of ``pred``: any array-like of predicted MOS (a CPU torch tensor works through
+        ``np.asarray``). Returns a float64 numpy array of the same shape, clipped to ``score_range``; NaN stays NaN.
+        """
+        p = np.asarray(pred, dtype=np.float64)
+        if self.method == "affine":
+            out = self.params["a"] * p + self.params["b"]
+        else:
+            out = _piecewise(p, np.asarray(self.params["x"]), np.asarray(self.params["y"]))
+        return np.clip(out, *self.score_range)
+
+    def to_dict(self) -> dict:
+        """Plain-Python form (str, int, float, lists), safe for ``torch.load(weights_only=True)``."""
+        params = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in self.params.items()}
+        return {
+            "method": self.method,
+            "params": params,
+            "score_range": [float(v) for v in self.score_range],
+            "n_fit": int(self.n_fit),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Calibration:
+        """Inverse of :meth:`to_dict`; validates the method and its params."""
+        missing = {"method", "params", "score_range", "n_fit"} - set(d)
+        if missing:
+            raise ValueError(f"calibration dict is missing keys {sorted(missing)}")
+        return cls(str(d["method"]), dict(d["params"]), tuple(d["score_range"]), int(d["n_fit"]))
+
+
+def _fit_affine(p: np.ndarray, g: np.ndarray) -> dict[str, float]:
+    # Matching mean and sd, not least squares: the least-squares slope r * sd(gt) / sd(pred) leaves the
+    # predictions' sd at r * sd(gt), i.e. keeps regressing to the mean whenever the correlation r < 1.
+    if np.ptp(g) == 0:
+        raise ValueError("gt is constant: an affine map onto it would have slope 0 and erase the ranking")
+    a = float(g.std() / p.std())
+    return {"a": a, "b": float(g.mean() - a * p.mean())}
+
+
+def _fit_quantile(p: np.ndarray, train_gt: np.ndarray) -> dict[str, list[float]]:
+    if np.ptp(train_gt) == 0:
+        raise ValueError("train_gt is constant: its quantiles cannot give a strictly increasing map")
+    if p.size <= _QUANTILE_KNOTS:
+        probs = np.linspace(0.0, 1.0, p.size)
+        x = np.sort(p)
+    else:
+        probs = np.linspace(0.0, 1.0, _QUANTILE_KNOTS)
+        x = np.quantile(p, probs)
+    y = np.quantile(train_gt, probs)
+    # Tied prediction knots become one knot at the mean of their targets.
+    x, inverse = np.unique(x, return_inverse=True)
+    y = np.bincount(inverse, weights=y) / np.bincount(inverse)
+    # Tied targets (repeated training labels) get a tiny share of the straight line from first to last,
+    # which makes them strictly increasing without leaving [y[0], y[-1]].
+    y = (1.0 - _TIE_BREAK) * y + _TIE_BREAK * np.linspace(y[0], y[-1], y.size)
+    return {"x": x.tolist(), "y": y.tolist()}
+
+
+def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted pool-adjacent-violators on ``y`` in its given order.
+
+    Returns ``(value, weight, size)`` of each block, values strictly increasing (equal neighbours are pooled
+    too). ``size`` counts the entries of ``y`` in the block, in order.
+    """
+    values: list[float] = []
+    weights: list[float] = []
+    sizes: list[int] = []
+    for v, wt in zip(y.tolist(), w.tolist(), strict=True):
+        size = 1
+        while values and values[-1] >= v:
+            pv, pw = values.pop(), weights.pop()
+            v = (pv * pw + v * wt) / (pw + wt)
+            wt += pw
+            size += sizes.pop()
+        values.append(v)
+        weights.append(wt)
+        sizes.append(size)
+    return np.array(values), np.array(weights), np.array(sizes)
+
+
+def _fit_isotonic(p: np.ndarray, g: np.ndarray) -> dict[str, list[float]]:
+    # Tied predictions first become one point at the mean of their gt, so the fit is a function of pred.
+    x, inverse, counts = np.unique(p, return_inverse=True, return_counts=True)
+    y = np.bincount(inverse, weights=g) / counts
+    values, weights, sizes = _pav(y, counts.astype(np.float64))
+    if values.size < 2:
+        raise ValueError(
+            "isotonic fit is a single flat block (gt does not increase with pred on these samples); "
+            "check the predictions or use method='affine'"
+        )
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    centres = np.add.reduceat(x * counts, starts) / weights
+    # Each centre stays inside its block's x interval, so the centres are strictly increasing despite rounding.
+    centres = np.clip(centres, x[starts], x[ends - 1])
+    return {"x": centres.tolist(), "y": values.tolist()}
+
+
+def fit_calibration(
+    pred,
+    gt,
+    method: str = "affine",
+    *,
+    score_range: tuple[float, float],
+    train_gt=None,
+) -> Calibration:
+    """Fit a strictly increasing map from ``pred`` to ``gt`` (validation predictions and labels, [N] MOS).
+
+    - ``affine``: ``a * pred + b`` with ``a = sd(gt) / sd(pred)``, ``b = mean(gt) - a * mean(pred)``, so the
+      calibrated validation predictions have gt's mean and sd (spread 1). Linear everywhere.
+    - ``quantile``: ``F_train^-1(F_pred(pred))``: knots at the 101 quantiles of ``pred`` (all sorted values when
+      N <= 101) mapped to the same quantiles of ``train_gt`` (the TRAINING labels, required); ``gt`` only
+      sets ``n_fit`` and is validated. Piecewise linear; tied targets are made strictly increasing by a
+      1e-6 blend with a straight line. Spread ends near sd(train_gt) / sd(gt).
+    - ``isotonic``: pool-adjacent-violators fit of gt on pred, knots at (x-centre, mean gt) of each block.
+      It estimates E[gt | pred], so it undoes non-linear compression but, like least squares, keeps a
+      shrinkage of about the correlation r: spread rises toward r, not to 1.
+
+    Quantile and isotonic continue beyond their first and last knots linearly, with the chord slope
+    (last - first knot), so predictions outside the fitted range keep their order. All outputs are clipped
+    to ``score_range`` (lo, hi). Raises ValueError for an unknown method, constant predictions, a map that
+    would not be strictly increasing (constant gt / train_gt, a single isotonic block), or quantile without
+    ``train_gt``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; choose one of {METHODS}")
+    lo_hi = _check_range(score_range)
+    p, g = _as_pair(pred, gt)
+    if p.size < 2 or np.ptp(p) == 0:
+        raise ValueError(
+            f"predictions are constant ({p.size} sample(s), all {p[0]:g}): no increasing map can spread them"
+        )
+    if method == "affine":
+        params = _fit_affine(p, g)
+    elif method == "quantile":
+        if train_gt is None:
+            raise ValueError(
+                "method='quantile' needs train_gt (the training labels it maps predictions onto)"
+            )
+        params = _fit_quantile(p, _as_scores(train_gt, "train_gt"))
+    else:
+        params = _fit_isotonic(p, g)
+    return Calibration(method, params, lo_hi, p.size)
+
+
+def calibration_report(pred, gt, cal: Calibration, **evaluate_kwargs) -> dict[str, dict[str, float]]:
+    """``{"before": evaluate(pred, gt), "after": evaluate(cal.apply(pred), gt)}`` (see :func:`elta.metrics.evaluate`).
+
+    ``evaluate_kwargs`` go to both calls; ``score_range`` defaults to the calibration's.
+    """
+    evaluate_kwargs.setdefault("score_range", cal.score_range)
+    p, g = _as_pair(pred, gt)
+    return {
+        "before": evaluate(p, g, **evaluate_kwargs),
+        "after": evaluate(cal.apply(p), g, **evaluate_kwargs),
+    }
+
+
+def _change(key: str, before, after) -> str:
+    if key == "n":
+        return ""
+    before, after = float(before), float(after)
+    if math.isnan(before) or math.isnan(after):
+        return ""
+    if key == "srcc" and before == after:
+        return "same"
+    delta = after - before
+    return f"{0.0 if abs(delta) < 5e-5 else delta:+.4f}"  # no "-0.0000" for rounding noise
+
+
+def format_calibration_report(report: dict, title: str | None = None) -> str:
+    """``report`` (from :func:`calibration_report`) as an aligned plain-text table: metric, before, after, change.
+
+    Rows marked ``*`` are the ones calibration should move (tail MAE, bias, spread) or keep (SRCC reads
+    ``same`` when unchanged).
+    """
+    before, after = report["before"], report["after"]
+    header = ("metric", "before", "after", "change")
+    rows: list[tuple[str, str, str, str]] = []
+    tail: list[tuple[str, str, str, str]] = []
+    for block, table in ((rows, _OVERALL_ROWS), (tail, _TAIL_ROWS)):
+        for key, label in table:
+            if key in before and key in after:
+                mark = "* " if key in _HIGHLIGHT else "  "
+                block.append(
+                    (
+                        mark + label,
+                        _format_value(key, before[key]),
+                        _format_value(key, after[key]),
+                        _change(key, before[key], after[key]),
+                    )
+                )
+    widths = [max(len(r[i]) for r in [header, *rows, *tail]) for i in range(4)]
+
+    def line(cells: tuple[str, str, str, str]) -> str:
+        label, *values = cells
+        return "  ".join(
+            [f"{label:<{widths[0]}}", *(f"{v:>{w}}" for v, w in zip(values, widths[1:], strict=True))]
+        ).rstrip()
+
+    lines = [title] if title else []
+    lines += [line(header), "-" * (sum(widths) + 6)]
+    lines += [line(r) for r in rows]
+    if tail:
+        lines.append("long tail")
+        lines += [line(r) for r in tail]
+    lines.append("* moved by calibration (SRCC must stay the same)")
+    return "\n".join(lines)
