@@ -12,7 +12,7 @@ import yaml
 
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.ablate import parse_variant, run_ablation
+from elta.engine.ablate import apds_settings, parse_variant, run_ablation
 from elta.engine.checkpoint import load_checkpoint
 from elta.engine.train import train
 from elta.enhancers import StepState, build_enhancers, parse_enhancer
@@ -54,6 +54,14 @@ def test_registry_builds_in_order_and_rejects_typos():
         {"name": "flsa", "weight": 0.1},
     ]
     assert parse_variant("baseline") == []
+    assert parse_variant("tfa+apds:threshold=0.5,beta=1.2") == [{"name": "tfa"}]
+    assert apds_settings("tfa+apds:thresholds=0.3;0.4,min_selected=5") == {
+        "thresholds": [0.3, 0.4],
+        "min_selected": 5,
+    }
+    assert apds_settings("tfa+flsa") is None
+    with pytest.raises(ValueError, match="unknown apds setting"):
+        apds_settings("apds:gamma=1")
 
 
 def test_tfa_appends_mixed_rows_and_flsa_covers_them():

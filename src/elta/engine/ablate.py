@@ -1,8 +1,10 @@
 """``elta ablate``: train each variant with the same data, split and seeds, and compare them.
 
 A variant is ``baseline`` or enhancers joined by ``+``, each optionally with settings:
-``tfa``, ``flsa``, ``tfa+flsa``, ``tfa:tau1=0.3+flsa:weight=0.1``. The token ``apds`` (settings ``beta``,
-``threshold``, ``min_selected``) adds one round of APDS self-training on ``--unlabeled`` images. Every (variant, seed) run lives in
+``tfa``, ``flsa``, ``tfa+flsa``, ``tfa:tau1=0.3+flsa:weight=0.1``. The token ``apds`` adds one round of
+APDS self-training on ``--unlabeled`` images; its settings are ``beta`` and ``threshold`` (given together),
+``min_selected``, and the search grids ``betas`` / ``thresholds`` as ``;``-separated lists
+(``apds:thresholds=0.3;0.4;0.5``). Every (variant, seed) run lives in
 ``OUT/runs/<variant>/seed<k>`` and is resumed or reused when the command is run again.
 """
 
@@ -49,7 +51,7 @@ COLUMNS: list[tuple[str, object]] = [
 ]
 
 
-APDS_SETTINGS = ("beta", "threshold", "min_selected")
+APDS_SETTINGS = ("beta", "threshold", "min_selected", "betas", "thresholds")
 
 
 def _tokens(name: str) -> list[dict]:
@@ -73,6 +75,9 @@ def apds_settings(name: str) -> dict | None:
     unknown = set(settings) - set(APDS_SETTINGS)
     if unknown:
         raise ValueError(f"variant {name}: unknown apds setting(s) {sorted(unknown)}; known: {APDS_SETTINGS}")
+    for key in ("betas", "thresholds"):  # grids are written with ';' inside a variant: thresholds=0.3;0.4
+        if key in settings:
+            settings[key] = [float(v) for v in str(settings[key]).split(";")]
     return settings
 
 
