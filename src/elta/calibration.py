@@ -35,6 +35,7 @@ __all__ = [
     "Calibration",
     "calibration_report",
     "fit_calibration",
+    "calibrated_scores",
     "format_calibration_report",
 ]
 
@@ -327,3 +328,10 @@ def format_calibration_report(report: dict, title: str | None = None) -> str:
         lines += [line(r) for r in tail]
     lines.append("* moved by calibration (SRCC must stay the same)")
     return "\n".join(lines)
+
+
+def calibrated_scores(spec, scores: np.ndarray) -> np.ndarray:
+    """``scores`` through the calibration map stored in a model spec (unchanged when it has none)."""
+    if not getattr(spec, "calibration", None):
+        return scores
+    return Calibration.from_dict(spec.calibration).apply(scores)

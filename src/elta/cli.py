@@ -250,6 +250,7 @@ def _data_config_for(args: argparse.Namespace, payload: dict) -> RunConfig:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from elta.calibration import format_calibration_report
     from elta.engine.evaluate import evaluate_checkpoint
     from elta.metrics import format_metrics
     from elta.models.original import load_any_checkpoint
@@ -265,17 +266,58 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         device=args.device or "auto",
         workers=args.workers,
         progress=_progress(),
+        calibrated=not args.no_calibration,
     )
-    print(format_metrics(metrics, title=f"{Path(payload['path']).name} on split '{args.split}'"))
+    title = f"{Path(payload['path']).name} on split '{args.split}'"
+    if "before_calibration" in metrics:
+        report = {"before": metrics["before_calibration"], "after": metrics}
+        print(
+            format_calibration_report(
+                report, title=f"{title}: without and with its {metrics['calibration']} map"
+            )
+        )
+    else:
+        print(format_metrics(metrics, title=title))
     out = Path(args.out)
     print(f"\nwrote {out / 'metrics.json'}, {out / 'predictions.csv'}, {out / 'report.png'}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from elta.calibration import format_calibration_report
+    from elta.engine.calibrate import calibrate_checkpoint
+    from elta.models.original import load_any_checkpoint
+
+    cfg = _data_config_for(args, load_any_checkpoint(args.checkpoint))
+    result = calibrate_checkpoint(
+        args.checkpoint,
+        cfg,
+        method=args.method,
+        split=args.split,
+        out=args.out,
+        batch_size=args.batch_size,
+        device=args.device or "auto",
+        workers=args.workers,
+        progress=_progress(),
+    )
+    title = f"{args.method} calibration fitted on split '{args.split}' (same rows: SRCC cannot change)"
+    print(format_calibration_report(result["report"], title=title))
+    print(
+        f"\nstored in {result['checkpoint']}: predict and evaluate apply it (--no-calibration to switch off)"
+    )
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from elta.engine.predict import Scorer, write_scores
 
-    scorer = Scorer(args.checkpoint, device=args.device, batch_size=args.batch_size, workers=args.workers)
+    scorer = Scorer(
+        args.checkpoint,
+        device=args.device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        calibrated=not args.no_calibration,
+    )
     frame = scorer.score(args.paths, progress=_progress())
     failed = int((frame["error"] != "").sum())
     if args.out:
@@ -377,14 +419,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--split", default="test", help="train | val | test | all (default test)")
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv, report.png")
+    p.add_argument("--no-calibration", action="store_true", help="ignore a calibration map in the checkpoint")
     p.add_argument("--batch-size", type=int, default=32)
     _add_options(p, DATA_KEYS + ("--workers", "--device", "--strict", "--score-range"))
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit a monotone map against regression to the mean; store it")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument(
+        "--method",
+        default="affine",
+        choices=("affine", "quantile", "isotonic"),
+        help="affine stretch (default), quantile mapping onto the training labels, or isotonic",
+    )
+    p.add_argument(
+        "--split", default="val", help="split whose predictions the map is fitted on (default val)"
+    )
+    p.add_argument(
+        "--out", help="write the calibrated checkpoint here (default: update the checkpoint in place)"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    _add_options(p, DATA_KEYS + ("--workers", "--device", "--strict", "--score-range"))
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="score photos with a checkpoint")
     p.add_argument("paths", nargs="+", help="image files, folders (recursive) or .txt lists of paths")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--out", help="scores.csv or scores.json (default: CSV on standard output)")
+    p.add_argument("--no-calibration", action="store_true", help="ignore a calibration map in the checkpoint")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)

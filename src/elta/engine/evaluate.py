@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from elta.calibration import calibrated_scores
 from elta.config import RunConfig
 from elta.data.dataset import AnnotationDataset, dist_columns
 from elta.data.transforms import ImageTransform
@@ -65,14 +67,23 @@ def score_metrics(frame: pd.DataFrame, preds: Predictions, spec: ModelSpec) -> d
 
 
 def write_evaluation(
-    out: Path, frame: pd.DataFrame, preds: Predictions, spec: ModelSpec, metrics: dict, title: str
+    out: Path,
+    frame: pd.DataFrame,
+    preds: Predictions,
+    spec: ModelSpec,
+    metrics: dict,
+    title: str,
+    uncalibrated: np.ndarray | None = None,
 ) -> None:
-    """metrics.json, predictions.csv (image_id, gt, pred, pred_std, p1..pK, group, error) and report.png."""
+    """metrics.json, predictions.csv (image_id, gt, pred, pred_std[, pred_uncalibrated], p1..pK, group, error)
+    and report.png."""
     gt = frame["mos"].to_numpy(dtype=np.float64)
     groups = frame["group"].astype(str).to_numpy()
     table = pd.DataFrame(
         {"image_id": frame["image_id"], "gt": gt, "pred": preds.score, "pred_std": preds.std}
     )
+    if uncalibrated is not None:  # pred went through the checkpoint's calibration map
+        table["pred_uncalibrated"] = uncalibrated
     if preds.dist is not None:
         for k in range(preds.dist.shape[1]):
             table[f"p{k + 1}"] = preds.dist[:, k]
@@ -102,10 +113,13 @@ def evaluate_checkpoint(
     device: str = "auto",
     workers: int | None = None,
     progress: bool = False,
+    calibrated: bool = True,
 ) -> dict:
     """Score ``split`` of the dataset in ``cfg.data`` and write the evaluation files into ``out``.
 
     Returns the metrics dict (plus ``skipped``: images that could not be read, listed in predictions.csv).
+    With a calibration map in the checkpoint (and ``calibrated``), the metrics are those of the calibrated
+    scores and ``before_calibration`` holds the model's own.
     """
     payload = load_any_checkpoint(checkpoint)
     dev = resolve_device(device)
@@ -125,12 +139,33 @@ def evaluate_checkpoint(
     preds = run_inference(
         model, dataset, batch_size=batch_size, device=dev, workers=workers, progress=progress
     )
+    raw = None
+    if spec.calibration and calibrated:
+        raw = preds.score
+        before = score_metrics(frame, preds, spec)
+        preds = dataclasses.replace(preds, score=calibrated_scores(spec, preds.score))
     metrics = score_metrics(frame, preds, spec)
+    if raw is not None:
+        metrics["calibration"] = spec.calibration["method"]
+        metrics["before_calibration"] = before
     metrics["split"] = split
     metrics["checkpoint"] = str(payload["path"])
-    write_evaluation(Path(out), frame, preds, spec, metrics, title=f"{Path(payload['path']).name} on {split}")
+    write_evaluation(
+        Path(out),
+        frame,
+        preds,
+        spec,
+        metrics,
+        title=f"{Path(payload['path']).name} on {split}",
+        uncalibrated=raw,
+    )
     return metrics
 
 
 def _json_safe(metrics: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in metrics.items()}
+    def clean(v):
+        if isinstance(v, dict):
+            return _json_safe(v)
+        return None if isinstance(v, float) and not np.isfinite(v) else v
+
+    return {k: clean(v) for k, v in metrics.items()}

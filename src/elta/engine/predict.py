@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from elta.calibration import calibrated_scores
 from elta.data.dataset import ImageListDataset
 from elta.data.images import list_images
 from elta.data.transforms import ImageTransform
@@ -34,6 +35,7 @@ class Scorer:
         device: str = "auto",
         batch_size: int = 32,
         workers: int | None = None,
+        calibrated: bool = True,
     ) -> None:
         payload = checkpoint if isinstance(checkpoint, dict) else load_any_checkpoint(checkpoint)
         self.device = resolve_device(device)
@@ -42,6 +44,7 @@ class Scorer:
         self.transform = ImageTransform.from_spec(self.spec, train=False)
         self.batch_size = batch_size
         self.workers = workers
+        self.calibrated = calibrated and bool(self.spec.calibration)
 
     def score(self, images: str | Path | Sequence | torch.Tensor, progress: bool = False) -> pd.DataFrame:
         """Score paths (files, folders, list files), PIL images, or a tensor batch [B, 3, H, W].
@@ -72,10 +75,13 @@ class Scorer:
             workers=self.workers if self.workers is not None else (0 if len(items) < 64 else None),
             progress=progress,
         )
-        frame = pd.DataFrame({"path": names, "score": preds.score, "std": preds.std})
+        score = calibrated_scores(self.spec, preds.score) if self.calibrated else preds.score
+        frame = pd.DataFrame({"path": names, "score": score, "std": preds.std})
         if preds.dist is not None:
             for k in range(preds.dist.shape[1]):
                 frame[f"p{k + 1}"] = preds.dist[:, k]
+        if self.calibrated:  # the distribution is the model's own; the score went through the map
+            frame["score_uncalibrated"] = preds.score
         frame["error"] = preds.errors
         return frame
 

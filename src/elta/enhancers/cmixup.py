@@ -57,7 +57,9 @@ def cmixup_partner_probs(scores: torch.Tensor, bandwidth: float, anchors: torch.
     return torch.softmax(logits.masked_fill(is_anchor, float("-inf")), dim=1)
 
 
-def mix_rows(x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+def mix_rows(
+    x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor
+) -> torch.Tensor:
     """Rows ``λ x_a + (1 − λ) x_p`` of ``x`` [B, ...] for [m] anchors and partners; keeps a float dtype."""
     w = lam.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
     mixed = w * x[anchors] + (1 - w) * x[partners]
@@ -122,7 +124,9 @@ class CMixup(Enhancer):
             if self.alpha <= 0:
                 raise ValueError(f"cmixup: alpha must be > 0; got {self.alpha}")
             if self.bandwidth <= 0:
-                raise ValueError(f"cmixup: bandwidth must be > 0 (a fraction of the score range); got {self.bandwidth}")
+                raise ValueError(
+                    f"cmixup: bandwidth must be > 0 (a fraction of the score range); got {self.bandwidth}"
+                )
             if self.pairs < 0:
                 raise ValueError(f"cmixup: pairs must be ≥ 0 (0 = the whole batch); got {self.pairs}")
 
@@ -136,7 +140,9 @@ class CMixup(Enhancer):
             return state
         lo, hi = state.score_range
         c = self.cfg
-        mixed = cmixup_mix(state.features, state.targets, state.scores, c.bandwidth * (hi - lo), c.alpha, c.pairs)
+        mixed = cmixup_mix(
+            state.features, state.targets, state.scores, c.bandwidth * (hi - lo), c.alpha, c.pairs
+        )
         weights = mix_rows(state.weights, mixed.anchors, mixed.partners, mixed.lam)
         if c.replace:
             state.features, state.targets, state.scores = mixed.features, mixed.targets, mixed.scores

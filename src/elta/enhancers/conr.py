@@ -123,8 +123,6 @@ class ConR(Enhancer):
         lo, hi = state.score_range
         span = hi - lo
         c = self.cfg
-        loss = conr_loss(
-            state.features, state.scores, out.score, c.w * span, c.t, c.e / span, state.weights
-        )
+        loss = conr_loss(state.features, state.scores, out.score, c.w * span, c.t, c.e / span, state.weights)
         state.losses["conr"] = c.beta * loss
         return state

@@ -52,7 +52,9 @@ def smooth_bins(
     keep their values.
     """
     if kernel.ndim != 1 or kernel.numel() % 2 == 0:
-        raise ValueError(f"smooth_bins: kernel must be 1-D with an odd length; got shape {tuple(kernel.shape)}")
+        raise ValueError(
+            f"smooth_bins: kernel must be 1-D with an odd length; got shape {tuple(kernel.shape)}"
+        )
     mask = torch.ones(values.shape[0], dtype=values.dtype, device=values.device)
     if valid is not None:
         mask = valid.to(values.dtype)
@@ -127,9 +129,18 @@ class FDS(Enhancer):
         bins, dim = len(edges) - 1, context.feature_dim
         self.register_buffer("edges", edges, persistent=False)
         self.register_buffer(
-            "kernel", torch.as_tensor(lds_kernel(c.kernel, c.ks, c.sigma), dtype=torch.float32), persistent=False
+            "kernel",
+            torch.as_tensor(lds_kernel(c.kernel, c.ks, c.sigma), dtype=torch.float32),
+            persistent=False,
         )
-        for name in ("running_mean", "running_var", "smoothed_mean", "smoothed_var", "epoch_mean", "epoch_m2"):
+        for name in (
+            "running_mean",
+            "running_var",
+            "smoothed_mean",
+            "smoothed_var",
+            "epoch_mean",
+            "epoch_m2",
+        ):
             self.register_buffer(name, torch.zeros(bins, dim))  # [bins, D]
         self.register_buffer("tracked", torch.zeros(bins))  # samples that entered each bin's statistics
         self.register_buffer("epoch_count", torch.zeros(bins))  # this epoch's samples so far
@@ -181,9 +192,13 @@ class FDS(Enhancer):
         seen = count > 0
         # unbiased variance, 0 for a bin with a single sample (as the paper's code)
         var = torch.where(count[:, None] > 1, self.epoch_m2 / (count - 1).clamp_min(1)[:, None], 0.0)
-        keep = torch.where(self.tracked > 0, self.cfg.momentum, 0.0)[:, None]  # a bin's first stats as they are
+        keep = torch.where(self.tracked > 0, self.cfg.momentum, 0.0)[
+            :, None
+        ]  # a bin's first stats as they are
         self.running_mean.copy_(
-            torch.where(seen[:, None], (1 - keep) * self.epoch_mean + keep * self.running_mean, self.running_mean)
+            torch.where(
+                seen[:, None], (1 - keep) * self.epoch_mean + keep * self.running_mean, self.running_mean
+            )
         )
         self.running_var.copy_(
             torch.where(seen[:, None], (1 - keep) * var + keep * self.running_var, self.running_var)

@@ -58,7 +58,9 @@ def tail_sample_weights(
     """Sampling weights [N] (float64): 1 + a·[label tail only] + b·[group tail only] + c·[both]."""
     labels = label_tail(scores)
     if len(groups) != len(labels):
-        raise ValueError(f"tail-sampler: {len(labels)} scores but {len(groups)} groups; give one group per row")
+        raise ValueError(
+            f"tail-sampler: {len(labels)} scores but {len(groups)} groups; give one group per row"
+        )
     minority = group_tail(groups, ratio)
     weights = 1.0 + a * (labels & ~minority) + b * (minority & ~labels) + c * (labels & minority)
     return torch.as_tensor(weights, dtype=torch.float64)

@@ -52,6 +52,7 @@ class ModelSpec:
     acc_threshold: float | None = None
     dataset_format: str = ""
     group_counts: dict[str, int] = field(default_factory=dict)  # training images per group (tail metrics)
+    calibration: dict | None = None  # post-hoc map of the score (elta.calibration), set by `elta calibrate`
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
