@@ -126,7 +126,7 @@ def test_training_with_tfa_and_flsa_logs_each_loss_term(demo_data, tmp_path):
 
 def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
     teacher = tmp_path / "stage1"
-    train(tiny(demo_data), teacher)
+    train(tiny(demo_data).override("model", backbone="test_resnet"), teacher)  # not the config's backbone
     cfg = tiny(
         demo_data, init_from=str(teacher / "best.pt"), freeze_backbone=True, reset_head=True, neck_dim=16
     )
@@ -147,7 +147,10 @@ def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
     # The cached features are those of the eval transform: the same as a forward of the backbone.
     stored = torch.load(cache, weights_only=True)
     train_entry = next(e for e in stored.values() if e["split"] == "train")
-    assert train_entry["features"].shape[1] == 64
+    assert train_entry["features"].shape[1] == 96  # test_resnet's width: the starting checkpoint's backbone
+    # Resuming the finished run rebuilds the same architecture and reuses the cache.
+    train(cfg, tmp_path / "rrt", resume=True)
+    assert (tmp_path / "rrt" / "train.log").read_text().count("computing backbone features") == 2
 
     with pytest.raises(ValueError, match="cache_features needs model.freeze_backbone"):
         cfg.override("model", freeze_backbone=False)

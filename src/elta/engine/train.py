@@ -258,19 +258,24 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
         handler.close()
 
 
-def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resume: bool) -> AestheticModel:
-    """The model before training: fresh (with cfg.model.weights) or from --init-from."""
+def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resumed: dict | None) -> AestheticModel:
+    """The model before training: fresh (with cfg.model.weights), from --init-from, or the run's own last.pt.
+
+    When starting from a checkpoint (``resumed`` or --init-from), its architecture and input pipeline
+    (backbone, input size, resize, normalisation, interpolation) are kept.
+    """
     groups = data.train["group"].astype(str)
     group_counts = {g: int(c) for g, c in groups[groups != ""].value_counts().items()}
     m = cfg.model
     if m.reset_head and not m.init_from:
         raise ValueError("--reset-head needs --init-from (a fresh model's head is new anyway)")
-    source = None if resume or not m.init_from else load_any_checkpoint(m.init_from)
+    source = None if resumed is not None or not m.init_from else load_any_checkpoint(m.init_from)
+    start = resumed if resumed is not None else source
     backbone, image_size, resize = m.backbone, m.image_size, m.resize
-    if source is not None:  # the architecture and input geometry come from the starting checkpoint
-        s = source["spec"]
+    if start is not None:
+        s = start["spec"]
         backbone, image_size, resize = s["backbone"], s["image_size"], s["resize"]
-        if backbone != m.backbone:
+        if source is not None and backbone != m.backbone:
             log.info("--init-from %s: using its backbone %s", m.init_from, backbone)
     torch.manual_seed(derive_seed(cfg.train.seed, -1))  # the initial weights of new layers
     model = build_model(
@@ -278,7 +283,7 @@ def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resume: bool) 
         head,
         data.attrs["centers"],
         data.attrs["score_range"],
-        weights="none" if resume or source is not None else m.weights,
+        weights="none" if start is not None else m.weights,
         image_size=image_size,
         resize=resize,
         neck_dim=m.neck_dim,
@@ -287,6 +292,9 @@ def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resume: bool) 
         dataset_format=data.attrs.get("format", ""),
         group_counts=group_counts,
     )
+    if start is not None:
+        for key in ("mean", "std", "interpolation"):
+            setattr(model.spec, key, start["spec"][key])
     if source is not None:
         _load_initial_weights(model, source, m.init_from, m.reset_head)
     if m.freeze_backbone:
@@ -335,7 +343,7 @@ class _Trainer:
         loss_name = resolve_loss(t.loss, data.attrs["has_distribution"])
         head = "distribution" if loss_name == "emd" else "scalar"
         state = load_checkpoint(self.last_path) if resume else None
-        model = _initial_model(cfg, data, head, resume).to(device)
+        model = _initial_model(cfg, data, head, state).to(device)
         enhancers = build_enhancers(cfg.enhancers)
         context = TrainingContext(
             scores=torch.tensor(data.train["mos"].to_numpy(dtype=np.float32)),

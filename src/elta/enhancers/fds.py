@@ -192,9 +192,8 @@ class FDS(Enhancer):
         seen = count > 0
         # unbiased variance, 0 for a bin with a single sample (as the paper's code)
         var = torch.where(count[:, None] > 1, self.epoch_m2 / (count - 1).clamp_min(1)[:, None], 0.0)
-        keep = torch.where(self.tracked > 0, self.cfg.momentum, 0.0)[
-            :, None
-        ]  # a bin's first stats as they are
+        # weight of the old statistics: momentum, or 0 for a bin's first statistics (taken as they are)
+        keep = self.cfg.momentum * (self.tracked > 0).to(self.running_mean.dtype)[:, None]
         self.running_mean.copy_(
             torch.where(
                 seen[:, None], (1 - keep) * self.epoch_mean + keep * self.running_mean, self.running_mean
