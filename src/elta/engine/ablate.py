@@ -4,7 +4,9 @@ A variant is ``baseline`` or enhancers joined by ``+``, each optionally with set
 ``tfa``, ``flsa``, ``tfa+flsa``, ``tfa:tau1=0.3+flsa:weight=0.1``. The token ``apds`` adds one round of
 APDS self-training on ``--unlabeled`` images; its settings are ``beta`` and ``threshold`` (given together),
 ``min_selected``, and the search grids ``betas`` / ``thresholds`` as ``;``-separated lists
-(``apds:thresholds=0.3;0.4;0.5``). Every (variant, seed) run lives in
+(``apds:thresholds=0.3;0.4;0.5``). The token ``calibration[:method=affine|quantile|isotonic]`` evaluates
+the variant it is joined to (``baseline+calibration``) through a post-hoc map fitted on the validation
+predictions; it reuses that variant's runs. Every (variant, seed) run lives in
 ``OUT/runs/<variant>/seed<k>`` and is resumed or reused when the command is run again.
 """
 
@@ -19,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from elta.calibration import METHODS as CALIBRATION_METHODS
+from elta.calibration import fit_calibration
 from elta.config import RunConfig
 from elta.data.dataset import AnnotationDataset
 from elta.data.transforms import ImageTransform
@@ -58,12 +62,30 @@ def _tokens(name: str) -> list[dict]:
     return [parse_enhancer(token) for token in name.strip().split("+")]
 
 
+NOT_ENHANCERS = ("apds", "calibration", "baseline")
+
+
 def parse_variant(name: str) -> list[dict]:
-    """``"tfa:tau1=0.3+flsa"`` -> enhancer specs; ``"baseline"`` -> []; an ``apds`` token is not an enhancer
-    (see :func:`apds_settings`) and is left out."""
-    if name.strip() == "baseline":
-        return []
-    return [t for t in _tokens(name) if t["name"] != "apds"]
+    """``"tfa:tau1=0.3+flsa"`` -> enhancer specs; ``"baseline"`` -> []; the ``apds`` and ``calibration``
+    tokens are not enhancers (see :func:`apds_settings`, :func:`calibration_settings`) and are left out."""
+    return [t for t in _tokens(name) if t["name"] not in NOT_ENHANCERS]
+
+
+def calibration_settings(name: str) -> dict | None:
+    """``{"method": …}`` of the variant's ``calibration[:method=affine|quantile|isotonic]`` token, or None."""
+    found = [t for t in _tokens(name) if t["name"] == "calibration"]
+    if not found:
+        return None
+    settings = {"method": "affine", **{k: v for k, v in found[0].items() if k != "name"}}
+    if set(settings) != {"method"} or settings["method"] not in CALIBRATION_METHODS:
+        raise ValueError(f"variant {name}: calibration takes method={'|'.join(CALIBRATION_METHODS)}")
+    return settings
+
+
+def training_variant(name: str) -> str:
+    """The part of a variant that decides training: a calibration token only changes the evaluation."""
+    kept = [token for token in name.strip().split("+") if token.split(":")[0].strip() != "calibration"]
+    return "+".join(kept) or "baseline"
 
 
 def apds_settings(name: str) -> dict | None:
@@ -93,43 +115,82 @@ def _eval_split(cfg: RunConfig) -> str:
     return "val"
 
 
-def _evaluate_run(cfg: RunConfig, run_dir: Path, split: str, cache_path: Path | None, progress: bool) -> dict:
-    out = run_dir / "eval"
-    if (out / "metrics.json").is_file():
-        return json.loads((out / "metrics.json").read_text())
-    payload = load_checkpoint(run_dir / "best.pt")
-    device = resolve_device(cfg.train.device)
-    model = model_from_checkpoint(payload, device)
-    frame = select_split(read_dataset(cfg), split)
-    if cache_path is not None:  # frozen backbone: the evaluation split's features are cached as well
-        weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
-        cache = load_or_compute_features(
-            cache_path,
-            model,
-            {split: frame},
-            weights_id,
-            batch_size=cfg.train.batch_size,
-            device=device,
-            workers=0,
-            progress=progress,
-        )[split]
-        dataset = AnnotationDataset(frame, None, features=cache.features, failed=cache.failed)
-        preds = run_inference(
-            model,
-            dataset,
-            batch_size=256,
-            device=device,
-            workers=0,
-            forward=lambda f: model.forward_head(model.neck(f)),
-        )
-    else:
+def _predict_split(model, cfg: RunConfig, frame, split: str, cache_path: Path | None, progress: bool):
+    device = next(model.parameters()).device
+    if cache_path is None:
         dataset = AnnotationDataset(frame, ImageTransform.from_spec(model.spec, train=False))
-        preds = run_inference(
+        return run_inference(
             model, dataset, batch_size=cfg.train.batch_size, device=device, progress=progress
         )
+    # frozen backbone: the evaluation splits' features are cached as well
+    weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
+    cache = load_or_compute_features(
+        cache_path,
+        model,
+        {split: frame},
+        weights_id,
+        batch_size=cfg.train.batch_size,
+        device=device,
+        workers=0,
+        progress=progress,
+    )[split]
+    dataset = AnnotationDataset(frame, None, features=cache.features, failed=cache.failed)
+    return run_inference(
+        model,
+        dataset,
+        batch_size=256,
+        device=device,
+        workers=0,
+        forward=lambda f: model.forward_head(model.neck(f)),
+    )
+
+
+def _evaluate_run(
+    cfg: RunConfig,
+    run_dir: Path,
+    split: str,
+    cache_path: Path | None,
+    progress: bool,
+    calibration: dict | None,
+) -> dict:
+    """Test metrics of ``run_dir/best.pt``; with ``calibration`` a map fitted on the val split is applied."""
+    out = run_dir / ("eval" if calibration is None else f"eval_calibration_{calibration['method']}")
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"), resolve_device(cfg.train.device))
+    df = read_dataset(cfg)
+    frame = select_split(df, split)
+    preds = _predict_split(model, cfg, frame, split, cache_path, progress)
+    raw = None
+    if calibration is not None:
+        val = select_split(df, "val") if (df["split"] == "val").any() else None
+        if val is None:
+            raise ValueError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
+        val_preds = _predict_split(model, cfg, val, "val", cache_path, progress)
+        ok = val_preds.ok
+        train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
+        cal = fit_calibration(
+            val_preds.score[ok],
+            val["mos"].to_numpy(dtype=np.float64)[ok],
+            calibration["method"],
+            score_range=tuple(model.spec.score_range),
+            train_gt=train_gt,
+        )
+        raw = preds.score
+        preds = dataclasses.replace(preds, score=cal.apply(preds.score))
     metrics = score_metrics(frame, preds, model.spec)
     metrics.update(split=split, checkpoint=str(run_dir / "best.pt"))
-    write_evaluation(out, frame, preds, model.spec, metrics, title=f"{run_dir.parent.name} / {run_dir.name}")
+    if calibration is not None:
+        metrics["calibration"] = calibration["method"]
+    write_evaluation(
+        out,
+        frame,
+        preds,
+        model.spec,
+        metrics,
+        title=f"{run_dir.parent.name} / {run_dir.name}",
+        uncalibrated=raw,
+    )
     return metrics
 
 
@@ -158,7 +219,7 @@ def run_ablation(
     rows = []
     for seed in range(base.train.seed, base.train.seed + seeds):
         for variant, enhancers in specs.items():
-            run_dir = out / "runs" / _folder_name(variant) / f"seed{seed}"
+            run_dir = out / "runs" / _folder_name(training_variant(variant)) / f"seed{seed}"
             train_cfg = dataclasses.replace(
                 base.train,
                 seed=seed,
@@ -172,7 +233,7 @@ def run_ablation(
                 run_dir = Path(result["stages"][-1]["run_dir"])
             else:
                 train(cfg, run_dir, resume=True, progress=progress)
-            metrics = _evaluate_run(cfg, run_dir, split, cache_path, progress)
+            metrics = _evaluate_run(cfg, run_dir, split, cache_path, progress, calibration_settings(variant))
             rows.append(
                 {
                     "variant": variant,

@@ -1,0 +1,140 @@
+"""elta calibrate: the map is fitted on validation predictions, stored, and applied by evaluate and predict."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from elta.cli import main
+from elta.engine.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def run(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "run"
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(demo_data / "AVA.txt"),
+                "--out",
+                str(out),
+                "--backbone",
+                "test_resnet",
+                "--weights",
+                "none",
+                "--image-size",
+                "48",
+                "--resize",
+                "56",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--lr",
+                "1e-3",
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+@pytest.mark.parametrize("method", ["affine", "quantile", "isotonic"])
+def test_calibrate_stores_the_map_and_evaluate_reports_before_and_after(
+    run, demo_data, tmp_path, method, capsys
+):
+    calibrated = tmp_path / f"{method}.pt"
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(run / "best.pt"),
+                "--method",
+                method,
+                "--out",
+                str(calibrated),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "before" in printed and "after" in printed and "same" in printed  # SRCC unchanged on the fit rows
+    spec = load_checkpoint(calibrated)["spec"]
+    assert spec["calibration"]["method"] == method
+    assert load_checkpoint(run / "best.pt")["spec"].get("calibration") is None  # --out left it alone
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(calibrated), "--split", "test", "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calibration"] == method
+    assert metrics["srcc"] == pytest.approx(metrics["before_calibration"]["srcc"], abs=1e-12)
+    preds = pd.read_csv(out / "predictions.csv")
+    assert "pred_uncalibrated" in preds.columns
+    assert not (preds["pred"] == preds["pred_uncalibrated"]).all()
+
+    plain = tmp_path / "plain"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(calibrated),
+                "--split",
+                "test",
+                "--out",
+                str(plain),
+                "--no-calibration",
+            ]
+        )
+        == 0
+    )
+    raw = json.loads((plain / "metrics.json").read_text())
+    assert "calibration" not in raw and raw["mae"] == pytest.approx(metrics["before_calibration"]["mae"])
+
+
+def test_predict_applies_the_map_to_the_score_only(run, demo_data, tmp_path):
+    calibrated = tmp_path / "affine.pt"
+    assert main(["calibrate", "--checkpoint", str(run), "--out", str(calibrated), "--device", "cpu"]) == 0
+    image = str(demo_data / "images" / "1.jpg")
+    assert main(["predict", "--checkpoint", str(calibrated), image, "--out", str(tmp_path / "a.csv")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(calibrated),
+                image,
+                "--out",
+                str(tmp_path / "b.csv"),
+                "--no-calibration",
+            ]
+        )
+        == 0
+    )
+    with_map, without = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
+    assert with_map["score_uncalibrated"].iloc[0] == pytest.approx(without["score"].iloc[0], abs=1e-6)
+    assert with_map["score"].iloc[0] != pytest.approx(without["score"].iloc[0], abs=1e-6)
+    p_cols = [f"p{k}" for k in range(1, 11)]
+    pd.testing.assert_frame_equal(with_map[p_cols], without[p_cols])
+
+
+def test_calibrate_in_place_and_refusing_bad_methods(run, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "best.pt"
+    shutil.copy(run / "best.pt", copy)
+    assert main(["calibrate", "--checkpoint", str(copy), "--device", "cpu"]) == 0
+    assert load_checkpoint(copy)["spec"]["calibration"]["method"] == "affine"
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--checkpoint", str(copy), "--method", "spline"])
