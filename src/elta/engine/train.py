@@ -139,14 +139,18 @@ def epoch_batches(
 
 
 def make_optimizer(model: AestheticModel, cfg: RunConfig, enhancers=None) -> torch.optim.Optimizer:
-    """Adam or AdamW over the trainable parameters of the model and of the enhancers (e.g. BMC's σ)."""
+    """Adam or AdamW over the model's trainable parameters, plus the enhancers' own parameter groups
+    (e.g. BMC's σ, with its own learning rate and no weight decay)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if enhancers is not None:
-        params += [p for p in enhancers.parameters() if p.requires_grad]
     t = cfg.train
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+    for enhancer in enhancers or []:
+        for group in enhancer.param_groups():
+            optimizer.add_param_group(group)
+    return optimizer
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int):

@@ -1,6 +1,7 @@
 """Training plug-ins that act between the feature extractor and the head, registered by name."""
 
-from elta.enhancers import elta as _elta  # noqa: F401  (registers tfa, flsa)
+# Importing the modules registers their enhancers by name.
+from elta.enhancers import bmc, cmixup, conr, elta, fds, lds, ranksim, sampler  # noqa: F401
 from elta.enhancers.base import (
     ENHANCERS,
     Enhancer,

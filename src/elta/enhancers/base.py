@@ -86,6 +86,10 @@ class Enhancer(nn.Module):
     def on_epoch_end(self, epoch: int) -> None:
         """Called after each epoch's last training step (before validation)."""
 
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups of the enhancer's own learnable parameters (none by default)."""
+        return []
+
     def sample_weights(self, context: TrainingContext) -> torch.Tensor | None:
         """Per-row sampling weights [N] for a weighted sampler, or None for plain shuffling."""
         return None

@@ -64,7 +64,8 @@ def conr_loss(
 
     features: [N, D]; scores, preds: [N] labels and predictions on one scale (preds get no gradient); window:
     w in that scale; push: e per unit of that scale; weights: [N] ω or None (all 1). Differentiable w.r.t.
-    features; returns a float32 scalar (float64 if features are), 0 when no anchor has a negative.
+    features; returns a float32 scalar (float64 if features are), 0 when no anchor has both a positive and
+    a negative.
     """
     n = features.shape[0]
     if scores.shape != (n,) or preds.shape != (n,):
