@@ -190,3 +190,28 @@ def test_ablation_apds_variant_self_trains_on_unlabelled_images(demo_data, tmp_p
     assert (stage / "round1" / "student" / "eval" / "metrics.json").is_file()
     pseudo = json.loads((stage / "round1" / "pseudo.json").read_text())
     assert (pseudo["beta"], pseudo["threshold"]) == (1.25, 0.2)
+
+
+def test_variant_tokens_for_calibration_and_scalar_heads():
+    from elta.engine.ablate import calibration_settings, training_variant, variant_loss
+
+    assert variant_loss("bmc", "auto") == "mse" and variant_loss("scalar+lds", "emd") == "mse"
+    assert variant_loss("tfa+flsa", "auto") == "auto" and variant_loss("bmc", "l1") == "l1"
+    assert training_variant("baseline+calibration:method=quantile") == "baseline"
+    assert training_variant("tfa+calibration") == "tfa"
+    assert calibration_settings("tfa+calibration") == {"method": "affine"}
+    assert calibration_settings("calibration:method=isotonic") == {"method": "isotonic"}
+    with pytest.raises(ValueError, match="calibration takes method"):
+        calibration_settings("calibration:method=spline")
+
+
+def test_ablation_calibration_variant_reuses_the_runs_and_keeps_srcc(demo_data, tmp_path):
+    base = tiny(demo_data, freeze_backbone=True).override("train", cache_features=True, epochs=2, lr=3e-3)
+    table = run_ablation(base, ["baseline", "baseline+calibration"], seeds=1, out=tmp_path / "abl")
+    assert not (tmp_path / "abl" / "runs" / "baseline+calibration").exists()  # same training run
+    plain, calibrated = table.iloc[0], table.iloc[1]
+    assert calibrated["srcc"] == pytest.approx(plain["srcc"], abs=1e-12)  # a monotone map keeps the ranking
+    assert calibrated["spread"] != pytest.approx(plain["spread"])
+    assert (
+        tmp_path / "abl" / "runs" / "baseline" / "seed0" / "eval_calibration_affine" / "metrics.json"
+    ).is_file()

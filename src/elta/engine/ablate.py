@@ -6,7 +6,8 @@ APDS self-training on ``--unlabeled`` images; its settings are ``beta`` and ``th
 ``min_selected``, and the search grids ``betas`` / ``thresholds`` as ``;``-separated lists
 (``apds:thresholds=0.3;0.4;0.5``). The token ``calibration[:method=affine|quantile|isotonic]`` evaluates
 the variant it is joined to (``baseline+calibration``) through a post-hoc map fitted on the validation
-predictions; it reuses that variant's runs. Every (variant, seed) run lives in
+predictions; it reuses that variant's runs. The token ``scalar`` trains with the scalar head (MSE on the
+MOS) instead of the distribution head; ``bmc`` implies it, since Balanced MSE needs a scalar head. Every (variant, seed) run lives in
 ``OUT/runs/<variant>/seed<k>`` and is resumed or reused when the command is run again.
 """
 
@@ -62,7 +63,7 @@ def _tokens(name: str) -> list[dict]:
     return [parse_enhancer(token) for token in name.strip().split("+")]
 
 
-NOT_ENHANCERS = ("apds", "calibration", "baseline")
+NOT_ENHANCERS = ("apds", "calibration", "baseline", "scalar")
 
 
 def parse_variant(name: str) -> list[dict]:
@@ -80,6 +81,12 @@ def calibration_settings(name: str) -> dict | None:
     if set(settings) != {"method"} or settings["method"] not in CALIBRATION_METHODS:
         raise ValueError(f"variant {name}: calibration takes method={'|'.join(CALIBRATION_METHODS)}")
     return settings
+
+
+def variant_loss(name: str, base_loss: str) -> str:
+    """The training loss of a variant: ``scalar`` (and ``bmc``, which needs a scalar head) train with MSE."""
+    names = {t["name"] for t in _tokens(name)}
+    return "mse" if names & {"scalar", "bmc"} and base_loss not in ("mse", "l1") else base_loss
 
 
 def training_variant(name: str) -> str:
@@ -225,6 +232,7 @@ def run_ablation(
                 seed=seed,
                 feature_cache=str(cache_path) if cache_path else base.train.feature_cache,
             )
+            train_cfg = dataclasses.replace(train_cfg, loss=variant_loss(variant, base.train.loss))
             cfg = dataclasses.replace(base, enhancers=enhancers, train=train_cfg)
             log.info("ablation: %s, seed %d -> %s", variant, seed, run_dir)
             apds = apds_settings(variant)
