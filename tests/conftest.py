@@ -17,3 +17,12 @@ def demo_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_data")
     make_demo_dataset(root, n=90, seed=3, image_size=64)
     return root
+
+
+def tiny_train_args(data_root, out, *, backbone="test_convnext", epochs=1) -> list[str]:
+    """`elta train` arguments for a small CPU run on a demo dataset (48 px, batch 16, no pretrained weights)."""
+    return [
+        "train", "--data", str(data_root / "AVA.txt"), "--out", str(out), "--backbone", backbone,
+        "--weights", "none", "--image-size", "48", "--resize", "56", "--epochs", str(epochs),
+        "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--workers", "0",
+    ]  # fmt: skip

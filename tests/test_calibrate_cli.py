@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from conftest import tiny_train_args
 from elta.cli import main
 from elta.engine.checkpoint import load_checkpoint
 
@@ -14,36 +15,7 @@ from elta.engine.checkpoint import load_checkpoint
 @pytest.fixture(scope="module")
 def run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("calib") / "run"
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(demo_data / "AVA.txt"),
-                "--out",
-                str(out),
-                "--backbone",
-                "test_resnet",
-                "--weights",
-                "none",
-                "--image-size",
-                "48",
-                "--resize",
-                "56",
-                "--epochs",
-                "2",
-                "--batch-size",
-                "16",
-                "--lr",
-                "1e-3",
-                "--device",
-                "cpu",
-                "--workers",
-                "0",
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_train_args(demo_data, out, backbone="test_resnet", epochs=2)) == 0
     return out
 
 

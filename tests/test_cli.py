@@ -11,39 +11,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import tiny_train_args
 from elta.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
 def trained_run(demo_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
-    code = main(
-        [
-            "train",
-            "--data",
-            str(demo_data / "AVA.txt"),
-            "--out",
-            str(run),
-            "--backbone",
-            "test_resnet",
-            "--weights",
-            "none",
-            "--image-size",
-            "48",
-            "--resize",
-            "56",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-3",
-            "--device",
-            "cpu",
-            "--workers",
-            "0",
-        ]
-    )
+    code = main(tiny_train_args(demo_data, run, backbone="test_resnet"))
     assert code == 0
     return run
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from elta.engine.ablate import apds_settings, parse_variant, run_ablation
@@ -84,29 +85,7 @@ def test_tfa_appends_mixed_rows_and_flsa_covers_them():
 def test_training_with_tfa_and_flsa_logs_each_loss_term(demo_data, tmp_path):
     code = main(
         [
-            "train",
-            "--data",
-            str(demo_data / "AVA.txt"),
-            "--out",
-            str(tmp_path / "run"),
-            "--backbone",
-            "test_convnext",
-            "--weights",
-            "none",
-            "--image-size",
-            "48",
-            "--resize",
-            "56",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "16",
-            "--lr",
-            "1e-3",
-            "--device",
-            "cpu",
-            "--workers",
-            "0",
+            *tiny_train_args(demo_data, tmp_path / "run"),
             "--tfa",
             "--tfa-tau2",
             "10",

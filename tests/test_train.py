@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_train_args
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from elta.engine import train as train_module
 from elta.engine.checkpoint import load_checkpoint
@@ -73,29 +74,7 @@ def test_killed_run_resumes_to_the_same_weights(demo_data, tmp_path):
         sys.executable,
         "-m",
         "elta",
-        "train",
-        "--data",
-        str(demo_data / "AVA.txt"),
-        "--out",
-        str(run),
-        "--backbone",
-        "test_convnext",
-        "--weights",
-        "none",
-        "--image-size",
-        "48",
-        "--resize",
-        "56",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "16",
-        "--lr",
-        "1e-3",
-        "--device",
-        "cpu",
-        "--workers",
-        "0",
+        *tiny_train_args(demo_data, run, epochs=3),
         "--checkpoint-every",
         "1",
     ]

@@ -72,6 +72,12 @@ class Enhancer(nn.Module):
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100  # re-weighting < 10 <= augmentation < 50 <= regularisers
 
+    def __init__(self, settings) -> None:
+        """``settings``: an instance of the subclass's nested ``Settings`` dataclass."""
+        super().__init__()
+        self.cfg = settings
+        self._settings = dataclasses.asdict(settings)
+
     def setup(self, context: TrainingContext) -> None:
         """Called once before training (and before a resume loads the saved state)."""
 

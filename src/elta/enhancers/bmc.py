@@ -20,7 +20,7 @@ reference's plain mean when all weights are 1 (the reference has none).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -80,9 +80,7 @@ class BMC(Enhancer):
                 raise ValueError(f"bmc: sigma_lr must be ≥ 0; got {self.sigma_lr}")
 
     def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
+        super().__init__(settings)
         self.noise_sigma = nn.Parameter(
             torch.tensor(float(settings.init_noise_sigma)), requires_grad=settings.learn_sigma
         )

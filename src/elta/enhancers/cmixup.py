@@ -24,7 +24,7 @@ default 1.0, src/main.py); here it is a fraction of the dataset's score range, d
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -129,11 +129,6 @@ class CMixup(Enhancer):
                 )
             if self.pairs < 0:
                 raise ValueError(f"cmixup: pairs must be ≥ 0 (0 = the whole batch); got {self.pairs}")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
 
     def forward(self, state: StepState) -> StepState:
         if state.scores.shape[0] < 2:

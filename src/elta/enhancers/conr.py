@@ -28,7 +28,7 @@ usually needs lowering.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -114,11 +114,6 @@ class ConR(Enhancer):
                 raise ValueError(f"conr: t must be > 0; got {self.t}")
             if self.e < 0:
                 raise ValueError(f"conr: e must be ≥ 0; got {self.e}")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
 
     def after_head(self, state: StepState, out) -> StepState:
         lo, hi = state.score_range

@@ -5,7 +5,7 @@ Liu, He, Ming, Xie, Ma. "ELTA: An Enhancer against Long-Tail for Aesthetics-orie
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -38,11 +38,6 @@ class TFA(Enhancer):
                 raise ValueError(f"tfa: tau1 and tau2 must be > 0; got {self.tau1}, {self.tau2}")
             if self.pairs < 1:
                 raise ValueError(f"tfa: pairs must be ≥ 1; got {self.pairs}")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
 
     def forward(self, state: StepState) -> StepState:
         mixed = tfa_mix(
@@ -77,11 +72,6 @@ class FLSA(Enhancer):
                 raise ValueError(f"flsa: weight must be ≥ 0; got {self.weight}")
             if self.range not in ("batch", "dataset"):
                 raise ValueError(f"flsa: range must be batch or dataset; got {self.range!r}")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
 
     def forward(self, state: StepState) -> StepState:
         lo, hi = state.score_range

@@ -31,13 +31,13 @@ bin without statistics, and feature dimensions with zero variance in their bin, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from elta.enhancers.base import Enhancer, StepState, TrainingContext, register_enhancer
-from elta.enhancers.lds import bin_edges, bin_index, check_kernel_settings, lds_kernel
+from elta.enhancers.lds import BinKernelSettings, bin_edges, bin_index, lds_kernel
 
 __all__ = ["FDS", "smooth_bins", "fds_calibrate"]
 
@@ -94,20 +94,14 @@ class FDS(Enhancer):
     order = 6
 
     @dataclass
-    class Settings:
-        bin_width: float | None = None  # on the score scale; None = the score range / 50
-        kernel: str = "gaussian"
-        ks: int = 5  # kernel size in bins
-        sigma: float = 2.0  # kernel width in bins
+    class Settings(BinKernelSettings):
         momentum: float = 0.9  # weight of the previous running statistics
         start_smooth: int = 1  # first (0-based) epoch whose features are re-calibrated
         clip_min: float = 0.1  # bounds of the variance ratio
         clip_max: float = 10.0
 
         def __post_init__(self) -> None:
-            if self.bin_width is not None and self.bin_width <= 0:
-                raise ValueError(f"fds: bin_width must be > 0 (or null for range / 50); got {self.bin_width}")
-            check_kernel_settings("fds", self.kernel, self.ks, self.sigma)
+            self.check("fds")
             if not 0 <= self.momentum < 1:
                 raise ValueError(f"fds: momentum must be in [0, 1) (0.9 in the paper); got {self.momentum}")
             if self.start_smooth < 0:
@@ -117,11 +111,6 @@ class FDS(Enhancer):
                     f"fds: need 0 < clip_min ≤ 1 ≤ clip_max (0.1 and 10 in the paper); "
                     f"got {self.clip_min}, {self.clip_max}"
                 )
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
 
     def setup(self, context: TrainingContext) -> None:
         c = self.cfg

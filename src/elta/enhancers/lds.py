@@ -16,7 +16,7 @@ a 50th of the score range (0.18 on AVA's 1..10), gives the 50 bins the paper use
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -135,6 +135,21 @@ def lds_weights(
     return torch.as_tensor(weights * (len(weights) / weights.sum()), dtype=torch.float32)
 
 
+@dataclass
+class BinKernelSettings:
+    """Label bins and the smoothing kernel, shared by LDS and FDS."""
+
+    bin_width: float | None = None  # on the score scale; None = the score range / 50
+    kernel: str = "gaussian"
+    ks: int = 5  # kernel size in bins
+    sigma: float = 2.0  # kernel width in bins
+
+    def check(self, name: str) -> None:
+        if self.bin_width is not None and self.bin_width <= 0:
+            raise ValueError(f"{name}: bin_width must be > 0 (or null for range / 50); got {self.bin_width}")
+        check_kernel_settings(name, self.kernel, self.ks, self.sigma)
+
+
 @register_enhancer
 class LDS(Enhancer):
     """Multiply each real row's loss weight by its LDS weight (computed once from the training MOS)."""
@@ -143,24 +158,13 @@ class LDS(Enhancer):
     order = 5
 
     @dataclass
-    class Settings:
-        bin_width: float | None = None  # on the score scale; None = the score range / 50
-        kernel: str = "gaussian"
-        ks: int = 5  # kernel size in bins
-        sigma: float = 2.0  # kernel width in bins
+    class Settings(BinKernelSettings):
         reweight: str = "sqrt_inv"
 
         def __post_init__(self) -> None:
-            if self.bin_width is not None and self.bin_width <= 0:
-                raise ValueError(f"lds: bin_width must be > 0 (or null for range / 50); got {self.bin_width}")
-            check_kernel_settings("lds", self.kernel, self.ks, self.sigma)
+            self.check("lds")
             if self.reweight not in ("inverse", "sqrt_inv"):
                 raise ValueError(f"lds: reweight must be inverse or sqrt_inv; got {self.reweight!r}")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
 
     def setup(self, context: TrainingContext) -> None:
         c = self.cfg

@@ -19,7 +19,7 @@ Defaults: γ = 100, λ = 2, the settings of every RankSim run in the reference (
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -111,11 +111,6 @@ class RankSim(Enhancer):
                 raise ValueError(f"ranksim: gamma must be ≥ 0; got {self.gamma}")
             if self.interpolation <= 0:
                 raise ValueError(f"ranksim: interpolation must be > 0; got {self.interpolation}")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
 
     def forward(self, state: StepState) -> StepState:
         keep = unique_label_subset(state.scores.to(state.features.device))

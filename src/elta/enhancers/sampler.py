@@ -19,7 +19,7 @@ evaluation protocol.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -85,11 +85,6 @@ class TailSampler(Enhancer):
                 raise ValueError(f"tail-sampler: a, b and c must be ≥ 0; got {self.a}, {self.b}, {self.c}")
             if not 0 < self.ratio <= 1:
                 raise ValueError(f"tail-sampler: ratio must be in (0, 1] (0.2 in ELTA 2.0); got {self.ratio}")
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self.cfg = settings
-        self._settings = asdict(settings)
 
     def sample_weights(self, context: TrainingContext) -> torch.Tensor:
         c = self.cfg
