@@ -29,12 +29,16 @@ def tiny_config(data_root, epochs=2, **train_kw) -> RunConfig:
 
 
 def test_training_writes_a_complete_run_directory(demo_data, tmp_path):
-    summary = train(tiny_config(demo_data), tmp_path / "run")
+    seen = []
+    summary = train(
+        tiny_config(demo_data), tmp_path / "run", on_epoch=lambda e, row: seen.append((e, row["val_srcc"]))
+    )
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "train.log", "split.csv"):
         assert (run / name).is_file(), name
     metrics = pd.read_csv(run / "metrics.csv")
     assert metrics["epoch"].tolist() == [1, 2]
+    assert [e for e, _ in seen] == [1, 2] and seen[1][1] == pytest.approx(metrics["val_srcc"].iloc[1])
     assert {"train_loss", "val_loss", "val_srcc", "val_plcc", "val_acc", "val_mae_low", "lr"} <= set(metrics)
     assert metrics["train_loss"].notna().all()
     saved = yaml.safe_load((run / "config.yaml").read_text())

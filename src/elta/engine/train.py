@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -242,9 +243,18 @@ def _attach_log_file(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = False) -> dict:
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Train per ``cfg`` into ``run_dir``; with ``resume`` continue from ``run_dir/last.pt``.
 
+    ``on_epoch(epoch, row)`` is called after each epoch's checkpoints are written, with the 1-based epoch
+    and its metrics.csv row (e.g. to report to a tuner, which may stop the run by raising).
     Returns a summary: best metric and epoch, paths of best.pt / last.pt / metrics.csv.
     """
     run_dir = Path(run_dir)
@@ -256,7 +266,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, progress
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = _attach_log_file(run_dir)
     try:
-        return _Trainer(cfg, run_dir, progress).fit(resume=resume and last_path.exists())
+        return _Trainer(cfg, run_dir, progress, on_epoch).fit(resume=resume and last_path.exists())
     finally:
         logging.getLogger("elta").removeHandler(handler)
         handler.close()
@@ -333,10 +343,11 @@ def _sample_weights(enhancers, context: TrainingContext) -> torch.Tensor | None:
 
 
 class _Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool, on_epoch=None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.progress = progress
+        self.on_epoch = on_epoch
         self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
 
     def fit(self, resume: bool) -> dict:
@@ -573,6 +584,8 @@ class _EpochLoop:
                 "best" if improved else f"best {t.metric} {p['best_metric']:.4f} @ {p['best_epoch']}",
                 row["time_s"],
             )
+            if self.trainer.on_epoch is not None:
+                self.trainer.on_epoch(epoch + 1, row)
         if not best_path.exists():  # every validation metric was NaN: keep the last weights as the result
             save_checkpoint(best_path, self.model, **self.snapshot(p))
         return {
