@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
-from elta.config import FORMATS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES, RunConfig
+from elta.config import AMP_MODES, FORMATS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES, RunConfig
 
 log = logging.getLogger("elta.cli")
 
@@ -105,6 +106,21 @@ TRAIN_OPTIONS: list[tuple[str, str, str, type, str]] = [
         str,
         "feature cache file (default RUN_DIR/feature_cache.pt)",
     ),
+    (
+        "--amp",
+        "train",
+        "amp",
+        str,
+        f"mixed precision: {'|'.join(AMP_MODES)} (default auto = bf16 on CUDA GPUs that support it, else off)",
+    ),
+    ("--channels-last", "train", "channels_last", bool, "model and images in channels-last memory format"),
+    (
+        "--compile",
+        "train",
+        "compile",
+        bool,
+        "torch.compile the backbone (slow first steps; needs a C++ compiler on CPU)",
+    ),
 ]
 ENHANCER_FLAGS = (
     "--tfa",
@@ -164,6 +180,16 @@ def _add_options(parser: argparse.ArgumentParser, flags: tuple[str, ...] | None 
         )
 
 
+def _add_inference_amp(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--amp",
+        dest="inference_amp",
+        choices=AMP_MODES,
+        default="off",
+        help="autocast the backbone: auto = bf16 on CUDA GPUs that support it (default off: float32)",
+    )
+
+
 def _enhancers_from_args(current: list[dict], args: argparse.Namespace) -> list[dict]:
     """The config's enhancer list with the command line's additions and changes."""
     from elta.enhancers import parse_enhancer
@@ -216,6 +242,7 @@ def _progress() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from elta.engine.nni_report import nni_wrap
     from elta.engine.train import train
 
     if args.resume:
@@ -230,7 +257,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.out)
         cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
         cfg = _apply_options(cfg, args)
-    summary = train(cfg, run_dir, resume=bool(args.resume), progress=_progress())
+    cfg, on_epoch, report_final = nni_wrap(cfg)  # a no-op unless running as an NNI trial
+    summary = train(cfg, run_dir, resume=bool(args.resume), progress=_progress(), on_epoch=on_epoch)
+    report_final(summary)
     print(f"best {summary['metric']} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}")
     print(f"checkpoints: {summary['best']}  {summary['last']}")
     print(f"per-epoch metrics: {summary['metrics_csv']}")
@@ -267,6 +296,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         workers=args.workers,
         progress=_progress(),
         calibrated=not args.no_calibration,
+        amp=args.inference_amp,
     )
     title = f"{Path(payload['path']).name} on split '{args.split}'"
     if "before_calibration" in metrics:
@@ -317,6 +347,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         calibrated=not args.no_calibration,
+        amp=args.inference_amp,
     )
     frame = scorer.score(args.paths, progress=_progress())
     failed = int((frame["error"] != "").sum())
@@ -342,6 +373,31 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     if args.out and report.problems:
         print(f"problem list: {write_problems(report.problems, args.out)}")
     return 1 if report.problems else 0
+
+
+def cmd_data_cache(args: argparse.Namespace) -> int:
+    from elta.data.cache import build_cache
+    from elta.engine.prepare import read_dataset
+
+    cfg = _apply_options(RunConfig(), args)
+    workers = cfg.data.workers if cfg.data.workers is not None else min(8, os.cpu_count() or 1)
+    summary = build_cache(
+        read_dataset(cfg),
+        args.out,
+        size=args.size,
+        mode=args.mode,
+        quality=args.quality,
+        progress=_progress(),
+        workers=workers,
+    )
+    print(
+        f"cached {summary['images']} images ({summary['written']} written, {summary['reused']} unchanged) "
+        f"in {summary['cache']}: {summary['mode']} {summary['size']} px, {summary['bytes'] / 2**20:.1f} MiB"
+    )
+    if summary["bad"]:
+        print(f"{summary['bad']} images could not be read: listed in {summary['bad_list']}")
+    print(f"train or evaluate from it with --images {summary['cache']}")
+    return 0
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
@@ -421,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for metrics.json, predictions.csv, report.png")
     p.add_argument("--no-calibration", action="store_true", help="ignore a calibration map in the checkpoint")
     p.add_argument("--batch-size", type=int, default=32)
+    _add_inference_amp(p)
     _add_options(p, DATA_KEYS + ("--workers", "--device", "--strict", "--score-range"))
     p.set_defaults(func=cmd_evaluate)
 
@@ -450,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=None)
+    _add_inference_amp(p)
     p.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
@@ -458,6 +516,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="only check that images exist and have a header")
     p.add_argument("--out", help="write the problem list to this CSV")
     p.set_defaults(func=cmd_data_check)
+    p = data.add_parser(
+        "cache",
+        help="decode and resize every image once into a folder that --images can point at",
+        description="Decode every image of the dataset (all splits) once, resize it, and store it as a "
+        "plain image under the same relative path in --out; train, evaluate or check with --images OUT.",
+    )
+    _add_options(p, DATA_KEYS + ("--strict", "--score-range", "--workers"))
+    p.add_argument("--out", required=True, help="cache folder (new, empty, or an earlier cache to update)")
+    p.add_argument(
+        "--size", type=int, default=300, help="side length in px (default 300, the paper's resize)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=("square", "short"),
+        default="square",
+        help="square: size×size like the training resize (default); short: shorter side = size, aspect kept",
+    )
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the cached files (default 95)")
+    p.set_defaults(func=cmd_data_cache)
 
     p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the original ELTA release")
     p.add_argument("source", help="the original checkpoint (.pth with 'state_dict': vit.*, linear_emd.*, …)")
@@ -488,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     from elta.cli_selftrain import add_selftrain_commands
 
     add_selftrain_commands(sub)
+
+    from elta.cli_tune import add_tune_commands
+
+    add_tune_commands(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ METRICS = ("srcc", "plcc", "acc")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 FORMATS = ("auto", "ava", "elta-csv", "csv", "koniq", "para", "aadb")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -111,6 +112,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # also write last.pt every N steps inside an epoch; 0 = at epoch ends only
     cache_features: bool = False  # frozen backbone: compute pooled features once, train the head on them
     feature_cache: str | None = None  # cache file; None = RUN_DIR/feature_cache.pt
+    amp: str = "auto"  # autocast of the model forward: auto = bf16 on CUDA GPUs that support it, else off
+    channels_last: bool = False  # model and images in torch.channels_last memory format
+    compile: bool = False  # torch.compile the backbone
 
     def __post_init__(self) -> None:
         _check_positive("train.epochs", self.epochs)
@@ -126,6 +130,7 @@ class TrainConfig:
         _check_choice("train.schedule", self.schedule, SCHEDULES)
         _check_choice("train.loss", self.loss, LOSSES)
         _check_choice("train.metric", self.metric, METRICS)
+        _check_choice("train.amp", self.amp, AMP_MODES)
 
 
 @dataclass

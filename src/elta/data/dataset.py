@@ -85,7 +85,7 @@ class AnnotationDataset(Dataset):
     def _input(self, index: int) -> torch.Tensor:
         if self.features is not None:
             return self.features[index]
-        image = load_image(self.paths[index], max_pixels=self.max_pixels)
+        image = load_image(self.paths[index], self.max_pixels, target=self.transform.needed_size)
         seed = derive_seed(self.seed, self.epoch, index) if self.transform.train else None
         return self.transform(image, seed)
 
@@ -126,7 +126,10 @@ class ImageListDataset(Dataset):
         if isinstance(item, torch.Tensor):
             return {"ok": True, "index": index, "image": item.float()}
         try:
-            image = item.convert("RGB") if hasattr(item, "convert") else load_image(item, self.max_pixels)
+            if hasattr(item, "convert"):
+                image = item.convert("RGB")
+            else:
+                image = load_image(item, self.max_pixels, target=self.transform.needed_size)
         except ImageLoadError as exc:
             return {"ok": False, "index": index, "reason": str(exc)}
         return {"ok": True, "index": index, "image": self.transform(image)}

@@ -2,6 +2,8 @@
 
 `load_image` is the one way the project decodes a photo: it returns a fully decoded 8-bit RGB image with the
 EXIF orientation applied, whatever the file's mode, and refuses oversized images before decoding them.
+Given the side length the caller needs (`target`), a JPEG at least twice that size is decoded at a reduced
+scale by libjpeg (draft mode), which is several times faster and never smaller than `target`.
 """
 
 from __future__ import annotations
@@ -141,13 +143,28 @@ def _exif_transpose(img: Image.Image, path: Path) -> Image.Image:
         return img.copy()
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def _draft(img: Image.Image, target: int) -> None:
+    """Let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling) with both sides still ≥ `target`.
+
+    Only for JPEGs whose shorter side is at least 2 × `target`: smaller images decode in full, unchanged.
+    """
+    if img.format == "JPEG" and min(img.size) >= 2 * target:
+        img.draft("RGB", (target, target))
+
+
+def load_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None
+) -> Image.Image:
     """Decode an image file to 8-bit RGB, EXIF orientation applied.
 
     Images larger than `max_pixels` (width * height) are refused before decoding. Every failure (missing
     file, not an image, truncated or corrupt data, too large) raises ImageLoadError naming the path.
+    `target` (px) is the smallest side the caller needs: a JPEG whose shorter side is ≥ 2 × `target` may
+    come back reduced by 2, 4 or 8, never below `target` on either side; None decodes at full size.
     """
     path = Path(path)
+    if target is not None and target < 1:
+        raise ValueError(f"load_image({path}): target must be ≥ 1 pixel or None; got {target}")
     if not path.is_file():
         raise ImageLoadError(path, "file not found" if not path.exists() else "not a file")
     with warnings.catch_warnings():
@@ -156,6 +173,8 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
         try:
             with Image.open(path) as img:
                 _check_size(path, img.size, max_pixels)
+                if target is not None:
+                    _draft(img, target)
                 img.load()
                 # A copy: the opened image is released when the `with` block closes it.
                 decoded = _exif_transpose(img, path)

@@ -47,6 +47,11 @@ class ImageTransform:
         tensor = TF.pil_to_tensor(image).float().div_(255.0)
         return TF.normalize(tensor, self.mean, self.std)
 
+    @property
+    def needed_size(self) -> int:
+        """The smallest image side (px) this transform uses without upsampling: resize, or image_size."""
+        return self.resize if self.train else self.image_size
+
     @classmethod
     def from_spec(cls, spec, train: bool = False) -> ImageTransform:
         """From a :class:`elta.models.ModelSpec` (or anything with the same attributes)."""

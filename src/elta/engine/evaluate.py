@@ -12,10 +12,12 @@ import pandas as pd
 
 from elta.calibration import calibrated_scores
 from elta.config import RunConfig
+from elta.data.cache import check_cache_fits
 from elta.data.dataset import AnnotationDataset, dist_columns
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import model_from_checkpoint
 from elta.engine.inference import Predictions, run_inference
+from elta.engine.precision import Precision
 from elta.engine.prepare import read_dataset
 from elta.engine.report import draw_report
 from elta.metrics import evaluate
@@ -114,12 +116,14 @@ def evaluate_checkpoint(
     workers: int | None = None,
     progress: bool = False,
     calibrated: bool = True,
+    amp: str = "off",
 ) -> dict:
     """Score ``split`` of the dataset in ``cfg.data`` and write the evaluation files into ``out``.
 
     Returns the metrics dict (plus ``skipped``: images that could not be read, listed in predictions.csv).
     With a calibration map in the checkpoint (and ``calibrated``), the metrics are those of the calibrated
-    scores and ``before_calibration`` holds the model's own.
+    scores and ``before_calibration`` holds the model's own. ``amp`` (auto | bf16 | fp16 | off) runs the
+    backbone under autocast, the head in float32.
     """
     payload = load_any_checkpoint(checkpoint)
     dev = resolve_device(device)
@@ -135,9 +139,16 @@ def evaluate_checkpoint(
             f"checkpoint predicts {spec.num_bins} bins but {cfg.data.data} has {len(cols)}: "
             "evaluate on a dataset with the same rating scale"
         )
+    check_cache_fits(df.attrs["images_root"], spec.image_size)
     dataset = AnnotationDataset(frame, ImageTransform.from_spec(spec, train=False))
     preds = run_inference(
-        model, dataset, batch_size=batch_size, device=dev, workers=workers, progress=progress
+        model,
+        dataset,
+        batch_size=batch_size,
+        device=dev,
+        workers=workers,
+        progress=progress,
+        forward=Precision.create(amp, dev).forward(model),
     )
     raw = None
     if spec.calibration and calibrated:

@@ -16,6 +16,7 @@ from elta.data.images import list_images
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import model_from_checkpoint
 from elta.engine.inference import run_inference
+from elta.engine.precision import Precision
 from elta.models.original import load_any_checkpoint
 from elta.utils import atomic_write_text, resolve_device
 
@@ -36,6 +37,7 @@ class Scorer:
         batch_size: int = 32,
         workers: int | None = None,
         calibrated: bool = True,
+        amp: str = "off",
     ) -> None:
         payload = checkpoint if isinstance(checkpoint, dict) else load_any_checkpoint(checkpoint)
         self.device = resolve_device(device)
@@ -45,6 +47,7 @@ class Scorer:
         self.batch_size = batch_size
         self.workers = workers
         self.calibrated = calibrated and bool(self.spec.calibration)
+        self.precision = Precision.create(amp, self.device)  # autocast of the backbone; head in float32
 
     def score(self, images: str | Path | Sequence | torch.Tensor, progress: bool = False) -> pd.DataFrame:
         """Score paths (files, folders, list files), PIL images, or a tensor batch [B, 3, H, W].
@@ -74,6 +77,7 @@ class Scorer:
             device=self.device,
             workers=self.workers if self.workers is not None else (0 if len(items) < 64 else None),
             progress=progress,
+            forward=self.precision.forward(self.model),
         )
         score = calibrated_scores(self.spec, preds.score) if self.calibrated else preds.score
         frame = pd.DataFrame({"path": names, "score": score, "std": preds.std})

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from elta.config import RunConfig
+from elta.data.cache import check_cache_fits
 from elta.data.check import write_problems
 from elta.data.dataset import AnnotationDataset, Batch, dist_columns
 from elta.data.readers import AnnotationError
@@ -28,6 +29,7 @@ from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint, save_checkpoint
 from elta.engine.features import load_or_compute_features
 from elta.engine.inference import Predictions, default_workers, make_loader, run_inference
+from elta.engine.precision import Precision, compile_backbone
 from elta.engine.prepare import PreparedData, prepare_data, read_dataset
 from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.functional import emd_loss
@@ -353,12 +355,13 @@ class _Trainer:
     def fit(self, resume: bool) -> dict:
         cfg, t = self.cfg, self.cfg.train
         device = resolve_device(t.device)
+        precision = Precision.create(t.amp, device, t.channels_last and not t.cache_features)
         cfg.to_yaml(self.run_dir / "config.yaml")
         data = prepare_data(cfg, self.run_dir, progress=self.progress)
         loss_name = resolve_loss(t.loss, data.attrs["has_distribution"])
         head = "distribution" if loss_name == "emd" else "scalar"
         state = load_checkpoint(self.last_path) if resume else None
-        model = _initial_model(cfg, data, head, state).to(device)
+        model = precision.prepare(_initial_model(cfg, data, head, state).to(device))
         enhancers = build_enhancers(cfg.enhancers)
         context = TrainingContext(
             scores=torch.tensor(data.train["mos"].to_numpy(dtype=np.float32)),
@@ -374,7 +377,14 @@ class _Trainer:
         enhancers.to(device)
         sample_weights = _sample_weights(enhancers, context)
         workers = default_workers(device) if cfg.data.workers is None else cfg.data.workers
+        if not t.cache_features:
+            check_cache_fits(data.attrs["images_root"], model.spec.resize)
         train_set, val_set = self._datasets(model, data, device, workers)
+        if t.compile and t.cache_features:
+            log.info("--compile: nothing to compile, the backbone's features are cached")
+        elif t.compile:
+            compile_backbone(model)
+        scaler = precision.grad_scaler()
         steps_per_epoch = len(epoch_batches(len(train_set), t.batch_size, t.seed, 0))
         optimizer = make_optimizer(model, cfg, enhancers)
         scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
@@ -393,6 +403,8 @@ class _Trainer:
             enhancers.load_state_dict(state.get("enhancers", {}))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(state["scaler"])
             progress_state.update({k: state[k] for k in progress_state})
             runlog.restore(progress_state["epoch"])
             log.info(
@@ -402,7 +414,7 @@ class _Trainer:
                 progress_state["step"],
             )
         log.info(
-            "training %s (%s head, %s loss%s) on %d images, validating on %d; %d steps an epoch on %s",
+            "training %s (%s head, %s loss%s) on %d images, validating on %d; %d steps an epoch on %s (%s)",
             model.spec.backbone,
             head,
             loss_name,
@@ -411,10 +423,12 @@ class _Trainer:
             len(val_set),
             steps_per_epoch,
             device,
+            precision.name,
         )
         loop = _EpochLoop(
             self, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers
         )
+        loop.precision, loop.scaler = precision, scaler
         loop.sample_weights = sample_weights
         return loop.run(train_set, val_set, progress_state)
 
@@ -462,9 +476,13 @@ class _EpochLoop:
         self.loss_name, self.device, self.workers = loss_name, device, workers
         self.cached = self.cfg.train.cache_features
         self.sample_weights: torch.Tensor | None = None
+        self.precision = Precision(device)
+        self.scaler = self.precision.grad_scaler()
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model.neck(inputs) if self.cached else self.model.forward_features(inputs)
+        """Pooled features [B, D] in float32; the backbone (or the neck on cached features) under autocast."""
+        forward = self.model.neck if self.cached else self.model.forward_features
+        return self.precision.features(forward, inputs)
 
     def head_forward(self, inputs: torch.Tensor):
         return self.model.forward_head(self.features(inputs))
@@ -474,6 +492,7 @@ class _EpochLoop:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "enhancers": self.enhancers.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "config": self.cfg.to_dict(),
             **p,
         }
@@ -487,10 +506,12 @@ class _EpochLoop:
         terms = loss_terms(self.model, self.enhancers, features, batch, self.loss_name, epoch=epoch)
         total = terms["loss"]
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()  # the scaler is a pass-through unless --amp fp16
         if self.cfg.train.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         return terms
 
@@ -536,7 +557,8 @@ class _EpochLoop:
                     )
                     raise TrainingDivergedError(
                         f"loss became {values['loss']} at epoch {epoch + 1}, step {step + 1}; stopping ({kept}). "
-                        "Try a lower --lr or --grad-clip 1.0."
+                        "Try a lower --lr or --grad-clip 1.0"
+                        + (", or --amp off." if self.precision.dtype is not None else ".")
                     )
                 p["global_step"] += 1
                 for k, v in values.items():

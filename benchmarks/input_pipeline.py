@@ -1,0 +1,151 @@
+"""Training input pipeline throughput: the original ELTA pipeline vs elta's, from large JPEGs and from the cache.
+
+Builds a folder of large JPEGs (default 200 at 1024×768, crops of scikit-image's photos) and a generic CSV
+over them, then times full passes of a DataLoader (batch 32) over the training transform of the paper
+(square resize 300, random crop 256) with 0 and 2 worker processes:
+
+  (a) original  PIL open → Resize((300, 300)) → RandomCrop(256) → ToTensor → Normalize (torchvision)
+  (b) elta      AnnotationDataset from the original JPEGs, decoding without draft mode
+  (c) elta      the same with JPEG draft decoding (load_image target = resize)
+  (d) elta      AnnotationDataset from ``elta data cache`` (square 300 px, JPEG quality 95)
+
+Each pass includes the worker start-up, as an epoch of training does. The main process uses one torch
+thread (``--threads``), as DataLoader workers do: tensor ops on single images gain nothing from more, and
+on a busy machine their thread hand-offs dominate. Both pipelines resize bilinearly (torchvision's default).
+Prints images/s (best of ``--repeats`` passes, to keep other load on the machine out of the figure) and
+ratios to (a). Usage:
+
+    python benchmarks/input_pipeline.py [--images 200] [--repeats 3] [--workers 0 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+from elta.data.cache import build_cache
+from elta.data.dataset import AnnotationDataset, collate
+from elta.data.images import load_image
+from elta.data.readers import read_annotations
+from elta.data.transforms import ImageTransform
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_photos(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """``n`` JPEGs (quality 90) of ``size`` cut from scikit-image's photos; returns a CSV (image, mos)."""
+    from skimage import data
+
+    sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field()]
+    sources += [data.retina(), data.immunohistochemistry(), data.stereo_motorcycle()[0]]
+    rng = np.random.default_rng(seed)
+    rows = ["image,mos"]
+    for i in range(n):
+        photo = Image.fromarray(sources[i % len(sources)])
+        w, h = photo.size
+        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
+        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        image = photo.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BICUBIC)
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image.save(folder / f"{i:04d}.jpg", quality=90)
+        rows.append(f"{i:04d}.jpg,{rng.uniform(1, 10):.3f}")
+    csv = folder / "scores.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+class OriginalDataset(Dataset):
+    """The original release's training input: PIL + torchvision transforms."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.transform = T.Compose(
+            [T.Resize((300, 300)), T.RandomCrop(256), T.ToTensor(), T.Normalize(MEAN, STD)]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        with Image.open(self.paths[index]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+class FullDecodeDataset(AnnotationDataset):
+    """elta's dataset with the full-size decode (no draft), to separate the two gains."""
+
+    def _input(self, index: int) -> torch.Tensor:
+        image = load_image(self.paths[index], self.max_pixels)
+        return self.transform(image, index)
+
+
+def images_per_second(dataset: Dataset, workers: int, repeats: int, ours: bool) -> float:
+    best = 0.0
+    for _ in range(repeats):
+        loader = DataLoader(
+            dataset, batch_size=32, num_workers=workers, collate_fn=collate if ours else None, shuffle=False
+        )
+        start = time.perf_counter()
+        count = sum(len(batch) for batch in loader)
+        best = max(best, count / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=3, help="passes per setting; the best is reported")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        csv = make_photos(folder, args.images, (args.width, args.height))
+        df = read_annotations(csv, "csv", folder)
+        start = time.perf_counter()
+        summary = build_cache(df, Path(tmp) / "cache", size=300, mode="square", quality=95)
+        cache_s = time.perf_counter() - start
+        cached = read_annotations(csv, "csv", Path(tmp) / "cache")
+        source_mb = sum(p.stat().st_size for p in folder.glob("*.jpg")) / 2**20
+        transform = ImageTransform(256, 300, MEAN, STD, interpolation="bilinear", train=True)
+        variants = {
+            "(a) original: PIL + torchvision": (OriginalDataset(df["path"].tolist()), False),
+            "(b) elta, full decode": (FullDecodeDataset(df, transform), True),
+            "(c) elta, JPEG draft decode": (AnnotationDataset(df, transform), True),
+            "(d) elta, from the cache": (AnnotationDataset(cached, transform), True),
+        }
+        print(
+            f"{args.images} JPEGs of {args.width}×{args.height} ({source_mb:.1f} MiB); cache of 300×300 "
+            f"JPEGs q95: {summary['bytes'] / 2**20:.1f} MiB, built in {cache_s:.1f} s (1 process); "
+            f"torch threads {torch.get_num_threads()}, best of {args.repeats} passes, batch 32"
+        )
+        print(f"| pipeline | {' | '.join(f'{w} workers: img/s (× a)' for w in args.workers)} |")
+        print(f"|---|{'---|' * len(args.workers)}")
+        rates = {
+            name: [images_per_second(ds, w, args.repeats, ours) for w in args.workers]
+            for name, (ds, ours) in variants.items()
+        }
+        base = rates["(a) original: PIL + torchvision"]
+        for name, values in rates.items():
+            cells = " | ".join(f"{v:.0f} ({v / b:.2f}×)" for v, b in zip(values, base, strict=True))
+            print(f"| {name} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Running ``elta train`` as an NNI trial, as the original ELTA release recommends for tuning.
+
+Under NNI, the trial takes its settings from ``nni.get_next_parameter()`` (dotted setting names such as
+``train.lr`` and ``enhancers.tfa.tau1``, or the original's ``lr``, ``batch_size``, ``simloss_weight``,
+``tau_1``, ``tau_2``), reports the validation metric after every epoch and the run's best at the end.
+``nni`` is imported only when NNI started the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+
+from elta.config import RunConfig
+
+__all__ = ["ORIGINAL_NAMES", "under_nni", "nni_parameters", "nni_callback", "report_final", "nni_wrap"]
+
+log = logging.getLogger(__name__)
+
+# The original release's parameter names, for search spaces carried over from it.
+ORIGINAL_NAMES = {
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "simloss_weight": "enhancers.flsa.weight",
+    "tau_1": "enhancers.tfa.tau1",
+    "tau_2": "enhancers.tfa.tau2",
+}
+
+
+def under_nni() -> bool:
+    """True in a process NNI started as a trial: NNI v3 sets ``NNI_TRIAL_COMMAND_CHANNEL``, every version
+    sets ``NNI_PLATFORM`` (which NNI's own tests set to ``unittest``, meaning standalone)."""
+    platform = os.environ.get("NNI_PLATFORM", "")
+    return bool(os.environ.get("NNI_TRIAL_COMMAND_CHANNEL")) or platform not in ("", "unittest")
+
+
+def _nni():
+    try:
+        import nni
+    except ImportError as exc:
+        raise RuntimeError(
+            f"running as an NNI trial (NNI_PLATFORM={os.environ.get('NNI_PLATFORM')!r}) but the nni package "
+            "is not importable in this environment: pip install nni"
+        ) from exc
+    return nni
+
+
+def nni_parameters() -> dict:
+    """The tuner's parameters for this trial, by dotted setting name (original names translated)."""
+    raw = _nni().get_next_parameter() or {}
+    return {ORIGINAL_NAMES.get(name, name): value for name, value in raw.items()}
+
+
+def nni_callback(metric: str = "srcc") -> Callable[[int, dict], None] | None:
+    """An ``on_epoch`` callback reporting ``val_<metric>`` to NNI each epoch; None outside NNI."""
+    if not under_nni():
+        return None
+    nni = _nni()
+
+    def report(epoch: int, row: dict) -> None:
+        value = float(row[f"val_{metric}"])
+        if math.isfinite(value):  # NNI's manager cannot parse NaN
+            nni.report_intermediate_result(value)
+
+    return report
+
+
+def report_final(summary: dict) -> None:
+    """Report the run's best validation metric (``train``'s summary) as the trial's final result."""
+    value = float(summary["best_metric"])
+    if not math.isfinite(value):
+        log.warning("no finite validation %s: no final result reported to NNI", summary.get("metric"))
+        return
+    _nni().report_final_result(value)
+
+
+def _ignore(summary: dict) -> None:
+    """Outside NNI there is nothing to report."""
+
+
+def nni_wrap(cfg: RunConfig) -> tuple[RunConfig, Callable[[int, dict], None] | None, Callable[[dict], None]]:
+    """``(cfg, on_epoch, final)`` for ``train``: under NNI the config with the tuner's parameters applied,
+    the per-epoch reporter and :func:`report_final`; elsewhere ``(cfg, None, a no-op)``."""
+    if not under_nni():
+        return cfg, None, _ignore
+    from elta.engine.tune import apply_params
+
+    params = nni_parameters()
+    if params:
+        log.info("NNI trial %s: %s", os.environ.get("NNI_TRIAL_JOB_ID", "?"), params)
+        cfg = apply_params(cfg, params)
+    return cfg, nni_callback(cfg.train.metric), report_final

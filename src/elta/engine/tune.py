@@ -1,0 +1,509 @@
+"""Hyper-parameter search over run settings with Optuna: every trial is an ordinary training run.
+
+A search space maps dotted setting names (``train.lr``, ``model.neck_dim``, ``enhancers.tfa.tau1``) to
+``{choices: [...]}`` or ``{low, high[, log][, step]}``. The study lives in a database (``DIR/study.db`` by
+default), so rerunning the same command after a crash or a kill continues the search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.utils import atomic_write_text
+
+__all__ = [
+    "DEFAULT_SPACE",
+    "Param",
+    "apply_params",
+    "format_trials",
+    "load_search",
+    "parse_space",
+    "run_tune",
+]
+
+log = logging.getLogger(__name__)
+
+# The original ELTA release's NNI search (TPE, 8 trials), with our setting names.
+DEFAULT_SPACE: dict[str, dict[str, list]] = {
+    "train.batch_size": {"choices": [16, 48]},
+    "train.lr": {"choices": [1e-5, 1e-4]},
+    "enhancers.flsa.weight": {"choices": [0.01, 0.1, 0.2, 0.5, 1.0, 5.0, 10.0, 100.0]},
+    "enhancers.tfa.tau1": {"choices": [0.05, 0.1, 0.2, 0.3, 0.4, 0.5]},
+    "enhancers.tfa.tau2": {"choices": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 10.0]},
+}
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "none")
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+# Settings that do not change a trial's result: a resumed search may differ in them.
+_VOLATILE = {"train.device", "train.feature_cache", "data.workers"}
+# PyYAML reads 1e-5 (no dot) as a string; such choices and bounds are meant as numbers.
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _import_optuna():
+    try:
+        import optuna
+    except ImportError as exc:
+        raise RuntimeError('elta tune needs Optuna: pip install "elta[tune]"') from exc
+    return optuna
+
+
+# ---------------------------------------------------------------------------------------- search space
+
+
+def _setting_type(name: str, source: str) -> str:
+    """The annotation of the setting ``name`` ("float", "int | None", ...); unknown names are errors."""
+    parts = name.split(".")
+    if parts[0] in _SECTIONS and len(parts) == 2:
+        fields = {f.name: str(f.type) for f in dataclasses.fields(_SECTIONS[parts[0]])}
+        if parts[1] not in fields:
+            raise ValueError(
+                f"{source}: unknown setting {name!r}; {parts[0]} keys: {', '.join(sorted(fields))}"
+            )
+        return fields[parts[1]]
+    if parts[0] == "enhancers" and len(parts) == 3:
+        from elta.enhancers import ENHANCERS
+
+        if parts[1] not in ENHANCERS:
+            raise ValueError(f"{source}: unknown enhancer in {name!r}; known: {', '.join(sorted(ENHANCERS))}")
+        fields = {f.name: str(f.type) for f in dataclasses.fields(ENHANCERS[parts[1]].Settings)}
+        if parts[2] not in fields:
+            raise ValueError(
+                f"{source}: unknown setting {name!r}; {parts[1]} settings: {', '.join(sorted(fields))}"
+            )
+        return fields[parts[2]]
+    raise ValueError(
+        f"{source}: {name!r} is not a setting name; use data.KEY, model.KEY, train.KEY or "
+        "enhancers.NAME.SETTING (e.g. train.lr, enhancers.tfa.tau1)"
+    )
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and _EXPONENT.match(value.strip()) else value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched setting: a list of choices, or a numeric range (integer when the setting is)."""
+
+    name: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    def suggest(self, trial) -> Any:
+        """This setting's value for an Optuna ``trial``."""
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.integer:
+            return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
+
+    def corners(self) -> list:
+        """Values that every trial's config must accept: each choice, or both ends of the range."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+def _parse_param(name: str, spec: Any, source: str) -> Param:
+    where = f"{source}: space.{name}"
+    kind = _setting_type(name, source)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a mapping: {{choices: [...]}} or {{low: A, high: B}}")
+    unknown = set(spec) - {"choices", "low", "high", "step", "log"}
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use choices, or low/high/step/log")
+    if "choices" in spec:
+        if len(spec) > 1:
+            raise ValueError(f"{where}: give either choices or low/high, not both")
+        choices = spec["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"{where}: choices must be a non-empty list")
+        choices = [_number(v) for v in choices]
+        bad = [v for v in choices if v is not None and not isinstance(v, (bool, int, float, str))]
+        if bad:
+            raise ValueError(f"{where}: choices must be numbers, strings, booleans or null; got {bad[0]!r}")
+        return Param(name, choices=tuple(choices))
+    if "low" not in spec or "high" not in spec:
+        raise ValueError(f"{where}: a range needs low and high (or give choices: [...])")
+    low, high, step = _number(spec["low"]), _number(spec["high"]), _number(spec.get("step"))
+    if not all(_is_real(v) for v in (low, high)) or (step is not None and not _is_real(step)):
+        raise ValueError(f"{where}: low, high and step must be numbers")
+    if not low < high:
+        raise ValueError(f"{where}: low ({low}) must be < high ({high})")
+    log_scale = bool(spec.get("log", False))
+    if log_scale and (step is not None or low <= 0):
+        raise ValueError(f"{where}: a log range needs low > 0 and no step")
+    ints = all(_is_int(v) for v in (low, high, step) if v is not None)
+    integer = kind.startswith("int") or (ints and not kind.startswith("float"))
+    if integer and not ints:
+        raise ValueError(f"{where}: {name} is an integer setting; give integer low, high and step")
+    return Param(name, low=low, high=high, step=step, log=log_scale, integer=integer)
+
+
+def parse_space(space: dict[str, Any], source: str = "search space") -> dict[str, Param]:
+    """Check a search space (setting name -> spec) and return its parameters by name."""
+    if not isinstance(space, dict) or not space:
+        raise ValueError(f"{source}: the space must be a non-empty mapping of setting names to specs")
+    return {name: _parse_param(name, spec, source) for name, spec in space.items()}
+
+
+def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
+    """A copy of ``base`` with dotted settings replaced; ``enhancers.NAME.X`` adds NAME when absent."""
+    raw = base.to_dict()
+    for name, value in params.items():
+        _setting_type(name, "parameters")
+        parts = name.split(".")
+        if parts[0] == "enhancers":
+            spec = next((e for e in raw["enhancers"] if e["name"] == parts[1]), None)
+            if spec is None:
+                spec = {"name": parts[1]}
+                raw["enhancers"].append(spec)
+            spec[parts[2]] = value
+        else:
+            raw[parts[0]][parts[1]] = value
+    return RunConfig.from_dict(raw, source="parameters")
+
+
+def load_search(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Read a search file: ``base`` (a RunConfig mapping, or a path to a RunConfig YAML relative to the
+    file) and ``space`` (default: :data:`DEFAULT_SPACE`). Returns ``(base_dict, space)``, checked."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict) or set(raw) - {"base", "space"}:
+        extra = sorted(set(raw) - {"base", "space"}) if isinstance(raw, dict) else raw
+        raise ValueError(f"{path}: expected the sections base and space; got {extra}")
+    base = raw.get("base") or {}
+    if isinstance(base, str):
+        base_path = path.parent / base
+        if not base_path.is_file():
+            raise FileNotFoundError(f"{path}: base config {base_path} does not exist")
+        with base_path.open(encoding="utf-8") as fh:
+            base = yaml.safe_load(fh) or {}
+    if not isinstance(base, dict):
+        raise ValueError(f"{path}: base must be a mapping (data/model/train/enhancers) or a YAML path")
+    space = raw.get("space")
+    if space is None:
+        return base, {k: dict(v) for k, v in DEFAULT_SPACE.items()}
+    parse_space(space, source=str(path))
+    return base, {name: _numbers(spec) for name, spec in space.items()}
+
+
+def _numbers(spec: dict) -> dict:
+    return {k: [_number(v) for v in value] if k == "choices" else _number(value) for k, value in spec.items()}
+
+
+# ---------------------------------------------------------------------------------------------- study
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path):
+    """Hold ``out/tune.lock`` while searching: trials left RUNNING in the study are then known dead."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; one process per folder is the user's promise
+        yield
+        return
+    with (out / "tune.lock").open("w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise RuntimeError(
+                f"{out}: another elta tune is running on this folder; wait for it or use another --out"
+            ) from exc
+        yield
+
+
+def _storage(optuna, out: Path, url: str | None):
+    if url is None:
+        return f"sqlite:///{(out / 'study.db').resolve()}"
+    # A shared database: a trial is dead only once its heartbeat stops; it is then retried once.
+    return optuna.storages.RDBStorage(
+        url,
+        heartbeat_interval=60,
+        grace_period=300,
+        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+    )
+
+
+def _sampler(optuna, name: str, params: dict[str, Param], seed: int, trials: int):
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 3)))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GridSampler(_grid(params), seed=seed)
+
+
+def _grid(params: dict[str, Param]) -> dict[str, list]:
+    ranges = [p.name for p in params.values() if p.choices is None]
+    if ranges:
+        raise ValueError(
+            f"--sampler grid needs every setting as {{choices: [...]}}; {', '.join(ranges)} "
+            "is a range (list its values, or use --sampler tpe)"
+        )
+    return {p.name: list(p.choices) for p in params.values()}
+
+
+def _pruner(optuna, name: str):
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    # Steps are 1-based epochs: no trial is stopped on its first epoch alone.
+    return optuna.pruners.MedianPruner(n_warmup_steps=2)
+
+
+def _flat(raw: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _search_record(base: RunConfig, params: dict[str, Param]) -> str:
+    flat = {k: v for k, v in _flat(base.to_dict()).items() if k not in _VOLATILE and k not in params}
+    space = {name: dataclasses.asdict(p) for name, p in params.items()}
+    return json.dumps({"base": flat, "space": space}, sort_keys=True, default=str)
+
+
+def _check_same_search(study, record: str, where: str) -> None:
+    """A study continues only the search it was started with."""
+    stored = study.user_attrs.get("search")
+    if stored is None:
+        study.set_user_attr("search", record)
+        return
+    if stored == record:
+        return
+    old, new = json.loads(stored), json.loads(record)
+    changed = sorted(
+        f"{part}.{k}"
+        for part in ("base", "space")
+        for k in set(old[part]) | set(new[part])
+        if old[part].get(k) != new[part].get(k)
+    )
+    raise ValueError(
+        f"{where} holds a search with other settings ({', '.join(changed[:5])} differ): rerun with the "
+        "same config and options to continue it, or use another --out / --study-name for a new search"
+    )
+
+
+def _recover(optuna, study, owned: bool) -> None:
+    """Fail trials a killed process left RUNNING (only when this process owns the study) and queue the
+    parameters of every interrupted trial once more, under a new trial number and folder."""
+    state = optuna.trial.TrialState
+    killed = set()
+    if owned:
+        for trial in study.get_trials(deepcopy=False, states=(state.RUNNING,)):
+            log.info("trial %d was interrupted; marking it failed", trial.number)
+            study.tell(trial.number, state=state.FAIL)
+            killed.add(trial.number)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for trial in trials:
+        interrupted = trial.number in killed or (
+            trial.state == state.FAIL and trial.user_attrs.get("interrupted")
+        )
+        if interrupted and trial.number not in retried and "retry_of" not in trial.user_attrs:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+
+
+def _finished(optuna, study) -> int:
+    state = optuna.trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
+
+
+class _Objective:
+    """One trial: sample the settings, train in ``out/trials/NNN``, report each epoch, return the best."""
+
+    def __init__(self, optuna, base: RunConfig, params: dict[str, Param], out: Path, progress: bool):
+        self.optuna, self.base, self.params = optuna, base, params
+        self.out, self.progress = out, progress
+
+    def __call__(self, trial) -> float:
+        from elta.engine.train import TrainingDivergedError, train
+
+        values = {name: p.suggest(trial) for name, p in self.params.items()}
+        cfg = apply_params(self.base, values)
+        run_dir = self.out / "trials" / f"{trial.number:03d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        self._check_folder(run_dir, cfg)
+        metric = cfg.train.metric
+
+        def on_epoch(epoch: int, row: dict) -> None:
+            value = row[f"val_{metric}"]
+            if math.isfinite(value):
+                trial.report(value, epoch)
+            if trial.should_prune():
+                raise self.optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+        try:
+            summary = train(cfg, run_dir, resume=True, progress=self.progress, on_epoch=on_epoch)
+        except TrainingDivergedError as exc:  # a setting that diverges is a bad one, not a broken search
+            trial.set_user_attr("diverged", str(exc))
+            raise self.optuna.TrialPruned(str(exc)) from exc
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            raise
+        if not math.isfinite(summary["best_metric"]):
+            raise self.optuna.TrialPruned(f"no finite validation {metric}")
+        return summary["best_metric"]
+
+    @staticmethod
+    def _check_folder(run_dir: Path, cfg: RunConfig) -> None:
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and RunConfig.from_yaml(saved).to_dict() != cfg.to_dict():
+            raise RuntimeError(
+                f"{run_dir} holds a run of other settings than trial {run_dir.name} (was the study "
+                "database replaced?): move the trials/ folder away or use another --out"
+            )
+
+
+def run_tune(
+    base: RunConfig,
+    space: dict[str, Any],
+    out: str | Path,
+    *,
+    trials: int = 8,
+    storage: str | None = None,
+    sampler: str = "tpe",
+    pruner: str = "median",
+    seed: int = 0,
+    study_name: str = "elta-tune",
+    progress: bool = False,
+):
+    """Search ``space`` around ``base`` until ``trials`` trials have finished (completed or pruned),
+    maximising the validation ``base.train.metric``. Writes ``out/trials/NNN/`` (one training run a
+    trial), ``out/trials.csv`` and ``out/best.yaml``; rerunning continues the search. Returns the
+    ``optuna.Study``."""
+    optuna = _import_optuna()
+    params = parse_space(space)
+    if trials < 1:
+        raise ValueError(f"--trials must be ≥ 1; got {trials}")
+    if sampler not in SAMPLERS or pruner not in PRUNERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS} and pruner one of {PRUNERS}")
+    if sampler == "grid":
+        _grid(params)
+    if not base.data.data:
+        raise ValueError("no dataset: give --data, or data.data in the search file's base")
+    out = Path(out)
+    if base.train.cache_features and not base.train.feature_cache:  # one backbone pass for all trials
+        base = base.override("train", feature_cache=str(out / "feature_cache.pt"))
+    for p in params.values():  # every value must make a valid config before any trial runs
+        for value in p.corners():
+            try:
+                apply_params(base, {p.name: value})
+            except ValueError as exc:
+                raise ValueError(f"search space: {p.name} = {value!r} is not a valid setting: {exc}") from exc
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out):
+        study = optuna.create_study(
+            storage=_storage(optuna, out, storage),
+            study_name=study_name,
+            direction="maximize",
+            load_if_exists=True,
+        )
+        where = f"study {study_name!r} in {storage or out / 'study.db'}"
+        _check_same_search(study, _search_record(base, params), where)
+        _recover(optuna, study, owned=storage is None)
+        done = _finished(optuna, study)
+        study.sampler = _sampler(optuna, sampler, params, seed + len(study.trials), trials)
+        study.pruner = _pruner(optuna, pruner)
+        if done < trials:
+            log.info("tuning: %d of %d trials finished; running the rest", done, trials)
+            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+            study.optimize(
+                _Objective(optuna, base, params, out, progress),
+                n_trials=trials - done,
+                callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)],
+            )
+        _write_results(study, base, params, out)
+    return study
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+def _trial_rows(study, names: list[str]) -> list[dict]:
+    return [
+        {
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
+            **{name: t.params.get(name) for name in names},
+            "epochs": len(t.intermediate_values),
+            "run_dir": t.user_attrs.get("run_dir", ""),
+        }
+        for t in study.trials
+    ]
+
+
+def _best_trial(study):
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+def _write_results(study, base: RunConfig, params: dict[str, Param], out: Path) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(_trial_rows(study, list(params)))
+    atomic_write_text(out / "trials.csv", frame.to_csv(index=False))
+    best = _best_trial(study)
+    if best is None:
+        log.warning("no trial completed (all pruned or failed): %s not written", out / "best.yaml")
+        return
+    cfg = apply_params(base, {k: v for k, v in best.params.items() if k in params})
+    header = (
+        f"# Best of {len(frame)} trials: trial {best.number}, validation {base.train.metric} "
+        f"{best.value:.4f} (run {best.user_attrs.get('run_dir', '?')}).\n"
+        f"#   elta train --config {out / 'best.yaml'} --out RUN_DIR\n"
+    )
+    atomic_write_text(out / "best.yaml", header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def format_trials(study, limit: int = 20) -> str:
+    """A short table of the trials (best first) and the best one's settings."""
+    names = list(dict.fromkeys(name for t in study.trials for name in t.params))
+    rows = _trial_rows(study, names)
+    rows.sort(key=lambda r: (r["value"] is None, -(r["value"] or 0.0), r["number"]))
+    short = {name: name.removeprefix("enhancers.") for name in names}
+    head = ["trial", "state", "value", *short.values(), "epochs"]
+    lines = [head]
+    for r in rows[:limit]:
+        value = "" if r["value"] is None else f"{r['value']:.4f}"
+        cells = [str(r["number"]), r["state"].lower(), value]
+        cells += [f"{r[n]:g}" if _is_real(r[n]) else str(r[n]) for n in names]
+        lines.append([*cells, str(r["epochs"])])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
+    if len(rows) > limit:
+        text += f"\n… {len(rows) - limit} more in trials.csv"
+    best = _best_trial(study)
+    if best is not None:
+        settings = ", ".join(f"{k}={v:g}" if _is_real(v) else f"{k}={v}" for k, v in best.params.items())
+        text += f"\nbest: trial {best.number}, value {best.value:.4f}: {settings}"
+    return text
