@@ -24,7 +24,9 @@ from elta.utils import resolve_device
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=48)
@@ -34,7 +36,9 @@ def main() -> None:
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_model(args.backbone, "distribution", list(range(1, 11)), [1, 10], image_size=args.image_size)
+    model = build_model(
+        args.backbone, "distribution", list(range(1, 11)), [1, 10], image_size=args.image_size
+    )
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     kinds = {
@@ -71,7 +75,9 @@ def main() -> None:
             times[name].append(step(enhancers))
     base = statistics.median(times["baseline"])
     enhanced = statistics.median(times["tfa+flsa"])
-    print(f"backbone {args.backbone} @ {args.image_size}px, batch {b}, device {device}, {args.steps} steps each")
+    print(
+        f"backbone {args.backbone} @ {args.image_size}px, batch {b}, device {device}, {args.steps} steps each"
+    )
     print(f"median step: baseline {base * 1000:.1f} ms, tfa+flsa {enhanced * 1000:.1f} ms")
     print(f"ratio tfa+flsa / baseline: {enhanced / base:.4f}  ({(enhanced / base - 1) * 100:+.2f} %)")
 
