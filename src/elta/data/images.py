@@ -14,7 +14,8 @@ import os
 import posixpath
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -71,18 +72,34 @@ def _open_error(path: Path, err: Exception) -> ImageLoadError:
     return ImageLoadError(path, f"corrupt or truncated image ({type(err).__name__}: {err})")
 
 
-def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) in pixels from the file header only, without decoding; ImageLoadError when unusable."""
-    path = Path(path)
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """``Image.open`` of an existing file; whatever PIL raises in the block becomes an ImageLoadError.
+
+    PIL's DecompressionBombWarning is silenced: callers apply their own ``max_pixels`` check, and PIL's hard
+    limit still raises and is translated.
+    """
     if not path.is_file():
         raise ImageLoadError(path, "file not found" if not path.exists() else "not a file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             with Image.open(path) as img:
-                size = img.size
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+                yield img
+        except ImageLoadError:
+            raise
+        except _PIL_ERRORS as err:
             raise _open_error(path, err) from err
+
+
+def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) in pixels from the file header only, without decoding; ImageLoadError when unusable."""
+    path = Path(path)
+    with _opened(path) as img:
+        size = img.size
     _check_size(path, size, max_pixels)
     return size
 
@@ -165,24 +182,12 @@ def load_image(
     path = Path(path)
     if target is not None and target < 1:
         raise ValueError(f"load_image({path}): target must be ≥ 1 pixel or None; got {target}")
-    if not path.is_file():
-        raise ImageLoadError(path, "file not found" if not path.exists() else "not a file")
-    with warnings.catch_warnings():
-        # Our own max_pixels check replaces PIL's warning; PIL's hard limit still raises and is translated.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as img:
-                _check_size(path, img.size, max_pixels)
-                if target is not None:
-                    _draft(img, target)
-                img.load()
-                # A copy: the opened image is released when the `with` block closes it.
-                decoded = _exif_transpose(img, path)
-            return _to_rgb(decoded, path)
-        except ImageLoadError:
-            raise
-        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-            raise _open_error(path, err) from err
+    with _opened(path) as img:
+        _check_size(path, img.size, max_pixels)
+        if target is not None:
+            _draft(img, target)
+        img.load()
+        return _to_rgb(_exif_transpose(img, path), path)
 
 
 def resolve_image_path(root: str | Path, image_id: str) -> Path:
