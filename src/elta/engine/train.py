@@ -426,10 +426,9 @@ class _Trainer:
             precision.name,
         )
         loop = _EpochLoop(
-            self, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers
-        )
-        loop.precision, loop.scaler = precision, scaler
-        loop.sample_weights = sample_weights
+            self, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers,
+            precision=precision, scaler=scaler, sample_weights=sample_weights,
+        )  # fmt: skip
         return loop.run(train_set, val_set, progress_state)
 
     def _datasets(self, model, data, device, workers):
@@ -467,17 +466,17 @@ class _EpochLoop:
     """The epochs of one run; holds the objects a step needs."""
 
     def __init__(
-        self, trainer, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers
-    ):
+        self, trainer, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers,
+        *, precision: Precision, scaler, sample_weights: torch.Tensor | None,
+    ):  # fmt: skip
         self.trainer, self.cfg = trainer, trainer.cfg
         self.model, self.enhancers = model, enhancers
         self.optimizer, self.scheduler = optimizer, scheduler
         self.runlog, self.data = runlog, data
         self.loss_name, self.device, self.workers = loss_name, device, workers
         self.cached = self.cfg.train.cache_features
-        self.sample_weights: torch.Tensor | None = None
-        self.precision = Precision(device)
-        self.scaler = self.precision.grad_scaler()
+        self.precision, self.scaler = precision, scaler
+        self.sample_weights = sample_weights  # per-row sampling weights, or None for plain shuffling
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, D] in float32; the backbone (or the neck on cached features) under autocast."""
