@@ -260,6 +260,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, on_epoch, report_final = nni_wrap(cfg)  # a no-op unless running as an NNI trial
     summary = train(cfg, run_dir, resume=bool(args.resume), progress=_progress(), on_epoch=on_epoch)
     report_final(summary)
+    if int(os.environ.get("RANK", "0")) > 0:
+        return 0  # under torchrun rank 0 prints the summary
     print(f"best {summary['metric']} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}")
     print(f"checkpoints: {summary['best']}  {summary['last']}")
     print(f"per-epoch metrics: {summary['metrics_csv']}")
@@ -575,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    logging.getLogger("elta").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports progress
+    logging.getLogger("elta").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -12,14 +12,18 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from elta.data.dataset import collate
+from elta.engine.distributed import SINGLE, Processes, local_world_size
 from elta.models.model import AestheticModel, ModelOutput
 
 __all__ = ["Predictions", "run_inference", "map_batches", "default_workers", "make_loader"]
 
 
 def default_workers(device: torch.device) -> int:
-    """Loader processes: none on small CPU machines (they would compete with the model), else up to 8."""
-    cpus = os.cpu_count() or 1
+    """Loader processes: none on small CPU machines (they would compete with the model), else up to 8.
+
+    The machine's CPUs are shared among the training processes torchrun started on it.
+    """
+    cpus = max(1, (os.cpu_count() or 1) // local_world_size())
     if device.type == "cpu":
         return 0 if cpus <= 2 else min(4, cpus // 2)
     return min(8, cpus)
@@ -64,11 +68,16 @@ def run_inference(
     progress: bool = False,
     desc: str = "scoring",
     forward: Callable[[torch.Tensor], ModelOutput] | None = None,
+    processes: Processes = SINGLE,
 ) -> Predictions:
     """Score every item of ``dataset`` (which yields the samples of :mod:`elta.data.dataset`).
 
-    ``forward`` replaces ``model(inputs)``, e.g. the head alone on cached backbone features.
+    ``forward`` replaces ``model(inputs)``, e.g. the head alone on cached backbone features. In a
+    distributed run (``processes``) each process scores a contiguous shard and every process receives
+    all predictions: each item scored exactly once.
     """
+    if processes.distributed:
+        return _run_sharded(model, dataset, processes, batch_size, device, workers, progress, desc, forward)
     forward = forward or model
     n = len(dataset)
     k = model.spec.num_bins
@@ -91,6 +100,49 @@ def run_inference(
         if out.distribution is not None:
             dist[idx] = out.distribution.double().cpu().numpy()
             std[idx] = out.score_std(model.centers).double().cpu().numpy()
+    return Predictions(score=score, std=std, dist=dist, errors=errors)
+
+
+class _Shard(Dataset):
+    """Items ``rows`` of a dataset, numbered 0..len(rows)−1 (samples carry their position as ``index``)."""
+
+    def __init__(self, dataset: Dataset, rows: list[int]) -> None:
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict:
+        return {**self.dataset[self.rows[position]], "index": position}
+
+
+def _run_sharded(model, dataset, processes, batch_size, device, workers, progress, desc, forward):
+    n = len(dataset)
+    own = processes.share(range(n))
+    part = run_inference(
+        model,
+        _Shard(dataset, own),
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        progress=progress and processes.is_main,
+        desc=desc,
+        forward=forward,
+    )
+    shards = processes.gather_objects((own, part))
+    order = np.concatenate([np.asarray(rows, dtype=np.int64) for rows, _ in shards])
+    if not np.array_equal(np.sort(order), np.arange(n)):
+        raise RuntimeError(f"{desc}: the processes' shards do not cover the {n} items exactly once")
+    score = np.empty(n)
+    std = np.empty(n)
+    dist = np.empty((n, model.spec.num_bins)) if part.dist is not None else None
+    errors = [""] * n
+    for rows, shard in shards:
+        score[rows], std[rows] = shard.score, shard.std
+        if dist is not None:
+            dist[rows] = shard.dist
+        for row, error in zip(rows, shard.errors, strict=True):
+            errors[row] = error
     return Predictions(score=score, std=std, dist=dist, errors=errors)
 
 

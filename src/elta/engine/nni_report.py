@@ -91,4 +91,6 @@ def nni_wrap(cfg: RunConfig) -> tuple[RunConfig, Callable[[int, dict], None] | N
     if params:
         log.info("NNI trial %s: %s", os.environ.get("NNI_TRIAL_JOB_ID", "?"), params)
         cfg = apply_params(cfg, params)
+    if int(os.environ.get("RANK", "0")) > 0:  # a distributed trial reports once, from rank 0
+        return cfg, None, _ignore
     return cfg, nni_callback(cfg.train.metric), report_final

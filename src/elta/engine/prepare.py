@@ -91,14 +91,19 @@ def _hold_out_validation(train_df: pd.DataFrame, cfg: RunConfig) -> tuple[pd.Dat
     return train_df[~mask], train_df[mask]
 
 
-def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False) -> PreparedData:
-    """Read, check and split the dataset; every skipped row is written to ``run_dir/bad_rows.csv``."""
+def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False, write: bool = True) -> PreparedData:
+    """Read, check and split the dataset; every skipped row is written to ``run_dir/bad_rows.csv``.
+
+    With ``write=False`` (the other processes of a distributed run) nothing is written.
+    """
     df = read_dataset(cfg)
     problems = list(df.attrs.get("problems", []))
     image_problems = check_images(df, deep=False, progress=progress)
     problems += image_problems
     if problems:
-        where = write_problems(problems, run_dir / "bad_rows.csv")
+        where = run_dir / "bad_rows.csv"
+        if write:
+            write_problems(problems, where)
         if cfg.data.strict:
             first = "; ".join(f"{p['file']} row {p['row']}: {p['reason']}" for p in problems[:5])
             raise AnnotationError(f"{len(problems)} bad rows (strict mode): {first} … full list: {where}")
@@ -125,7 +130,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False) -> Prepa
     split_table = pd.concat([train_df.assign(split="train"), val_df.assign(split="val")])[
         ["image_id", "split"]
     ]
-    atomic_write_text(run_dir / "split.csv", split_table.to_csv(index=False))
+    if write:
+        atomic_write_text(run_dir / "split.csv", split_table.to_csv(index=False))
     return PreparedData(
         train_df.reset_index(drop=True), val_df.reset_index(drop=True), dict(df.attrs), problems
     )

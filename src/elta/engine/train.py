@@ -27,6 +27,7 @@ from elta.data.dataset import AnnotationDataset, Batch, dist_columns
 from elta.data.readers import AnnotationError
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint, save_checkpoint
+from elta.engine.distributed import SINGLE, Processes, start_processes, stop_processes
 from elta.engine.features import load_or_compute_features
 from elta.engine.inference import Predictions, default_workers, make_loader, run_inference
 from elta.engine.precision import Precision, compile_backbone
@@ -47,6 +48,7 @@ __all__ = [
     "main_loss",
     "loss_terms",
     "epoch_batches",
+    "StepForward",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,25 +81,43 @@ def targets_of(model: AestheticModel, batch: Batch, loss_name: str) -> torch.Ten
 
 
 def main_loss(
-    model: AestheticModel, out, targets: torch.Tensor, weights: torch.Tensor, loss_name: str
+    model: AestheticModel,
+    out,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    loss_name: str,
+    weight_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Weighted mean of the per-sample EMD (distribution head) or squared / absolute error (scalar head)."""
+    """Weighted mean of the per-sample EMD (distribution head) or squared / absolute error (scalar head).
+
+    ``weight_total`` replaces the denominator ``weights.sum()``: in a distributed run, the global weight
+    sum divided by the number of processes, so that the processes' averaged gradient is the global mean's.
+    """
     if loss_name == "emd":
         per_sample = emd_loss(out.distribution, targets, reduction="none")
     elif loss_name == "mse":
         per_sample = F.mse_loss(out.score_unit, targets, reduction="none")
     else:
         per_sample = F.l1_loss(out.score_unit, targets, reduction="none")
-    return (per_sample * weights).sum() / weights.sum().clamp_min(1e-12)
+    total = weights.sum() if weight_total is None else weight_total
+    return (per_sample * weights).sum() / total.clamp_min(1e-12)
 
 
 def loss_terms(
-    model: AestheticModel, enhancers, features: torch.Tensor, batch: Batch, loss_name: str, epoch: int = 0
+    model: AestheticModel,
+    enhancers,
+    features: torch.Tensor,
+    batch: Batch,
+    loss_name: str,
+    epoch: int = 0,
+    processes: Processes = SINGLE,
 ) -> dict[str, torch.Tensor]:
     """The losses of one training step from pooled ``features`` [B, D]: enhancers, head, main loss.
 
     Returns ``{"loss": total, "main": …, <enhancer terms>…}``; the total is what is back-propagated.
     An enhancer that replaces the main loss (``state.replace_main``) leaves ``main`` out of the total.
+    In a distributed run ``batch`` is this process's share of the global batch (see
+    :mod:`elta.engine.distributed`).
     """
     score_range = (float(model.spec.score_range[0]), float(model.spec.score_range[1]))
     weights = batch.weight.to(features.device) if batch.weight is not None else features.new_ones(len(batch))
@@ -109,6 +129,7 @@ def loss_terms(
         score_range,
         indices=batch.indices.to(features.device),
         epoch=epoch,
+        gather=processes.gather_rows,
     )
     for enhancer in enhancers:
         state = enhancer(state)
@@ -117,7 +138,9 @@ def loss_terms(
         state = enhancer.after_head(state, out)
     terms = dict(state.losses)
     if not state.replace_main:
-        terms = {"main": main_loss(model, out, state.targets, state.weights, loss_name), **terms}
+        weight_total = processes.mean(state.weights.sum()) if processes.distributed else None
+        main = main_loss(model, out, state.targets, state.weights, loss_name, weight_total)
+        terms = {"main": main, **terms}
     return {"loss": sum(terms.values()), **terms}
 
 
@@ -204,7 +227,8 @@ def validation_row(model: AestheticModel, preds: Predictions, frame: pd.DataFram
 class _RunLog:
     """metrics.csv (one row an epoch, rewritten atomically) and bad_rows.csv for one run directory."""
 
-    def __init__(self, run_dir: Path, problems: list[dict]) -> None:
+    def __init__(self, run_dir: Path, problems: list[dict], write: bool = True) -> None:
+        self.write = write  # False in the processes of a distributed run other than rank 0
         self.metrics_path = run_dir / "metrics.csv"
         self.bad_rows_path = run_dir / "bad_rows.csv"
         self.rows: list[dict] = []
@@ -217,7 +241,8 @@ class _RunLog:
 
     def add_epoch(self, row: dict) -> None:
         self.rows.append(row)
-        atomic_write_text(self.metrics_path, pd.DataFrame(self.rows).to_csv(index=False))
+        if self.write:
+            atomic_write_text(self.metrics_path, pd.DataFrame(self.rows).to_csv(index=False))
 
     def add_failures(self, frame: pd.DataFrame, failures: list[tuple[int, str]]) -> None:
         for index, reason in failures:
@@ -231,7 +256,8 @@ class _RunLog:
                     "path": record["path"],
                 }
             )
-        write_problems(self.problems, self.bad_rows_path)
+        if self.write:
+            write_problems(self.problems, self.bad_rows_path)
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:
@@ -258,20 +284,32 @@ def train(
     ``on_epoch(epoch, row)`` is called after each epoch's checkpoints are written, with the 1-based epoch
     and its metrics.csv row (e.g. to report to a tuner, which may stop the run by raising).
     Returns a summary: best metric and epoch, paths of best.pt / last.pt / metrics.csv.
+    Under torchrun (``torchrun --nproc-per-node N -m elta train …``) the processes train together (see
+    :mod:`elta.engine.distributed`); rank 0 writes the run folder.
     """
     run_dir = Path(run_dir)
-    last_path = run_dir / "last.pt"
-    if last_path.exists() and not resume:
-        raise RunExistsError(
-            f"{run_dir} already holds a run (last.pt): use --resume {run_dir} or another --out"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _attach_log_file(run_dir)
+    processes, device, started = start_processes(cfg.train.device)
     try:
-        return _Trainer(cfg, run_dir, progress, on_epoch).fit(resume=resume and last_path.exists())
+        last_path = run_dir / "last.pt"
+        if last_path.exists() and not resume:
+            raise RunExistsError(
+                f"{run_dir} already holds a run (last.pt): use --resume {run_dir} or another --out"
+            )
+        handler = None
+        if processes.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handler = _attach_log_file(run_dir)
+        processes.barrier()  # every process sees the same state of the run folder
+        try:
+            trainer = _Trainer(cfg, run_dir, progress and processes.is_main, on_epoch, processes, device)
+            return trainer.fit(resume=resume and last_path.exists())
+        finally:
+            if handler is not None:
+                logging.getLogger("elta").removeHandler(handler)
+                handler.close()
     finally:
-        logging.getLogger("elta").removeHandler(handler)
-        handler.close()
+        if started:
+            stop_processes()
 
 
 def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resumed: dict | None) -> AestheticModel:
@@ -334,6 +372,22 @@ def _load_initial_weights(model: AestheticModel, source: dict, path: str, reset_
     log.info("initialised from %s%s", path, f" (new: {', '.join(new_layers)})" if new_layers else "")
 
 
+def _handle_batch_norm(model: AestheticModel, processes: Processes, device: torch.device) -> None:
+    """Distributed runs on GPUs normalise over the global batch (SyncBatchNorm, in place)."""
+    has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if not processes.distributed or not has_batch_norm:
+        return
+    if device.type == "cuda":
+        model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+        model.neck = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.neck)
+        log.info("BatchNorm layers synchronised across the %d processes", processes.world_size)
+    else:
+        log.info(
+            "BatchNorm on CPUs: each process normalises its share of the batch (SyncBatchNorm needs GPUs); "
+            "rank 0's running statistics are given to all before validating and saving"
+        )
+
+
 def _sample_weights(enhancers, context: TrainingContext) -> torch.Tensor | None:
     """The product of the enhancers' sampling weights over training rows, or None (plain shuffling)."""
     weights = None
@@ -345,23 +399,40 @@ def _sample_weights(enhancers, context: TrainingContext) -> torch.Tensor | None:
 
 
 class _Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, progress: bool, on_epoch=None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        progress: bool,
+        on_epoch=None,
+        processes: Processes = SINGLE,
+        device: torch.device | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.progress = progress
         self.on_epoch = on_epoch
+        self.processes = processes
+        self.device = device  # None: from cfg.train.device
         self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
 
     def fit(self, resume: bool) -> dict:
-        cfg, t = self.cfg, self.cfg.train
-        device = resolve_device(t.device)
+        cfg, t, processes = self.cfg, self.cfg.train, self.processes
+        device = self.device or resolve_device(t.device)
+        if processes.distributed and t.batch_size < processes.world_size:
+            raise ValueError(
+                f"--batch-size {t.batch_size} is the global batch, shared by {processes.world_size} "
+                f"processes: give at least {processes.world_size}"
+            )
         precision = Precision.create(t.amp, device, t.channels_last and not t.cache_features)
-        cfg.to_yaml(self.run_dir / "config.yaml")
-        data = prepare_data(cfg, self.run_dir, progress=self.progress)
+        if processes.is_main:
+            cfg.to_yaml(self.run_dir / "config.yaml")
+        data = prepare_data(cfg, self.run_dir, progress=self.progress, write=processes.is_main)
         loss_name = resolve_loss(t.loss, data.attrs["has_distribution"])
         head = "distribution" if loss_name == "emd" else "scalar"
         state = load_checkpoint(self.last_path) if resume else None
         model = precision.prepare(_initial_model(cfg, data, head, state).to(device))
+        _handle_batch_norm(model, processes, device)
         enhancers = build_enhancers(cfg.enhancers)
         context = TrainingContext(
             scores=torch.tensor(data.train["mos"].to_numpy(dtype=np.float32)),
@@ -388,7 +459,7 @@ class _Trainer:
         steps_per_epoch = len(epoch_batches(len(train_set), t.batch_size, t.seed, 0))
         optimizer = make_optimizer(model, cfg, enhancers)
         scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
-        runlog = _RunLog(self.run_dir, data.problems)
+        runlog = _RunLog(self.run_dir, data.problems, write=processes.is_main)
         progress_state = {
             "epoch": 0,
             "step": 0,
@@ -414,7 +485,7 @@ class _Trainer:
                 progress_state["step"],
             )
         log.info(
-            "training %s (%s head, %s loss%s) on %d images, validating on %d; %d steps an epoch on %s (%s)",
+            "training %s (%s head, %s loss%s) on %d images, validating on %d; %d steps an epoch on %s (%s)%s",
             model.spec.backbone,
             head,
             loss_name,
@@ -424,6 +495,9 @@ class _Trainer:
             steps_per_epoch,
             device,
             precision.name,
+            f"; {processes.world_size} processes share each batch of {t.batch_size}"
+            if processes.distributed
+            else "",
         )
         loop = _EpochLoop(
             self, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers,
@@ -443,6 +517,9 @@ class _Trainer:
             Path(cfg.train.feature_cache) if cfg.train.feature_cache else self.run_dir / "feature_cache.pt"
         )
         weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
+        processes = self.processes
+        if not processes.is_main:
+            processes.barrier()  # rank 0 computes and stores the features; the others then read them
         caches = load_or_compute_features(
             cache_path,
             model,
@@ -453,6 +530,8 @@ class _Trainer:
             workers=workers,
             progress=self.progress,
         )
+        if processes.is_main:
+            processes.barrier()
         train_set = AnnotationDataset(
             data.train, None, features=caches["train"].features, failed=caches["train"].failed
         )
@@ -460,6 +539,35 @@ class _Trainer:
             data.val, None, features=caches["val"].features, failed=caches["val"].failed
         )
         return train_set, val_set
+
+
+class StepForward(torch.nn.Module):
+    """A training step's forward (features → enhancers → head → loss terms) as one module, so that
+    DistributedDataParallel can wrap the model and the enhancers' parameters together.
+
+    ``features(inputs)`` gives the pooled features [B, D] (the backbone under autocast, or the neck on
+    cached features).
+    """
+
+    def __init__(
+        self,
+        model: AestheticModel,
+        enhancers: torch.nn.ModuleList,
+        features: Callable[[torch.Tensor], torch.Tensor],
+        loss_name: str,
+        processes: Processes = SINGLE,
+    ) -> None:
+        super().__init__()
+        self.model, self.enhancers = model, enhancers
+        self.features = features
+        self.loss_name, self.processes = loss_name, processes
+
+    def forward(self, images, mos, dist, weight, indices, epoch: int) -> dict[str, torch.Tensor]:
+        batch = Batch(images=images, indices=indices, mos=mos, dist=dist, weight=weight)
+        features = self.features(images)
+        return loss_terms(
+            self.model, self.enhancers, features, batch, self.loss_name, epoch=epoch, processes=self.processes
+        )
 
 
 class _EpochLoop:
@@ -477,6 +585,9 @@ class _EpochLoop:
         self.cached = self.cfg.train.cache_features
         self.precision, self.scaler = precision, scaler
         self.sample_weights = sample_weights  # per-row sampling weights, or None for plain shuffling
+        self.processes = trainer.processes
+        step = StepForward(model, enhancers, self.features, loss_name, self.processes)
+        self.forward_step = self.processes.wrap(step, device)
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, D] in float32; the backbone (or the neck on cached features) under autocast."""
@@ -501,8 +612,9 @@ class _EpochLoop:
         batch.images = batch.images.to(self.device, non_blocking=True)
         batch.mos = batch.mos.to(self.device)
         batch.dist = batch.dist.to(self.device) if batch.dist is not None else None
-        features = self.features(batch.images)
-        terms = loss_terms(self.model, self.enhancers, features, batch, self.loss_name, epoch=epoch)
+        batch.weight = batch.weight.to(self.device) if batch.weight is not None else None
+        batch.indices = batch.indices.to(self.device)
+        terms = self.forward_step(batch.images, batch.mos, batch.dist, batch.weight, batch.indices, epoch)
         total = terms["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()  # the scaler is a pass-through unless --amp fp16
@@ -529,9 +641,8 @@ class _EpochLoop:
             first = p["step"] if epoch == start_epoch else 0
             sums = defaultdict(float, p["epoch_loss_sums"] if first else {})
             samples = p["epoch_samples"] if first else 0
-            loader = make_loader(
-                train_set, t.batch_size, self.workers, self.device, batch_sampler=batches[first:]
-            )
+            shares = [self.processes.share(b) for b in batches[first:]]  # the whole batch in one process
+            loader = make_loader(train_set, t.batch_size, self.workers, self.device, batch_sampler=shares)
             bar = tqdm(
                 loader,
                 desc=f"epoch {epoch + 1}",
@@ -542,12 +653,14 @@ class _EpochLoop:
                 total=len(batches),
             )
             for step, batch in enumerate(bar, start=first):
-                self._report_failures(batch)
-                if len(batch) < 2:
+                sizes = self._census(batch)  # every process's number of loaded samples
+                if sum(sizes) < 2 or min(sizes) == 0:
+                    if self.processes.distributed and sum(sizes) >= 2:
+                        log.warning("step %d skipped: a process has no loadable image in its share", step + 1)
                     continue
-                torch.manual_seed(derive_seed(t.seed, epoch, step, 1))
+                torch.manual_seed(self._step_seed(epoch, step))
                 terms = self.step(batch, epoch)
-                values = {k: float(v.detach()) for k, v in terms.items()}
+                values = self._loss_values(terms)
                 if not math.isfinite(values["loss"]):
                     kept = (
                         f"the last good checkpoint is {last_path}"
@@ -561,12 +674,12 @@ class _EpochLoop:
                     )
                 p["global_step"] += 1
                 for k, v in values.items():
-                    sums[k] += v * len(batch)
-                samples += len(batch)
+                    sums[k] += v * sum(sizes)
+                samples += sum(sizes)
                 bar.set_postfix(loss=f"{values['loss']:.4f}")
                 if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and step + 1 < len(batches):
                     p.update(epoch=epoch, step=step + 1, epoch_loss_sums=dict(sums), epoch_samples=samples)
-                    save_checkpoint(last_path, self.model, **self.snapshot(p))
+                    self._save(last_path, p)
             bar.close()
             for enhancer in self.enhancers:
                 enhancer.on_epoch_end(epoch)
@@ -590,9 +703,9 @@ class _EpochLoop:
                 p.update(best_metric=value, best_epoch=epoch + 1)
             self.runlog.add_epoch(row)
             p.update(epoch=epoch + 1, step=0, epoch_loss_sums={}, epoch_samples=0)
-            save_checkpoint(last_path, self.model, **self.snapshot(p))
+            self._save(last_path, p)
             if improved:
-                save_checkpoint(best_path, self.model, **self.snapshot(p))
+                self._save(best_path, p)
             log.info(
                 "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_srcc %.4f  val_plcc %.4f  val_acc %.4f  %s  (%.1fs)",
                 epoch + 1,
@@ -607,8 +720,8 @@ class _EpochLoop:
             )
             if self.trainer.on_epoch is not None:
                 self.trainer.on_epoch(epoch + 1, row)
-        if not best_path.exists():  # every validation metric was NaN: keep the last weights as the result
-            save_checkpoint(best_path, self.model, **self.snapshot(p))
+        if p["best_epoch"] == 0:
+            self._save(best_path, p)  # every validation metric was NaN: keep the last weights as the result
         return {
             "run_dir": str(self.trainer.run_dir),
             "best_metric": p["best_metric"],
@@ -619,19 +732,48 @@ class _EpochLoop:
             "metrics_csv": str(self.runlog.metrics_path),
         }
 
-    def _report_failures(self, batch: Batch) -> None:
-        if not batch.failures:
-            return
-        self.runlog.add_failures(self.data.train, batch.failures)
+    def _census(self, batch: Batch) -> list[int]:
+        """Every process's number of loaded samples; reports the images that failed to load in any."""
+        table = self.processes.all_counts([len(batch), len(batch.failures)], self.device)
+        if any(failed for _, failed in table):
+            failures = batch.failures
+            if self.processes.distributed:
+                failures = [f for part in self.processes.gather_objects(batch.failures) for f in part]
+            self._report_failures(failures)
+        return [size for size, _ in table]
+
+    def _report_failures(self, failures: list[tuple[int, str]]) -> None:
+        self.runlog.add_failures(self.data.train, failures)
         log.warning(
             "skipped %d unreadable training images (listed in %s)",
-            len(batch.failures),
+            len(failures),
             self.runlog.bad_rows_path,
         )
         if self.cfg.data.strict:
-            raise AnnotationError(f"unreadable training image (strict mode): {batch.failures[0][1]}")
+            raise AnnotationError(f"unreadable training image (strict mode): {failures[0][1]}")
+
+    def _step_seed(self, epoch: int, step: int) -> int:
+        """The seed of a step's draws (dropout, TFA); each process of a distributed run has its own."""
+        if self.processes.distributed:
+            return derive_seed(self.cfg.train.seed, epoch, step, 1, self.processes.rank)
+        return derive_seed(self.cfg.train.seed, epoch, step, 1)
+
+    def _loss_values(self, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The step's loss terms as numbers; in a distributed run their means over the processes, which
+        make up the global batch's values."""
+        if not self.processes.distributed:
+            return {k: float(v.detach()) for k, v in terms.items()}
+        means = self.processes.mean(torch.stack([v.detach().float() for v in terms.values()]))
+        return dict(zip(terms, means.tolist(), strict=True))
+
+    def _save(self, path: Path, p: dict) -> None:
+        """Write a checkpoint (rank 0), after giving every process rank 0's buffers."""
+        self.processes.broadcast_buffers(self.model)
+        if self.processes.is_main:
+            save_checkpoint(path, self.model, **self.snapshot(p))
 
     def _validate(self, val_set: AnnotationDataset) -> dict:
+        self.processes.broadcast_buffers(self.model)  # all processes score with the weights rank 0 saves
         preds = run_inference(
             self.model,
             val_set,
@@ -641,6 +783,7 @@ class _EpochLoop:
             progress=self.trainer.progress,
             desc="validating",
             forward=self.head_forward,
+            processes=self.processes,
         )
         if not preds.ok.all():
             self.runlog.add_failures(self.data.val, [(i, e) for i, e in enumerate(preds.errors) if e])

@@ -14,6 +14,7 @@ run's config stores them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -31,6 +32,10 @@ __all__ = [
 ]
 
 ENHANCERS: dict[str, type[Enhancer]] = {}
+
+
+def _same_rows(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 @dataclass
@@ -51,6 +56,9 @@ class StepState:
     indices: torch.Tensor | None = None  # [B] training-row indices of the batch's real samples
     epoch: int = 0  # 0-based
     replace_main: bool = False  # set by an enhancer whose loss replaces the main loss (e.g. BMC)
+    # rows of every training process concatenated (differentiable; the identity in a single process):
+    # a loss over the global batch, which every process computes alike, uses gather(features)
+    gather: Callable[[torch.Tensor], torch.Tensor] = _same_rows
 
 
 @dataclass

@@ -21,7 +21,8 @@ class TFA(Enhancer):
 
     Anchor i ~ softmax(|s̄ − s_i| / τ1) without replacement, partner j ~ softmax(τ2 / (|s_i − s_j| + ε)),
     λ = P(i) / (P(i) + P(j)); f̃ = λ f_i + (1 − λ) f_j, and the same for targets, scores and weights.
-    Draws use torch's default generator of the features' device, which the trainer seeds every step.
+    Draws use torch's default generator of the features' device, which the trainer seeds every step. In a
+    distributed run each process mixes pairs within its own share of the batch.
     """
 
     name = "tfa"
@@ -56,7 +57,8 @@ class FLSA(Enhancer):
     """Align the batch's feature cosine similarities with its label similarities.
 
     L = mean_ij (cos(f_i, f_j) − (1 − |s_i − s_j| / R))², R = the batch's score range (``range: batch``) or
-    the dataset's (``range: dataset``); the total loss gains ``weight · L``.
+    the dataset's (``range: dataset``); the total loss gains ``weight · L``. In a distributed run the pairs
+    span the global batch (every process's rows, gathered with their gradients).
     """
 
     name = "flsa"
@@ -76,5 +78,7 @@ class FLSA(Enhancer):
     def forward(self, state: StepState) -> StepState:
         lo, hi = state.score_range
         span = (hi - lo) if self.cfg.range == "dataset" else None
-        state.losses["flsa"] = self.cfg.weight * flsa_loss(state.features, state.scores, score_range=span)
+        # over the global batch when several processes train (each adds the same value)
+        features, scores = state.gather(state.features), state.gather(state.scores)
+        state.losses["flsa"] = self.cfg.weight * flsa_loss(features, scores, score_range=span)
         return state

@@ -25,6 +25,9 @@ variance 1) then leak into their neighbours. Aesthetic scales have empty bins at
 tail bins this method is meant to help, so here each smoothed value is the kernel-weighted mean over the
 neighbouring bins that hold statistics (zero padding, the kernel renormalised over those bins).
 
+In a distributed run the statistics are accumulated over the global batch (the rows of every process,
+gathered), so that all processes re-calibrate with the same statistics as a single process would.
+
 FDS acts only in training: the trainer calls enhancers on training steps, never at inference. Rows of a
 bin without statistics, and feature dimensions with zero variance in their bin, pass unchanged.
 """
@@ -145,8 +148,9 @@ class FDS(Enhancer):
                 "(TrainingContext.feature_dim)"
             )
         bins = bin_index(state.scores[:real].to(self.edges.dtype), self.edges)
-        if self.training:
-            self._accumulate(features.detach().to(self.epoch_mean.dtype), bins)
+        if self.training:  # statistics of the global batch: every process holds the same ones
+            seen = state.gather(features.detach().to(self.epoch_mean.dtype))
+            self._accumulate(seen, state.gather(bins))
         if state.epoch >= self.cfg.start_smooth:
             calibrated = fds_calibrate(
                 features,

@@ -1,0 +1,144 @@
+"""Distributed training (torchrun, gloo on CPUs): the global-batch step, sharded validation, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import tiny_train_args
+from elta.engine.checkpoint import load_checkpoint
+from elta.engine.distributed import Processes
+from elta.engine.train import StepForward
+
+HELPERS = Path(__file__).parent / "helpers"
+sys.path.insert(0, str(HELPERS))
+from step_inputs import make_inputs, make_model_and_enhancers  # noqa: E402
+
+
+def torchrun(*args: str, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(processes), *args]  # fmt: skip
+
+
+def quiet_env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 16])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shares_cover_a_batch_once_and_differ_by_at_most_one(n, world):
+    shares = [Processes(rank=r, world_size=world).share(range(n)) for r in range(world)]
+    assert [i for share in shares for i in share] == list(range(n))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_two_process_step_has_the_single_process_gradient(tmp_path):
+    """Main loss over the global weight sum, FLSA over the gathered batch, FDS statistics of the global
+    batch: the averaged gradient of 2 processes (3 + 4 rows) is the gradient of one process on all 7."""
+    run = subprocess.run(
+        torchrun(str(HELPERS / "distributed_step.py"), str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=quiet_env(),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [len(r["rows"]) for r in ranks] == [3, 4]
+
+    model, enhancers = make_model_and_enhancers()
+    inputs = make_inputs()
+    step = StepForward(model, enhancers, model.forward_features, "emd")
+    terms = step(inputs["images"], inputs["mos"], inputs["dist"], inputs["weight"], inputs["indices"], 0)
+    terms["loss"].backward()
+
+    for rank in ranks:  # DDP leaves every process with the same averaged gradient
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(rank["grads"][name], param.grad, rtol=1e-4, atol=1e-6, msg=name)
+        for name, value in enhancers.state_dict().items():
+            torch.testing.assert_close(rank["enhancers"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # the logged loss is the mean over processes of their terms: the global batch's value
+    for key in ("main", "flsa"):
+        mean = sum(float(r["terms"][key]) for r in ranks) / 2
+        assert mean == pytest.approx(float(terms[key].detach()), rel=1e-5), key
+    assert float(ranks[0]["terms"]["flsa"]) == pytest.approx(float(ranks[1]["terms"]["flsa"]))
+
+
+def _train_args(demo_data, out, epochs=2) -> list[str]:
+    args = tiny_train_args(demo_data, out, backbone="test_resnet", epochs=epochs)  # BatchNorm inside
+    return [*args, "--tfa", "--flsa-weight", "1", "--checkpoint-every", "1"]
+
+
+def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tmp_path):
+    reference = tmp_path / "reference"
+    done = subprocess.run(
+        torchrun("-m", "elta", *_train_args(demo_data, reference)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=quiet_env(),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("best srcc") == 1  # rank 0 alone prints and writes
+    assert sorted(p.name for p in reference.iterdir()) == [
+        "best.pt", "config.yaml", "last.pt", "metrics.csv", "split.csv", "train.log",
+    ]  # fmt: skip
+    metrics = pd.read_csv(reference / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2]
+
+    # The run's last validation equals a single-process evaluation of its checkpoint on the same rows:
+    # every validation image was scored once (no shard lost or padded with repeats).
+    evaluated = tmp_path / "eval"
+    subprocess.run(
+        [sys.executable, "-m", "elta", "evaluate", "--checkpoint", str(reference / "last.pt"),
+         "--split", "val", "--out", str(evaluated), "--device", "cpu", "--workers", "0"],
+        check=True, capture_output=True, env=quiet_env(), timeout=300,
+    )  # fmt: skip
+    single = json.loads((evaluated / "metrics.json").read_text())
+    split = pd.read_csv(reference / "split.csv")
+    assert single["n"] == (split["split"] == "val").sum()
+    last = metrics.iloc[-1]
+    assert last["val_srcc"] == pytest.approx(single["srcc"], abs=1e-12)
+    for key in ("plcc", "mae", "emd", "acc"):
+        assert last[f"val_{key}"] == pytest.approx(single[key], rel=1e-4, abs=1e-6), key
+
+    # Kill every process in the middle, resume with torchrun, and end with the same weights.
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(
+        torchrun("-m", "elta", *_train_args(demo_data, run)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=quiet_env(),
+        start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped = load_checkpoint(run / "last.pt")
+    assert (stopped["epoch"], stopped["step"]) < (2, 0), "the run finished before it could be killed"
+    resumed = subprocess.run(
+        torchrun("-m", "elta", "train", "--resume", str(run)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=quiet_env(),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_checkpoint(reference / "last.pt")["model"], load_checkpoint(run / "last.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    pd.testing.assert_frame_equal(
+        pd.read_csv(reference / "metrics.csv").drop(columns="time_s"),
+        pd.read_csv(run / "metrics.csv").drop(columns="time_s"),
+    )
