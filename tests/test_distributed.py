@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,9 +80,18 @@ def _train_args(demo_data, out, epochs=2) -> list[str]:
 
 
 def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    victims = {}  # a training and a validation image whose data is cut short: they fail when decoded
+    for split in ("train", "val"):
+        image_id = (data / f"{split}.txt").read_text().split()[0]
+        victim = data / "images" / f"{image_id}.jpg"
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        victims[split] = image_id
+
     reference = tmp_path / "reference"
     done = subprocess.run(
-        torchrun("-m", "elta", *_train_args(demo_data, reference)),
+        torchrun("-m", "elta", *_train_args(data, reference)),
         capture_output=True,
         text=True,
         timeout=300,
@@ -90,8 +100,11 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("best srcc") == 1  # rank 0 alone prints and writes
     assert sorted(p.name for p in reference.iterdir()) == [
-        "best.pt", "config.yaml", "last.pt", "metrics.csv", "split.csv", "train.log",
+        "bad_rows.csv", "best.pt", "config.yaml", "last.pt", "metrics.csv", "split.csv", "train.log",
     ]  # fmt: skip
+    # whichever process met them, the broken images are listed once each (by rank 0)
+    bad = pd.read_csv(reference / "bad_rows.csv", dtype={"image_id": str})
+    assert sorted(bad["image_id"]) == sorted(victims.values())
     metrics = pd.read_csv(reference / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]
 
@@ -105,7 +118,8 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
     )  # fmt: skip
     single = json.loads((evaluated / "metrics.json").read_text())
     split = pd.read_csv(reference / "split.csv")
-    assert single["n"] == (split["split"] == "val").sum()
+    assert single["skipped"] == 1
+    assert single["n"] == (split["split"] == "val").sum() - 1
     last = metrics.iloc[-1]
     assert last["val_srcc"] == pytest.approx(single["srcc"], abs=1e-12)
     for key in ("plcc", "mae", "emd", "acc"):
@@ -114,7 +128,7 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
     # Kill every process in the middle, resume with torchrun, and end with the same weights.
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        torchrun("-m", "elta", *_train_args(demo_data, run)),
+        torchrun("-m", "elta", *_train_args(data, run)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=quiet_env(),

@@ -245,8 +245,13 @@ class _RunLog:
             atomic_write_text(self.metrics_path, pd.DataFrame(self.rows).to_csv(index=False))
 
     def add_failures(self, frame: pd.DataFrame, failures: list[tuple[int, str]]) -> None:
+        """List rows whose image failed to load (each once, however many epochs meet it)."""
+        known = {(p.get("path"), p.get("reason")) for p in self.problems}
         for index, reason in failures:
             record = frame.iloc[index]
+            if (record["path"], reason) in known:
+                continue
+            known.add((record["path"], reason))
             self.problems.append(
                 {
                     "file": record.get("source", ""),
@@ -302,7 +307,9 @@ def train(
         processes.barrier()  # every process sees the same state of the run folder
         try:
             trainer = _Trainer(cfg, run_dir, progress and processes.is_main, on_epoch, processes, device)
-            return trainer.fit(resume=resume and last_path.exists())
+            summary = trainer.fit(resume=resume and last_path.exists())
+            processes.barrier()  # all processes are done before the group is taken down
+            return summary
         finally:
             if handler is not None:
                 logging.getLogger("elta").removeHandler(handler)
@@ -744,11 +751,12 @@ class _EpochLoop:
 
     def _report_failures(self, failures: list[tuple[int, str]]) -> None:
         self.runlog.add_failures(self.data.train, failures)
-        log.warning(
-            "skipped %d unreadable training images (listed in %s)",
-            len(failures),
-            self.runlog.bad_rows_path,
-        )
+        if self.processes.is_main:
+            log.warning(
+                "skipped %d unreadable training images (listed in %s)",
+                len(failures),
+                self.runlog.bad_rows_path,
+            )
         if self.cfg.data.strict:
             raise AnnotationError(f"unreadable training image (strict mode): {failures[0][1]}")
 
