@@ -136,7 +136,7 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
     )
     deadline = time.time() + 120
     while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     stopped = load_checkpoint(run / "last.pt")

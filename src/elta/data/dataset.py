@@ -6,19 +6,19 @@ the batch and hands the failures to the caller, which reports them (nothing is d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from elta.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
 from elta.data.transforms import ImageTransform
 from elta.utils import derive_seed
 
-__all__ = ["AnnotationDataset", "ImageListDataset", "Batch", "collate", "dist_columns"]
+__all__ = ["AnnotationDataset", "EpochBatchSampler", "ImageListDataset", "Batch", "collate", "dist_columns"]
 
 
 def dist_columns(df: pd.DataFrame) -> list[str]:
@@ -47,6 +47,9 @@ class AnnotationDataset(Dataset):
 
     With ``features`` ([N, D], e.g. a frozen backbone's cached output) the rows yield those vectors
     instead of decoded images; rows listed in ``failed`` (index -> reason) yield their failure.
+
+    Items are requested by row (augmented as for the epoch of :meth:`set_epoch`) or by ``(row, epoch)``,
+    which loader workers that live across epochs need (:class:`EpochBatchSampler`).
     """
 
     def __init__(
@@ -82,18 +85,19 @@ class AnnotationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _input(self, index: int) -> torch.Tensor:
+    def _input(self, index: int, epoch: int) -> torch.Tensor:
         if self.features is not None:
             return self.features[index]
         image = load_image(self.paths[index], self.max_pixels, target=self.transform.needed_size)
-        seed = derive_seed(self.seed, self.epoch, index) if self.transform.train else None
+        seed = derive_seed(self.seed, epoch, index) if self.transform.train else None
         return self.transform(image, seed)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, self.epoch)
         if index in self.failed:
             return {"ok": False, "index": index, "reason": self.failed[index]}
         try:
-            inputs = self._input(index)
+            inputs = self._input(index, epoch)
         except ImageLoadError as exc:
             return {"ok": False, "index": index, "reason": str(exc)}
         sample = {
@@ -106,6 +110,28 @@ class AnnotationDataset(Dataset):
         if self.dist is not None:
             sample["dist"] = self.dist[index]
         return sample
+
+
+class EpochBatchSampler(Sampler):
+    """The batches of the current epoch, as ``(row, epoch)`` keys, for one DataLoader kept across epochs.
+
+    Set each epoch's batches with :meth:`set_epoch` before iterating the loader; worker processes then
+    stay alive between epochs (``persistent_workers``) and still augment each epoch differently.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.batches: list[list[int]] = []
+
+    def set_epoch(self, epoch: int, batches: list[list[int]]) -> None:
+        self.epoch, self.batches = epoch, batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.batches:
+            yield [(index, self.epoch) for index in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 class ImageListDataset(Dataset):

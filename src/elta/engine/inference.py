@@ -30,15 +30,21 @@ def default_workers(device: torch.device) -> int:
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, workers: int, device: torch.device, **kwargs
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    persistent: bool = False,
+    **kwargs,
 ) -> DataLoader:
+    """A loader of :class:`~elta.data.dataset.Batch`; with ``persistent`` its workers outlive an epoch."""
     return DataLoader(
         dataset,
         batch_size=batch_size if "batch_sampler" not in kwargs else 1,
         collate_fn=collate,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        persistent_workers=persistent and workers > 0,
         **kwargs,
     )
 

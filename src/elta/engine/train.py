@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from elta.config import RunConfig
 from elta.data.cache import check_cache_fits
 from elta.data.check import write_problems
-from elta.data.dataset import AnnotationDataset, Batch, dist_columns
+from elta.data.dataset import AnnotationDataset, Batch, EpochBatchSampler, dist_columns
 from elta.data.readers import AnnotationError
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -638,18 +638,22 @@ class _EpochLoop:
         last_path, best_path = self.trainer.last_path, self.trainer.best_path
         progress = self.trainer.progress
         start_epoch = p["epoch"]
+        # one loader for the whole run: its worker processes outlive the epochs
+        sampler = EpochBatchSampler()
+        loader = make_loader(
+            train_set, t.batch_size, self.workers, self.device, persistent=True, batch_sampler=sampler
+        )
         for epoch in tqdm(range(start_epoch, t.epochs), desc="epochs", unit="epoch", disable=not progress):
             started = time.perf_counter()
             self.model.train()
             if self.cfg.model.freeze_backbone:
                 self.model.backbone.eval()  # frozen batch-norm statistics too
-            train_set.set_epoch(epoch)
             batches = epoch_batches(len(train_set), t.batch_size, t.seed, epoch, self.sample_weights)
             first = p["step"] if epoch == start_epoch else 0
             sums = defaultdict(float, p["epoch_loss_sums"] if first else {})
             samples = p["epoch_samples"] if first else 0
-            shares = [self.processes.share(b) for b in batches[first:]]  # the whole batch in one process
-            loader = make_loader(train_set, t.batch_size, self.workers, self.device, batch_sampler=shares)
+            # each process's share of every batch (the whole batch in a single process)
+            sampler.set_epoch(epoch, [self.processes.share(b) for b in batches[first:]])
             bar = tqdm(
                 loader,
                 desc=f"epoch {epoch + 1}",
