@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -74,11 +75,46 @@ def test_two_process_step_has_the_single_process_gradient(tmp_path):
     assert float(ranks[0]["terms"]["flsa"]) == pytest.approx(float(ranks[1]["terms"]["flsa"]))
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if entry.name.isdigit() and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_launcher_and_workers(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its worker processes (which it starts in sessions of their own)."""
+    workers = _children(proc.pid)
+    assert workers, "torchrun had no worker processes"
+    proc.kill()
+    proc.wait()
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 30
+    while any(_running(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.01)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a killed worker may stay a zombie until its new parent reaps it
+
+
 def _train_args(demo_data, out, epochs=2) -> list[str]:
     args = tiny_train_args(demo_data, out, backbone="test_resnet", epochs=epochs)  # BatchNorm inside
     return [*args, "--tfa", "--flsa-weight", "1", "--checkpoint-every", "1"]
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers in /proc (Linux)")
 def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
@@ -132,13 +168,11 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=quiet_env(),
-        start_new_session=True,
     )
     deadline = time.time() + 120
     while not (run / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_launcher_and_workers(proc)
     stopped = load_checkpoint(run / "last.pt")
     assert (stopped["epoch"], stopped["step"]) < (2, 0), "the run finished before it could be killed"
     resumed = subprocess.run(

@@ -580,6 +580,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports progress
     logging.getLogger("elta").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":  # started by torchrun
+            raise ValueError(
+                "under torchrun only `elta train` runs distributed; run this command without torchrun"
+            )
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
