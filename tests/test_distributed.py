@@ -190,3 +190,11 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
         pd.read_csv(reference / "metrics.csv").drop(columns="time_s"),
         pd.read_csv(run / "metrics.csv").drop(columns="time_s"),
     )
+
+
+def test_only_train_runs_under_torchrun(monkeypatch, capsys):
+    from elta.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["evaluate", "--checkpoint", "run/best.pt", "--out", "out"]) == 2
+    assert "only `elta train` runs distributed" in capsys.readouterr().err
