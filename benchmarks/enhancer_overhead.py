@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from common import random_batch, timed
 
-from elta.data.dataset import Batch
 from elta.engine.train import loss_terms
 from elta.enhancers import build_enhancers
 from elta.models import build_model
@@ -45,38 +44,24 @@ def main() -> None:
         "baseline": build_enhancers([]),
         "tfa+flsa": build_enhancers([{"name": "tfa"}, {"name": "flsa", "weight": 1.0}]).to(device),
     }
-    b = args.batch_size
-    dist = torch.softmax(torch.randn(b, 10), 1).to(device)
-    batch = Batch(
-        images=torch.randn(b, 3, args.image_size, args.image_size, device=device),
-        indices=torch.arange(b),
-        mos=(dist @ torch.arange(1.0, 11.0, device=device)),
-        dist=dist,
-        weight=torch.ones(b, device=device),
-    )
+    batch = random_batch(args.batch_size, args.image_size, device)
 
-    def step(enhancers) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def step(enhancers) -> None:
         terms = loss_terms(model, enhancers, model.forward_features(batch.images), batch, "emd")
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
 
     for enhancers in kinds.values():  # warm-up
         step(enhancers)
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for _ in range(args.steps):
         for name, enhancers in kinds.items():
-            times[name].append(step(enhancers))
+            times[name].append(timed(device, lambda e=enhancers: step(e)))
     base = statistics.median(times["baseline"])
     enhanced = statistics.median(times["tfa+flsa"])
     print(
-        f"backbone {args.backbone} @ {args.image_size}px, batch {b}, device {device}, {args.steps} steps each"
+        f"backbone {args.backbone} @ {args.image_size}px, batch {args.batch_size}, device {device}, {args.steps} steps each"
     )
     print(f"median step: baseline {base * 1000:.1f} ms, tfa+flsa {enhanced * 1000:.1f} ms")
     print(f"ratio tfa+flsa / baseline: {enhanced / base:.4f}  ({(enhanced / base - 1) * 100:+.2f} %)")

@@ -25,8 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from common import make_photos
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -40,26 +40,17 @@ from elta.data.transforms import ImageTransform
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def make_photos(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
-    """``n`` JPEGs (quality 90) of ``size`` cut from scikit-image's photos; returns a CSV (image, mos)."""
-    from skimage import data
+SOURCES = (  # colour and non-colour photos: several sizes and JPEG contents
+    "astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
+    "stereo_motorcycle",
+)  # fmt: skip
 
-    sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.hubble_deep_field()]
-    sources += [data.retina(), data.immunohistochemistry(), data.stereo_motorcycle()[0]]
-    rng = np.random.default_rng(seed)
-    rows = ["image,mos"]
-    for i in range(n):
-        photo = Image.fromarray(sources[i % len(sources)])
-        w, h = photo.size
-        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        image = photo.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        image.save(folder / f"{i:04d}.jpg", quality=90)
-        rows.append(f"{i:04d}.jpg,{rng.uniform(1, 10):.3f}")
+
+def write_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
+    """``n`` test JPEGs of ``size`` and a CSV (image, mos) listing them."""
+    made = make_photos(folder, n, size, sources=SOURCES, flip=True, scores=True)
     csv = folder / "scores.csv"
-    csv.write_text("\n".join(rows) + "\n")
+    csv.write_text("image,mos\n" + "".join(f"{path.name},{mos:.3f}\n" for path, mos in made))
     return csv
 
 
@@ -83,7 +74,7 @@ class OriginalDataset(Dataset):
 class FullDecodeDataset(AnnotationDataset):
     """elta's dataset with the full-size decode (no draft), to separate the two gains."""
 
-    def _input(self, index: int) -> torch.Tensor:
+    def _input(self, index: int, epoch: int) -> torch.Tensor:
         image = load_image(self.paths[index], self.max_pixels)
         return self.transform(image, index)
 
@@ -116,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
-        csv = make_photos(folder, args.images, (args.width, args.height))
+        csv = write_photos(folder, args.images, (args.width, args.height))
         df = read_annotations(csv, "csv", folder)
         start = time.perf_counter()
         summary = build_cache(df, Path(tmp) / "cache", size=300, mode="square", quality=95)

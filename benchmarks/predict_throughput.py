@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import make_photos, timed
 from PIL import Image
 from torchvision import transforms as T
 
@@ -44,24 +45,6 @@ from elta.models import build_model
 from elta.utils import resolve_device
 
 BACKBONE = "tf_efficientnet_lite0"
-
-
-def make_photos(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> list[Path]:
-    """``n`` JPEGs (quality 90) of ``size`` cut from scikit-image's colour photos."""
-    from skimage import data
-
-    sources = [data.astronaut(), data.coffee(), data.chelsea(), data.rocket(), data.stereo_motorcycle()[0]]
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        photo = Image.fromarray(sources[i % len(sources)])
-        w, h = photo.size
-        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-        left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        image = photo.crop((left, top, left + cw, top + ch)).resize(size, Image.Resampling.BICUBIC)
-        paths.append(folder / f"{i:04d}.jpg")
-        image.save(paths[-1], quality=90)
-    return paths
 
 
 @torch.no_grad()
@@ -101,16 +84,6 @@ def _forward(model, batches: list[torch.Tensor], device: torch.device) -> None:
         model(batch.to(device)).score.cpu()
 
 
-def timed(device: torch.device, fn) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def cli_seconds(args: list[str], env: dict) -> float:
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "elta", *args], check=True, env=env, capture_output=True)
@@ -136,7 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
-        paths = make_photos(folder, args.images, (args.width, args.height))
+        paths = [path for path, _ in make_photos(folder, args.images, (args.width, args.height))]
         source_mb = sum(p.stat().st_size for p in paths) / 2**20
         torch.manual_seed(0)
         model = build_model(

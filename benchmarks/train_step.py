@@ -27,14 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from common import machine, random_batch, timed
 
 from elta.data.dataset import Batch
 from elta.engine.precision import Precision, compile_backbone
@@ -64,43 +61,6 @@ class Variant:
     precision: Precision | None  # None: the precision is unsupported here (see error)
     enhancers: torch.nn.Module
     error: str = ""
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    text = (
-        f"CPU {cpu}, {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)"
-    )
-    if device.type == "cuda":
-        text += f", GPU {torch.cuda.get_device_name(device)}"
-    return text
-
-
-def make_batch(b: int, size: int, device: torch.device) -> Batch:
-    dist = torch.softmax(torch.randn(b, 10), 1).to(device)
-    return Batch(
-        images=torch.randn(b, 3, size, size, device=device),
-        indices=torch.arange(b),
-        mos=dist @ torch.arange(1.0, 11.0, device=device),
-        dist=dist,
-        weight=torch.ones(b, device=device),
-    )
-
-
-def timed(device: torch.device, fn: Callable[[], None]) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
 
 
 def step(v: Variant, batch: Batch) -> None:
@@ -150,7 +110,7 @@ def run_backbone(
 ) -> tuple[dict[str, float | str], dict[str, list[float]]]:
     """images/s per variant (or the error text of a variant that could not run), and the step times."""
     vs = variants(backbone, size, device, compile_)
-    batch = make_batch(b, size, device)
+    batch = random_batch(b, size, device)
     for v in vs:  # warm-up; a variant that fails here is left out of the timing
         if v.error:
             continue
