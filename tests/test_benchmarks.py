@@ -1,0 +1,53 @@
+"""The benchmark scripts still run against the current code (tiny settings; the figures are not checked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+RUNS = {
+    "enhancer_overhead.py": (
+        [
+            "--backbone",
+            "test_vit",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        "ratio tfa+flsa / baseline",
+    ),
+    "train_step.py": (
+        ["--backbones", "test_resnet:32:8", "--quick", "--device", "cpu"],
+        "| test_resnet | 32 px | 8 |",
+    ),
+    "input_pipeline.py": (["--images", "6", "--repeats", "1", "--workers", "0"], "(d) elta, from the cache"),
+    "predict_throughput.py": (
+        ["--images", "6", "--repeats", "1", "--batch-size", "4", "--no-cli", "--device", "cpu"],
+        "(b) elta predict (Scorer)",
+    ),
+}
+
+
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_benchmark_script_runs(script):
+    args, expected = RUNS[script]
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert expected in done.stdout, done.stdout[-2000:]
