@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from elta import launch
 from elta.config import AMP_MODES, FORMATS, LOSSES, METRICS, OPTIMIZERS, SCHEDULES, RunConfig
 
 log = logging.getLogger("elta.cli")
@@ -260,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, on_epoch, report_final = nni_wrap(cfg)  # a no-op unless running as an NNI trial
     summary = train(cfg, run_dir, resume=bool(args.resume), progress=_progress(), on_epoch=on_epoch)
     report_final(summary)
-    if int(os.environ.get("RANK", "0")) > 0:
+    if launch.rank() > 0:
         return 0  # under torchrun rank 0 prints the summary
     print(f"best {summary['metric']} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}")
     print(f"checkpoints: {summary['best']}  {summary['last']}")
@@ -577,10 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    quiet = args.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun rank 0 reports progress
+    quiet = args.quiet or launch.rank() > 0  # under torchrun rank 0 reports progress
     logging.getLogger("elta").setLevel(logging.WARNING if quiet else logging.INFO)
     try:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.command != "train":  # started by torchrun
+        if launch.launched_by_torchrun() and args.command != "train":
             raise ValueError(
                 "under torchrun only `elta train` runs distributed; run this command without torchrun"
             )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,26 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = [
-    "Processes",
-    "SINGLE",
-    "start_processes",
-    "stop_processes",
-    "launched_by_torchrun",
-    "local_world_size",
-]
+from elta import launch
+
+__all__ = ["Processes", "SINGLE", "start_processes", "stop_processes"]
 
 log = logging.getLogger(__name__)
-
-
-def launched_by_torchrun() -> bool:
-    """True in a process started by torchrun (or any launcher setting WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def local_world_size() -> int:
-    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE), for sharing its CPUs among loaders."""
-    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class _GatherRows(torch.autograd.Function):
@@ -77,7 +61,6 @@ class Processes:
 
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -176,10 +159,8 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device | None, b
     Returns (processes, device or None to resolve as usual, whether this call created the group and
     must destroy it). Outside torchrun: (SINGLE, None, False).
     """
-    if not launched_by_torchrun():
+    if not launch.launched_by_torchrun():
         return SINGLE, None, False
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if device_name not in ("auto", "cuda", "cpu"):
         raise ValueError(
@@ -188,15 +169,15 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device | None, b
         )
     if device_name == "cuda" and not use_cuda:
         raise RuntimeError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    device = torch.device("cuda", launch.local_rank()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     created = not dist.is_initialized()
     if created:
         backend = "nccl" if use_cuda else "gloo"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
-    processes = Processes(rank=rank, world_size=world, local_rank=local_rank)
-    log.info("process %d of %d on %s (%s)", rank, world, device, dist.get_backend())
+    processes = Processes(rank=launch.rank(), world_size=launch.world_size())
+    log.info("process %d of %d on %s (%s)", processes.rank, processes.world_size, device, dist.get_backend())
     return processes, device, created
 
 

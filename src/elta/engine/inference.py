@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from elta.data.dataset import collate
-from elta.engine.distributed import SINGLE, Processes, local_world_size
+from elta.engine.distributed import SINGLE, Processes
+from elta.launch import local_world_size
 from elta.models.model import AestheticModel, ModelOutput
 
 __all__ = ["Predictions", "run_inference", "map_batches", "default_workers", "make_loader"]

@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Callable
 
+from elta import launch
 from elta.config import RunConfig
 
 __all__ = ["ORIGINAL_NAMES", "under_nni", "nni_parameters", "nni_callback", "report_final", "nni_wrap"]
@@ -91,6 +92,6 @@ def nni_wrap(cfg: RunConfig) -> tuple[RunConfig, Callable[[int, dict], None] | N
     if params:
         log.info("NNI trial %s: %s", os.environ.get("NNI_TRIAL_JOB_ID", "?"), params)
         cfg = apply_params(cfg, params)
-    if int(os.environ.get("RANK", "0")) > 0:  # a distributed trial reports once, from rank 0
+    if launch.rank() > 0:  # a distributed trial reports once, from rank 0
         return cfg, None, _ignore
     return cfg, nni_callback(cfg.train.metric), report_final
