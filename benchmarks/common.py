@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -52,6 +53,13 @@ def make_photos(
         image.save(path, quality=90)
         made.append((path, float(rng.uniform(1, 10)) if scores else float("nan")))
     return made
+
+
+def add_photo_arguments(parser: argparse.ArgumentParser) -> None:
+    """--images, --width, --height: the test photos of :func:`make_photos`."""
+    parser.add_argument("--images", type=int, default=200, help="number of test JPEGs")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--height", type=int, default=768)
 
 
 def random_batch(b: int, size: int, device: torch.device) -> Batch:

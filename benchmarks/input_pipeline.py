@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import make_photos
+from common import add_photo_arguments, make_photos
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -95,9 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--height", type=int, default=768)
+    add_photo_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="passes per setting; the best is reported")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")

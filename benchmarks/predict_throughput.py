@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import make_photos, timed
+from common import add_photo_arguments, make_photos, timed
 from PIL import Image
 from torchvision import transforms as T
 
@@ -94,9 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=200)
-    parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--height", type=int, default=768)
+    add_photo_arguments(parser)
     parser.add_argument("--image-size", type=int, default=224, help="the model's input px")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="passes per variant; the median is reported")

@@ -43,7 +43,7 @@ class _GatherRows(torch.autograd.Function):
         padded = tensor.new_zeros((width, *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(processes.world_size)]
-        dist.all_gather(parts, padded.contiguous())
+        dist.all_gather(parts, padded)
         ctx.start = sum(counts[: processes.rank])
         ctx.count = tensor.shape[0]
         ctx.world_size = processes.world_size
