@@ -16,10 +16,10 @@ import statistics
 import torch
 from common import random_batch, timed
 
+from elta.engine.runtime import resolve_device
 from elta.engine.train import loss_terms
 from elta.enhancers import build_enhancers
 from elta.models import build_model
-from elta.utils import resolve_device
 
 
 def main() -> None:

@@ -41,8 +41,8 @@ from torchvision import transforms as T
 from elta.engine.checkpoint import save_checkpoint
 from elta.engine.precision import resolve_amp
 from elta.engine.predict import Scorer
+from elta.engine.runtime import resolve_device
 from elta.models import build_model
-from elta.utils import resolve_device
 
 BACKBONE = "tf_efficientnet_lite0"
 

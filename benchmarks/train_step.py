@@ -35,10 +35,10 @@ from common import machine, random_batch, timed
 
 from elta.data.dataset import Batch
 from elta.engine.precision import Precision, compile_backbone
+from elta.engine.runtime import resolve_device
 from elta.engine.train import loss_terms
 from elta.enhancers import build_enhancers
 from elta.models import build_model
-from elta.utils import resolve_device
 
 # name: (input px, CPU batch, CUDA batch, CPU timed steps per variant)
 DEFAULTS = {

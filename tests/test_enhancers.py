@@ -13,11 +13,11 @@ import yaml
 from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.ablate import apds_settings, parse_variant, run_ablation
 from elta.engine.checkpoint import load_checkpoint
 from elta.engine.train import train
 from elta.enhancers import StepState, build_enhancers, parse_enhancer
 from elta.functional import flsa_loss
+from elta.workflows.ablate import apds_settings, parse_variant, run_ablation
 
 
 def tiny(data_root, **model_kw) -> RunConfig:
@@ -172,7 +172,7 @@ def test_ablation_apds_variant_self_trains_on_unlabelled_images(demo_data, tmp_p
 
 
 def test_variant_tokens_for_calibration_and_scalar_heads():
-    from elta.engine.ablate import calibration_settings, training_variant, variant_loss
+    from elta.workflows.ablate import calibration_settings, training_variant, variant_loss
 
     assert variant_loss("bmc", "auto") == "mse" and variant_loss("scalar+lds", "emd") == "mse"
     assert variant_loss("tfa+flsa", "auto") == "auto" and variant_loss("bmc", "l1") == "l1"

@@ -14,7 +14,9 @@ from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from elta.data.demo import make_demo_dataset
 from elta.engine.predict import Scorer
 from elta.engine.prepare import read_dataset, read_pseudo_labels
-from elta.engine.pseudo import (
+from elta.engine.train import train
+from elta.functional import apds_sharpen
+from elta.workflows.pseudo import (
     APDSUnavailableError,
     CalibrationError,
     calibrate_apds,
@@ -22,8 +24,6 @@ from elta.engine.pseudo import (
     pseudo_label,
     read_unlabeled,
 )
-from elta.engine.train import train
-from elta.functional import apds_sharpen
 
 TINY = ["--backbone", "test_convnext", "--weights", "none", "--image-size", "48", "--resize", "56"]
 FAST = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--workers", "0"]

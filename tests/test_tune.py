@@ -18,9 +18,9 @@ import yaml
 from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.nni_report import nni_wrap, under_nni
 from elta.engine.train import train
-from elta.engine.tune import DEFAULT_SPACE, apply_params, load_search, run_tune
+from elta.workflows.nni_report import nni_wrap, under_nni
+from elta.workflows.tune import DEFAULT_SPACE, apply_params, load_search, run_tune
 
 optuna = pytest.importorskip("optuna")
 
@@ -75,7 +75,7 @@ def test_search_file_base_space_and_early_errors(demo_data, tmp_path):
     base, space = load_search(search)
     assert base["model"]["backbone"] == "test_convnext"
     assert space["train.lr"] == {"choices": [1e-5, 1e-4]}
-    from elta.engine.tune import parse_space
+    from elta.workflows.tune import parse_space
 
     params = parse_space(space)
     assert params["train.lr"].choices == (1e-5, 1e-4)

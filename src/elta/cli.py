@@ -243,8 +243,8 @@ def _progress() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from elta.engine.nni_report import nni_wrap
     from elta.engine.train import train
+    from elta.workflows.nni_report import nni_wrap
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -318,8 +318,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from elta.calibration import format_calibration_report
-    from elta.engine.calibrate import calibrate_checkpoint
     from elta.models.original import load_any_checkpoint
+    from elta.workflows.calibrate import calibrate_checkpoint
 
     cfg = _data_config_for(args, load_any_checkpoint(args.checkpoint))
     result = calibrate_checkpoint(
@@ -412,7 +412,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from elta.engine.ablate import run_ablation
+    from elta.workflows.ablate import run_ablation
 
     cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     cfg = _apply_options(cfg, args)
@@ -437,7 +437,7 @@ def cmd_import_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from elta.demo import run_demo
+    from elta.workflows.demo import run_demo
 
     run_demo(args.out, progress=_progress(), device=args.device)
     return 0

@@ -68,7 +68,7 @@ def _print_pseudo(summary: dict) -> None:
 
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
     from elta.cli import _progress
-    from elta.engine.pseudo import format_grid, pseudo_label
+    from elta.workflows.pseudo import format_grid, pseudo_label
 
     calibration = None
     if args.calibrate_data:
@@ -106,7 +106,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
 
 def cmd_self_train(args: argparse.Namespace) -> int:
     from elta.cli import _apply_options, _progress
-    from elta.engine.selftrain import format_summary, self_train
+    from elta.workflows.selftrain import format_summary, self_train
 
     cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
     cfg = _apply_options(cfg, args)

@@ -12,7 +12,7 @@ __all__ = ["add_tune_commands"]
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from elta.cli import _apply_options, _progress
-    from elta.engine.tune import DEFAULT_SPACE, format_trials, load_search, run_tune
+    from elta.workflows.tune import DEFAULT_SPACE, format_trials, load_search, run_tune
 
     if args.config:
         base, space = load_search(args.config)
@@ -43,7 +43,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def add_tune_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``tune`` on the ``elta`` subcommand parser."""
     from elta.cli import _add_options
-    from elta.engine.tune import PRUNERS, SAMPLERS
+    from elta.workflows.tune import PRUNERS, SAMPLERS
 
     p = sub.add_parser(
         "tune",

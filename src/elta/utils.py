@@ -1,22 +1,26 @@
-"""Small shared helpers: atomic writes, device choice, seeding."""
+"""Small shared helpers without torch: the one atomic writer, seeds."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
-import torch
-
-__all__ = ["atomic_write_text", "atomic_torch_save", "resolve_device", "derive_seed"]
+__all__ = ["atomic_write", "atomic_write_text", "derive_seed"]
 
 
-def _atomic_replace(path: Path, write) -> Path:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call ``write(fh)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    Readers see the old file or the whole new one, never a part. Missing folders are created; the file gets
+    the permissions of any other file the user writes (mode 0o666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    # os.open with 0o666 lets the user's umask decide the permissions, as for any other file they write.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -31,29 +35,8 @@ def _atomic_replace(path: Path, write) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write text so that readers see either the old file or the whole new one."""
-    return _atomic_replace(Path(path), lambda fh: fh.write(text.encode("utf-8")))
-
-
-def atomic_torch_save(obj: object, path: str | Path) -> Path:
-    """``torch.save`` through a temporary file in the same folder and an atomic rename."""
-    return _atomic_replace(Path(path), lambda fh: torch.save(obj, fh))
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; anything else is passed to torch.device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)"
-        )
-    return device
+    """Write UTF-8 text atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def derive_seed(*parts: int) -> int:

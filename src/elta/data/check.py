@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +12,9 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from elta.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image, read_image_size
+from elta.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_size
+from elta.errors import ImageLoadError
+from elta.utils import atomic_write_text
 
 __all__ = ["CheckReport", "check_dataset", "check_images", "write_problems"]
 
@@ -134,18 +135,9 @@ def check_dataset(df: pd.DataFrame, deep: bool = True, progress: bool = False) -
 
 
 def write_problems(problems: list[dict], path: str | Path) -> Path:
-    """Write problems as CSV (file,row,reason,image_id,path), atomically: a temporary file, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="", encoding="utf-8") as out:
-            writer = csv.DictWriter(out, fieldnames=PROBLEM_COLUMNS, extrasaction="ignore", restval="")
-            writer.writeheader()
-            writer.writerows(problems)
-        os.chmod(tmp, 0o644)  # mkstemp creates the file private to the owner
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write problems as CSV (file,row,reason,image_id,path), atomically."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=PROBLEM_COLUMNS, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(problems)
+    return atomic_write_text(path, text.getvalue())

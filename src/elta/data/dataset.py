@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from elta.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, load_image
+from elta.data.images import DEFAULT_MAX_PIXELS, load_image
 from elta.data.transforms import ImageTransform
+from elta.errors import ImageLoadError
 from elta.utils import derive_seed
 
 __all__ = ["AnnotationDataset", "EpochBatchSampler", "ImageListDataset", "Batch", "collate", "dist_columns"]

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 from tqdm import tqdm
+
+from elta.utils import atomic_write_text
 
 __all__ = ["make_demo_dataset", "demo_dataset_exists", "severity_of_mos"]
 
@@ -176,13 +177,6 @@ def _split_ids(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     return {name: np.sort(part) for name, part in parts.items()}
 
 
-def _write_text(path: Path, lines: list[str]) -> None:
-    """Write lines to ``path`` through a temporary file, so the file appears complete or not at all."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-
-
 def _remove_stale_images(images: Path, n: int) -> None:
     """Delete ``<id>.jpg`` files with id > n left by an earlier, larger build into the same folder."""
     for path in images.glob("*.jpg"):
@@ -220,10 +214,10 @@ def make_demo_dataset(
         img.save(images / f"{i + 1}.jpg", format="JPEG", quality=SAVE_QUALITY)
 
     for name, ids in splits.items():
-        _write_text(out / f"{name}.txt", [str(i) for i in ids])
+        atomic_write_text(out / f"{name}.txt", "".join(f"{i}\n" for i in ids))
     rows = [
         " ".join(map(str, [i + 1, i + 1, *counts[i].tolist(), int(sources[i]) + 1, 0, 0])) for i in range(n)
     ]
-    _write_text(out / "AVA.txt", rows)
+    atomic_write_text(out / "AVA.txt", "".join(f"{row}\n" for row in rows))
     log.info("demo dataset: %d images in %s, MOS mean %.2f sd %.2f", n, out, mos.mean(), mos.std())
     return out / "AVA.txt"

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from elta.errors import ImageLoadError
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
-    "ImageLoadError",
     "list_images",
     "load_image",
     "read_image_size",
@@ -40,15 +41,6 @@ LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _INT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _DRIVE = re.compile(r"[A-Za-z]:")
-
-
-class ImageLoadError(Exception):
-    """An image that cannot be used; `path` and `reason` say which and why."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = str(path)
-        self.reason = reason
 
 
 def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:

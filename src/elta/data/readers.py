@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from elta.data.images import IMAGE_EXTENSIONS, resolve_image_path
+from elta.errors import AnnotationError
 
 __all__ = ["BASE_COLUMNS", "FORMATS", "AnnotationError", "CsvColumns", "detect_format", "read_annotations"]
 
@@ -54,10 +55,6 @@ _ELTA_VOTES = tuple(f"score{k}" for k in range(2, 12))
 _KONIQ_VOTES = tuple(f"c{k}" for k in range(1, 6))
 _AVA_FIELDS = 15
 _MAX_LISTED = 20
-
-
-class AnnotationError(ValueError):
-    """An annotation file that cannot be read, or (with strict=True) one that has bad rows."""
 
 
 @dataclass

@@ -15,19 +15,27 @@ from typing import Any
 import torch
 
 from elta import __version__
+from elta.errors import CheckpointError
 from elta.models.backbones import create_backbone
 from elta.models.model import AestheticModel, ModelSpec
-from elta.utils import atomic_torch_save
+from elta.utils import atomic_write
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "atomic_torch_save",
+    "save_checkpoint",
+    "load_checkpoint",
+    "model_from_checkpoint",
+]
 
 log = logging.getLogger(__name__)
 
 KIND = "elta-checkpoint"
 
 
-class CheckpointError(ValueError):
-    """The file is not a checkpoint this version can read."""
+def atomic_torch_save(obj: object, path: str | Path) -> Path:
+    """``torch.save`` through :func:`~elta.utils.atomic_write`."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_checkpoint(path: str | Path, model: AestheticModel, **state: Any) -> Path:

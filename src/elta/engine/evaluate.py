@@ -20,10 +20,11 @@ from elta.engine.inference import Predictions, run_inference
 from elta.engine.precision import Precision
 from elta.engine.prepare import read_dataset
 from elta.engine.report import draw_report
+from elta.engine.runtime import resolve_device
 from elta.metrics import evaluate
 from elta.models.model import ModelSpec
 from elta.models.original import load_any_checkpoint
-from elta.utils import atomic_write_text, resolve_device
+from elta.utils import atomic_write_text
 
 __all__ = ["evaluate_checkpoint", "select_split", "score_metrics", "write_evaluation"]
 

@@ -16,9 +16,9 @@ import torch
 
 from elta.data.dataset import AnnotationDataset
 from elta.data.transforms import ImageTransform
+from elta.engine.checkpoint import atomic_torch_save
 from elta.engine.inference import map_batches
 from elta.models.model import AestheticModel
-from elta.utils import atomic_torch_save
 
 __all__ = ["FeatureCache", "load_or_compute_features"]
 

@@ -17,8 +17,9 @@ from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import model_from_checkpoint
 from elta.engine.inference import run_inference
 from elta.engine.precision import Precision
+from elta.engine.runtime import resolve_device
 from elta.models.original import load_any_checkpoint
-from elta.utils import atomic_write_text, resolve_device
+from elta.utils import atomic_write_text
 
 __all__ = ["Scorer", "load", "write_scores"]
 

@@ -7,7 +7,6 @@ changes pyplot's global backend or state for other code in the process.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from elta.metrics import BUCKETS, correlations, tail_buckets
+from elta.utils import atomic_write
 
 __all__ = ["draw_report"]
 
@@ -33,7 +33,7 @@ def draw_report(
     same bins, (2) predicted vs GT scatter with the y = x line and PLCC / SRCC in the title, (3) MAE per GT
     bucket (low / medium / high, :func:`elta.metrics.tail_buckets`) with each bucket's mean bias (pred - gt)
     on its bar. ``score_range`` (lo, hi) fixes the axes; None uses the data's range. The file is written
-    atomically (a temporary file in the same folder, then ``os.replace``); missing folders are created.
+    atomically; missing folders are created.
     """
     corr = correlations(pred, gt)  # validates pred and gt
     p, g = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
@@ -82,15 +82,4 @@ def draw_report(
     if title:
         fig.suptitle(title)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique name opened with "x" (not mkstemp, whose 0600 mode would stick to the report).
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: fig.savefig(fh, format="png"))

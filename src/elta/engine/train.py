@@ -32,13 +32,15 @@ from elta.engine.features import load_or_compute_features
 from elta.engine.inference import Predictions, default_workers, make_loader, run_inference
 from elta.engine.precision import Precision, compile_backbone
 from elta.engine.prepare import PreparedData, prepare_data, read_dataset
+from elta.engine.runtime import resolve_device
 from elta.enhancers import StepState, TrainingContext, build_enhancers
+from elta.errors import RunExistsError, TrainingDivergedError
 from elta.functional import emd_loss
 from elta.metrics import emd as emd_metric
 from elta.metrics import evaluate
 from elta.models.model import AestheticModel, build_model
 from elta.models.original import load_any_checkpoint
-from elta.utils import atomic_write_text, derive_seed, resolve_device
+from elta.utils import atomic_write_text, derive_seed
 
 __all__ = [
     "train",
@@ -52,14 +54,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-class RunExistsError(RuntimeError):
-    """The output folder already holds a run and --resume was not given."""
 
 
 def resolve_loss(name: str, has_distribution: bool) -> str:

@@ -14,15 +14,13 @@ import timm
 import torch
 from torch import nn
 
+from elta.errors import WeightsUnavailableError
+
 __all__ = ["create_backbone", "backbone_data_config", "WeightsUnavailableError"]
 
 log = logging.getLogger(__name__)
 
 OFFLINE_LITE0 = "tf_efficientnet_lite0"
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be obtained here."""
 
 
 def _hub_offline() -> bool:

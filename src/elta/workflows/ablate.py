@@ -32,10 +32,11 @@ from elta.engine.evaluate import score_metrics, select_split, write_evaluation
 from elta.engine.features import load_or_compute_features
 from elta.engine.inference import run_inference
 from elta.engine.prepare import read_dataset
-from elta.engine.selftrain import self_train
+from elta.engine.runtime import resolve_device
 from elta.engine.train import train
 from elta.enhancers import parse_enhancer
-from elta.utils import atomic_write_text, resolve_device
+from elta.utils import atomic_write_text
+from elta.workflows.selftrain import self_train
 
 __all__ = ["parse_variant", "apds_settings", "run_ablation", "summarise", "COLUMNS"]
 

@@ -31,9 +31,11 @@ from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from elta.engine.inference import Predictions, run_inference
 from elta.engine.prepare import _hold_out_validation, read_dataset
+from elta.engine.runtime import resolve_device
+from elta.errors import APDSUnavailableError, CalibrationError
 from elta.functional import apds_sharpen
 from elta.models.model import AestheticModel
-from elta.utils import atomic_write_text, resolve_device
+from elta.utils import atomic_write_text
 
 __all__ = [
     "APDSUnavailableError",
@@ -57,14 +59,6 @@ DEFAULT_BETAS = (1.0, 1.1, 1.2, 1.25)  # the original's grid
 DEFAULT_THRESHOLDS = (0.70, 0.75, 0.80, 0.85, 0.90)
 # Columns that name the image in an unlabeled CSV, tried in this order (case-insensitive).
 UNLABELED_COLUMNS = ("path", "image_path", "image", "image_id", "image_name", "filename", "file", "name")
-
-
-class APDSUnavailableError(ValueError):
-    """The teacher predicts one score, not a distribution over rating bins, so APDS cannot sharpen it."""
-
-
-class CalibrationError(ValueError):
-    """No (β, t) cell of the grid selects enough calibration images."""
 
 
 def scalar_head_message(what: str) -> str:

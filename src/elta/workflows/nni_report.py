@@ -86,7 +86,7 @@ def nni_wrap(cfg: RunConfig) -> tuple[RunConfig, Callable[[int, dict], None] | N
     the per-epoch reporter and :func:`report_final`; elsewhere ``(cfg, None, a no-op)``."""
     if not under_nni():
         return cfg, None, _ignore
-    from elta.engine.tune import apply_params
+    from elta.workflows.tune import apply_params
 
     params = nni_parameters()
     if params:

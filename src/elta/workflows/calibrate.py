@@ -15,13 +15,13 @@ from elta.calibration import Calibration, calibration_report, fit_calibration
 from elta.config import RunConfig
 from elta.data.dataset import AnnotationDataset
 from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import CheckpointError, model_from_checkpoint
+from elta.engine.checkpoint import CheckpointError, atomic_torch_save, model_from_checkpoint
 from elta.engine.evaluate import select_split
 from elta.engine.inference import run_inference
 from elta.engine.prepare import read_dataset
+from elta.engine.runtime import resolve_device
 from elta.models.model import ModelSpec
 from elta.models.original import load_any_checkpoint
-from elta.utils import atomic_torch_save, resolve_device
 
 __all__ = ["calibrate_checkpoint", "fit_for_spec"]
 

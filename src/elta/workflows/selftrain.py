@@ -25,7 +25,10 @@ import pandas as pd
 
 from elta.config import RunConfig
 from elta.engine.prepare import read_dataset
-from elta.engine.pseudo import (
+from elta.engine.train import resolve_loss, train
+from elta.errors import StaleStageError
+from elta.utils import atomic_write_text
+from elta.workflows.pseudo import (
     DEFAULT_BETAS,
     DEFAULT_THRESHOLDS,
     APDSUnavailableError,
@@ -34,16 +37,10 @@ from elta.engine.pseudo import (
     read_unlabeled,
     scalar_head_message,
 )
-from elta.engine.train import resolve_loss, train
-from elta.utils import atomic_write_text
 
 __all__ = ["self_train", "format_summary", "StaleStageError"]
 
 log = logging.getLogger(__name__)
-
-
-class StaleStageError(RuntimeError):
-    """A round's pseudo-labels no longer match its teacher or settings, and its student has started."""
 
 
 def _check_config(cfg: RunConfig) -> None:
