@@ -6,7 +6,7 @@ weights) in a temporary directory, then times full passes over the folder, alter
 
   (a) original   a plain loop, batch by batch, no workers: PIL open → Resize((S, S)) (torchvision's
                  default, bilinear) → ToTensor → Normalize → model forward, S = the model's input size
-  (b) elta       ``Scorer(...).score(folder)``, the code path of ``elta predict`` (JPEG draft decoding,
+  (b) elta       ``Predictor(...).score(folder)``, the code path of ``elta predict`` (JPEG draft decoding,
                  DataLoader with elta's default workers, float32)
   (c) elta bf16  the same with ``--amp bf16`` (skipped where bf16 is unsupported, or with --no-bf16)
   (–) forward    the model alone on the same images, already decoded and resized in memory (the bound)
@@ -38,11 +38,11 @@ from common import add_photo_arguments, make_photos, timed
 from PIL import Image
 from torchvision import transforms as T
 
-from elta.engine.checkpoint import save_checkpoint
 from elta.engine.precision import resolve_amp
-from elta.engine.predict import Scorer
-from elta.engine.runtime import resolve_device
+from elta.engine.predictor import Predictor
+from elta.engine.runtime import Runtime, resolve_device
 from elta.models import build_model
+from elta.models.checkpoint import save_checkpoint
 
 BACKBONE = "tf_efficientnet_lite0"
 
@@ -114,13 +114,15 @@ def main() -> None:
             BACKBONE, "distribution", list(range(1, 11)), [1, 10], image_size=args.image_size, weights="none"
         )
         checkpoint = save_checkpoint(Path(tmp) / "model.pt", model)
-        scorer = Scorer(checkpoint, device=str(device), batch_size=args.batch_size)
+        scorer = Predictor.from_checkpoint(
+            checkpoint, Runtime.create(device, amp="off", batch_size=args.batch_size)
+        )
         reference = scorer.model  # the same weights, loaded the same way, for the original loop
         variants = {
             "(a) original: PIL + torchvision loop": lambda: original_loop(
                 reference, paths, args.batch_size, device
             ),
-            "(b) elta predict (Scorer), fp32": lambda: scorer.score(folder),
+            "(b) elta predict (Predictor), fp32": lambda: scorer.score(folder),
         }
         try:
             resolve_amp("bf16", device)
@@ -128,8 +130,9 @@ def main() -> None:
         except ValueError as exc:
             bf16_error = str(exc)
         if not args.no_bf16 and not bf16_error:
-            scorer_bf16 = Scorer(checkpoint, device=str(device), batch_size=args.batch_size, amp="bf16")
-            variants["(c) elta predict (Scorer), --amp bf16"] = lambda: scorer_bf16.score(folder)
+            runtime_bf16 = Runtime.create(device, amp="bf16", batch_size=args.batch_size)
+            scorer_bf16 = Predictor.from_checkpoint(checkpoint, runtime_bf16)
+            variants["(c) elta predict (Predictor), --amp bf16"] = lambda: scorer_bf16.score(folder)
         preloaded = _preload(reference, paths, args.batch_size)
         variants["(–) model forward alone, fp32, images already in memory"] = lambda: _forward(
             reference, preloaded, device

@@ -34,7 +34,7 @@ RUNS = {
     "input_pipeline.py": (["--images", "6", "--repeats", "1", "--workers", "0"], "(d) elta, from the cache"),
     "predict_throughput.py": (
         ["--images", "6", "--repeats", "1", "--batch-size", "4", "--no-cli", "--device", "cpu"],
-        "(b) elta predict (Scorer)",
+        "(b) elta predict (Predictor)",
     ),
 }
 

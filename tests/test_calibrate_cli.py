@@ -9,7 +9,7 @@ import pytest
 
 from conftest import tiny_train_args
 from elta.cli import main
-from elta.engine.checkpoint import load_checkpoint
+from elta.models.checkpoint import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +42,9 @@ def test_calibrate_stores_the_map_and_evaluate_reports_before_and_after(
     )
     printed = capsys.readouterr().out
     assert "before" in printed and "after" in printed and "same" in printed  # SRCC unchanged on the fit rows
-    spec = load_checkpoint(calibrated)["spec"]
-    assert spec["calibration"]["method"] == method
-    assert load_checkpoint(run / "best.pt")["spec"].get("calibration") is None  # --out left it alone
+    spec = load_checkpoint(calibrated).spec
+    assert spec.calibration["method"] == method
+    assert load_checkpoint(run / "best.pt").spec.calibration is None  # --out left it alone
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--checkpoint", str(calibrated), "--split", "test", "--out", str(out)]) == 0
@@ -107,6 +107,6 @@ def test_calibrate_in_place_and_refusing_bad_methods(run, tmp_path, capsys):
     copy = tmp_path / "best.pt"
     shutil.copy(run / "best.pt", copy)
     assert main(["calibrate", "--checkpoint", str(copy), "--device", "cpu"]) == 0
-    assert load_checkpoint(copy)["spec"]["calibration"]["method"] == "affine"
+    assert load_checkpoint(copy).spec.calibration["method"] == "affine"
     with pytest.raises(SystemExit):
         main(["calibrate", "--checkpoint", str(copy), "--method", "spline"])

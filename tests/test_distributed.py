@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import tiny_train_args
-from elta.engine.checkpoint import load_checkpoint
 from elta.engine.distributed import Processes
 from elta.engine.train import StepForward
+from elta.models.checkpoint import load_checkpoint
 
 HELPERS = Path(__file__).parent / "helpers"
 sys.path.insert(0, str(HELPERS))
@@ -174,7 +174,9 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
         time.sleep(0.01)
     kill_launcher_and_workers(proc)
     stopped = load_checkpoint(run / "last.pt")
-    assert (stopped["epoch"], stopped["step"]) < (2, 0), "the run finished before it could be killed"
+    assert (stopped.training["epoch"], stopped.training["step"]) < (2, 0), (
+        "the run finished before it could be killed"
+    )
     resumed = subprocess.run(
         torchrun("-m", "elta", "train", "--resume", str(run)),
         capture_output=True,
@@ -183,7 +185,7 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
         env=quiet_env(),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_checkpoint(reference / "last.pt")["model"], load_checkpoint(run / "last.pt")["model"]
+    a, b = load_checkpoint(reference / "last.pt").weights, load_checkpoint(run / "last.pt").weights
     for key in a:
         assert torch.equal(a[key], b[key]), key
     pd.testing.assert_frame_equal(

@@ -13,10 +13,10 @@ import yaml
 from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.checkpoint import load_checkpoint
 from elta.engine.train import train
 from elta.enhancers import StepState, build_enhancers, parse_enhancer
 from elta.functional import flsa_loss
+from elta.models.checkpoint import load_checkpoint
 from elta.workflows.ablate import apds_settings, parse_variant, run_ablation
 
 
@@ -115,8 +115,8 @@ def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
     cache = tmp_path / "rrt" / "feature_cache.pt"
     assert cache.is_file()
     before, after = (
-        load_checkpoint(teacher / "best.pt")["model"],
-        load_checkpoint(tmp_path / "rrt" / "last.pt")["model"],
+        load_checkpoint(teacher / "best.pt").weights,
+        load_checkpoint(tmp_path / "rrt" / "last.pt").weights,
     )
     backbone_keys = [k for k in before if k.startswith("backbone.")]
     assert all(torch.equal(before[k], after[k]) for k in backbone_keys), "the frozen backbone changed"

@@ -13,11 +13,11 @@ import elta.enhancers.fds  # noqa: F401  (registers fds)
 import elta.enhancers.lds  # noqa: F401  (registers lds)
 import elta.enhancers.sampler  # noqa: F401  (registers tail-sampler)
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.checkpoint import load_checkpoint
 from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.enhancers.fds import fds_calibrate, smooth_bins
 from elta.enhancers.lds import bin_edges, lds_kernel, lds_weights, smoothed_density
 from elta.enhancers.sampler import tail_sample_weights
+from elta.models.checkpoint import load_checkpoint
 
 # ---------------------------------------------------------------- helpers
 
@@ -301,14 +301,14 @@ def test_registry_builds_each_by_name_and_rejects_bad_settings():
 
 def test_training_with_lds(demo_data, tmp_path, drawn):
     train_module.train(tiny_run(demo_data, [{"name": "lds", "bin_width": 0.5}]), tmp_path / "run")
-    weights = load_checkpoint(tmp_path / "run" / "last.pt")["enhancers"]["0.row_weights"]
+    weights = load_checkpoint(tmp_path / "run" / "last.pt").training["enhancers"]["0.row_weights"]
     assert len(weights) == drawn[-1][0]  # one weight per training row
     assert weights.mean().item() == pytest.approx(1.0) and weights.max() > 1.5 * weights.min()
 
 
 def test_training_with_fds(demo_data, tmp_path, drawn):
     train_module.train(tiny_run(demo_data, [{"name": "fds"}]), tmp_path / "run")
-    saved = load_checkpoint(tmp_path / "run" / "last.pt")["enhancers"]
+    saved = load_checkpoint(tmp_path / "run" / "last.pt").training["enhancers"]
     n_train = drawn[-1][0]
     assert saved["0.tracked"].sum().item() == 2 * n_train  # every real row of both epochs entered the stats
     assert saved["0.running_mean"].abs().sum() > 0 and saved["0.smoothed_var"].abs().sum() > 0

@@ -16,13 +16,13 @@ import elta.enhancers.cmixup  # noqa: F401  (registers cmixup)
 import elta.enhancers.conr  # noqa: F401  (registers conr)
 import elta.enhancers.ranksim  # noqa: F401  (registers ranksim)
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.checkpoint import load_checkpoint
 from elta.engine.train import train
 from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.enhancers.bmc import bmc_loss
 from elta.enhancers.cmixup import cmixup_mix, cmixup_partner_probs
 from elta.enhancers.conr import conr_loss, conr_masks
 from elta.enhancers.ranksim import BlackboxRank, rank_normalised, ranksim_loss, unique_label_subset
+from elta.models.checkpoint import load_checkpoint
 from elta.models.model import ModelOutput
 
 
@@ -334,5 +334,5 @@ def test_training_one_epoch_logs_the_enhancer_term(demo_data, tmp_path, name, lo
     if name == "cmixup":  # the mixed rows carry no separate term; the run logs the enhancer
         assert "cmixup" in (tmp_path / "run" / "train.log").read_text()
     if name == "bmc":  # σ is optimised (its own parameter group) and saved with the run
-        sigma = load_checkpoint(tmp_path / "run" / "last.pt")["enhancers"]["0.noise_sigma"]
+        sigma = load_checkpoint(tmp_path / "run" / "last.pt").training["enhancers"]["0.noise_sigma"]
         assert sigma.item() != pytest.approx(0.1, abs=1e-6)

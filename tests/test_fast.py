@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+import elta
 from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
@@ -21,9 +22,8 @@ from elta.data.cache import CACHE_MARKER, build_cache, check_cache_fits
 from elta.data.images import load_image
 from elta.data.readers import read_annotations
 from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import load_checkpoint
-from elta.engine.predict import Scorer
 from elta.engine.train import train
+from elta.models.checkpoint import load_checkpoint
 
 
 def _photo(width: int, height: int) -> Image.Image:
@@ -180,8 +180,8 @@ def test_bf16_and_channels_last_train_with_finite_losses(demo_data, tmp_path, am
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert all(math.isfinite(metrics[c].iloc[0]) for c in ("train_loss", "val_loss", "val_srcc"))
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert all(v.dtype == torch.float32 for v in saved["model"].values() if v.is_floating_point())
-    assert "scaler" in saved
+    assert all(v.dtype == torch.float32 for v in saved.weights.values() if v.is_floating_point())
+    assert "scaler" in saved.training
     log = (tmp_path / "run" / "train.log").read_text()
     assert ("bf16" if amp == "bf16" else "fp32") in log and ("channels-last" in log) == channels_last
 
@@ -197,16 +197,16 @@ def test_bf16_run_stopped_after_an_epoch_resumes_to_the_same_weights(demo_data, 
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "stopped", on_epoch=stop)
     train(cfg, tmp_path / "stopped", resume=True)
-    a = load_checkpoint(tmp_path / "reference" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "stopped" / "last.pt")["model"]
+    a = load_checkpoint(tmp_path / "reference" / "last.pt").weights
+    b = load_checkpoint(tmp_path / "stopped" / "last.pt").weights
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_bf16_scoring_is_close_to_float32(demo_data, tmp_path):
     train(_tiny_config(demo_data), tmp_path / "run")
     photos = sorted((demo_data / "images").iterdir())[:8]
-    exact = Scorer(tmp_path / "run", device="cpu", workers=0).score(photos)
-    fast = Scorer(tmp_path / "run", device="cpu", workers=0, amp="bf16").score(photos)
+    exact = elta.load(tmp_path / "run", device="cpu", workers=0).score(photos)
+    fast = elta.load(tmp_path / "run", device="cpu", workers=0, amp="bf16").score(photos)
     assert (fast["error"] == "").all()
     assert np.allclose(fast["score"], exact["score"], atol=0.1)
 

@@ -19,18 +19,18 @@ import torchvision.transforms as T
 from PIL import Image
 
 from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
-from elta.models import ModelSpec, build_model
-from elta.models.model import AestheticModel
-from elta.models.original import (
-    convert_original_state_dict,
+from elta.errors import CheckpointError
+from elta.models import build_model
+from elta.models.checkpoint import (
+    Checkpoint,
     import_original_checkpoint,
-    is_original_checkpoint,
-    load_any_checkpoint,
-    original_head,
-    original_to_payload,
+    load_checkpoint,
+    original_checkpoint,
     read_original_checkpoint,
+    save_checkpoint,
 )
+from elta.models.model import AestheticModel
+from elta.models.original import convert_original_state_dict, is_original_checkpoint, original_head
 
 FIXTURES = Path(__file__).parent / "fixtures" / "original"
 TINY_CKPT = FIXTURES / "elta_tiny_swinv2.pth"
@@ -54,9 +54,9 @@ def tiny_original() -> dict:
     return read_original_checkpoint(TINY_CKPT)
 
 
-def run_converted(payload: dict, images: torch.Tensor):
-    model = AestheticModel(tiny_swinv2(), ModelSpec.from_dict(payload["spec"]))
-    model.load_state_dict(payload["model"])
+def run_converted(payload: Checkpoint, images: torch.Tensor):
+    model = AestheticModel(tiny_swinv2(), payload.spec)
+    model.load_state_dict(payload.weights)
     with torch.no_grad():
         return model.eval()(images)
 
@@ -102,8 +102,8 @@ def test_reads_the_original_checkpoint_as_saved(tiny_original):
 
 
 def test_distribution_head_scores_like_the_original(tiny_original, expected):
-    payload = original_to_payload(tiny_original, backbone=tiny_swinv2())
-    assert payload["spec"]["head"] == "distribution"
+    payload = original_checkpoint(tiny_original, backbone=tiny_swinv2())
+    assert payload.spec.head == "distribution"
     out = run_converted(payload, expected["input"])
     torch.testing.assert_close(out.features, expected["features"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.logits, expected["logits"], atol=1e-5, rtol=0)
@@ -113,8 +113,8 @@ def test_distribution_head_scores_like_the_original(tiny_original, expected):
 
 def test_scalar_head_scores_like_the_original(tiny_original, expected):
     # the original's mse mode: sigmoid(linear_mse(f)), trained on MOS / 10 and multiplied by 10
-    payload = original_to_payload(tiny_original, head="scalar", backbone=tiny_swinv2())
-    assert payload["spec"]["score_range"] == [0.0, 10.0]
+    payload = original_checkpoint(tiny_original, head="scalar", backbone=tiny_swinv2())
+    assert payload.spec.score_range == [0.0, 10.0]
     out = run_converted(payload, expected["input"])
     torch.testing.assert_close(out.score_unit, expected["scalar_unit"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out.score, expected["scalar_mos"], atol=1e-5, rtol=0)
@@ -122,11 +122,11 @@ def test_scalar_head_scores_like_the_original(tiny_original, expected):
 
 def test_a_wrong_patch_merging_order_would_be_caught(tiny_original, expected):
     # control: swapping the 2x2 gather order of one patch merging moves the scores far beyond the tolerance
-    payload = original_to_payload(tiny_original, backbone=tiny_swinv2())
+    payload = original_checkpoint(tiny_original, backbone=tiny_swinv2())
     key = "backbone.layers.1.downsample.reduction.weight"
-    weight = payload["model"][key].clone()
+    weight = payload.weights[key].clone()
     c = weight.shape[1] // 4
-    payload["model"][key] = torch.cat(
+    payload.weights[key] = torch.cat(
         [weight[:, :c], weight[:, 2 * c : 3 * c], weight[:, c : 2 * c], weight[:, 3 * c :]], 1
     )
     out = run_converted(payload, expected["input"])
@@ -134,13 +134,13 @@ def test_a_wrong_patch_merging_order_would_be_caught(tiny_original, expected):
 
 
 def test_spec_follows_the_original_pipeline(tiny_original):
-    spec = original_to_payload(tiny_original, backbone=tiny_swinv2())["spec"]
-    assert spec["centers"] == [float(c) for c in range(1, 11)]
-    assert spec["score_range"] == [1.0, 10.0]
-    assert spec["acc_threshold"] == 5.0
-    assert (spec["image_size"], spec["resize"]) == (256, 300)
-    assert spec["mean"] == pytest.approx([0.485, 0.456, 0.406])
-    assert spec["std"] == pytest.approx([0.229, 0.224, 0.225])
+    spec = original_checkpoint(tiny_original, backbone=tiny_swinv2()).spec
+    assert spec.centers == [float(c) for c in range(1, 11)]
+    assert spec.score_range == [1.0, 10.0]
+    assert spec.acc_threshold == 5.0
+    assert (spec.image_size, spec.resize) == (256, 300)
+    assert spec.mean == pytest.approx([0.485, 0.456, 0.406])
+    assert spec.std == pytest.approx([0.229, 0.224, 0.225])
 
 
 def test_eval_transform_matches_the_original_one(tiny_original):
@@ -148,7 +148,7 @@ def test_eval_transform_matches_the_original_one(tiny_original):
     original = T.Compose(
         [T.Resize((256, 256)), T.ToTensor(), T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])]
     )
-    spec = ModelSpec.from_dict(original_to_payload(tiny_original, backbone=tiny_swinv2())["spec"])
+    spec = original_checkpoint(tiny_original, backbone=tiny_swinv2()).spec
     pixels = np.random.default_rng(0).integers(0, 256, size=(183, 311, 3), dtype=np.uint8)
     image = Image.fromarray(pixels, "RGB")
     torch.testing.assert_close(ImageTransform.from_spec(spec)(image), original(image), atol=1e-6, rtol=0)
@@ -188,38 +188,38 @@ def test_imported_base_checkpoint_rebuilds_and_scores(tmp_path):
     )
     written = import_original_checkpoint(source, tmp_path / "elta.pt")
     payload = load_checkpoint(written)
-    assert payload["spec"]["backbone"] == "swinv2_base_window8_256"
-    assert payload["spec"]["head"] == "scalar"  # found from the optimizer state
-    assert payload["imported_from"] == {
+    assert payload.spec.backbone == "swinv2_base_window8_256"
+    assert payload.spec.head == "scalar"  # found from the optimizer state
+    assert payload.imported_from == {
         "format": "elta-original",
         "path": str(source),
         "epoch": 12,
         "best_metric": 0.76,
     }
-    model = model_from_checkpoint(payload)
+    model = payload.build_model()
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 256, 256))
     torch.testing.assert_close(out.score, torch.tensor([5.0]))  # all-zero weights: 10 * sigmoid(0)
 
 
-def test_load_any_checkpoint_converts_in_memory(tmp_path, caplog):
+def test_load_checkpoint_converts_original_ones_in_memory(tmp_path, caplog):
     state = base_original_state()
     source = tmp_path / "bare_state_dict.pth"
     torch.save({f"module.{k}": v for k, v in state.items()}, source)  # DataParallel prefix, no optimizer
     with caplog.at_level(logging.WARNING, logger="elta.models.original"):
-        payload = load_any_checkpoint(source)
+        payload = load_checkpoint(source)
     assert "cannot tell which head" in caplog.text
-    assert payload["spec"]["head"] == "distribution"
-    assert payload["path"] == str(source)
+    assert payload.spec.head == "distribution"
+    assert payload.path == str(source)
     assert sorted(tmp_path.iterdir()) == [source]  # nothing written
 
 
-def test_load_any_checkpoint_passes_elta_checkpoints_through(tmp_path):
+def test_load_checkpoint_reads_elta_checkpoints_and_run_folders(tmp_path):
     model = build_model("test_resnet", "distribution", [1.0, 2.0, 3.0], [1.0, 3.0], image_size=64)
-    path = save_checkpoint(tmp_path / "best.pt", model, epoch=2)
-    payload = load_any_checkpoint(path)
-    assert payload["epoch"] == 2 and payload["path"] == str(path)
-    assert load_any_checkpoint(tmp_path)["path"] == str(path)  # a run folder, as load_checkpoint takes
+    path = save_checkpoint(tmp_path / "best.pt", model, training={"epoch": 2})
+    payload = load_checkpoint(path)
+    assert payload.training["epoch"] == 2 and payload.path == str(path)
+    assert load_checkpoint(tmp_path).path == str(path)  # a run folder
 
 
 # --- safety and clear errors ------------------------------------------------------------------------------
@@ -243,7 +243,11 @@ def test_refuses_a_pickle_with_an_arbitrary_object(tmp_path, tiny_original):
     marker = tmp_path / "ran"
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": tiny_original["state_dict"], "best_metric": Payload(marker)}, path)
-    for read in (read_original_checkpoint, load_any_checkpoint, import_original_checkpoint):
+    for read in (
+        read_original_checkpoint,
+        load_checkpoint,
+        lambda p: import_original_checkpoint(p, tmp_path / "x.pt"),
+    ):
         with pytest.raises(CheckpointError, match=r"evil\.pth: holds a Python object .*_touch"):
             read(path)
     assert not marker.exists()
@@ -262,13 +266,13 @@ def test_a_file_that_is_not_an_original_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=r"weights\.pth: not an original ELTA checkpoint"):
         read_original_checkpoint(other)
     with pytest.raises(CheckpointError, match=r"weights\.pth: neither an elta checkpoint .* nor an original"):
-        load_any_checkpoint(other)
+        load_checkpoint(other)
     garbage = tmp_path / "notes.pth"
     garbage.write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match=r"notes\.pth: cannot be read as a checkpoint"):
-        load_any_checkpoint(garbage)
+        load_checkpoint(garbage)
     with pytest.raises(CheckpointError, match=r"missing\.pth: no such checkpoint file"):
-        import_original_checkpoint(tmp_path / "missing.pth")
+        import_original_checkpoint(tmp_path / "missing.pth", tmp_path / "out.pt")
 
 
 def test_a_backbone_that_does_not_fit_is_named(tiny_original):

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
+import elta
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from elta.data.demo import make_demo_dataset
-from elta.engine.predict import Scorer
 from elta.engine.prepare import read_dataset, read_pseudo_labels
+from elta.engine.runtime import Runtime
 from elta.engine.train import train
 from elta.functional import apds_sharpen
 from elta.workflows.pseudo import (
@@ -24,6 +25,8 @@ from elta.workflows.pseudo import (
     pseudo_label,
     read_unlabeled,
 )
+
+CPU = Runtime.create("cpu")
 
 TINY = ["--backbone", "test_convnext", "--weights", "none", "--image-size", "48", "--resize", "56"]
 FAST = ["--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--workers", "0"]
@@ -177,7 +180,7 @@ def test_given_beta_and_threshold_select_exactly_the_confident_images(teacher, p
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     # the teacher's own confidences, computed here from its scores
-    scores = Scorer(teacher, device="cpu").score(pool)
+    scores = elta.load(teacher, device="cpu").score(pool)
     dist = scores[[f"p{k}" for k in range(1, 11)]].to_numpy()
     center = scores["score"].mean()
     conf = apds_sharpen(
@@ -188,7 +191,7 @@ def test_given_beta_and_threshold_select_exactly_the_confident_images(teacher, p
     t = float(ranked[11] + ranked[12]) / 2  # half the pool lies above
 
     out = tmp_path / "labels" / "pseudo.csv"
-    summary = pseudo_label(teacher, [pool, broken], out, beta=1.25, threshold=t, device="cpu")
+    summary = pseudo_label(teacher, [pool, broken], out, CPU, beta=1.25, threshold=t)
     frame = pd.read_csv(out)
     expected = [
         "image_id", "path", "mos", *[f"p{k}" for k in range(1, 11)], "confidence", "weight", "source",
@@ -227,10 +230,10 @@ def test_grid_search_runs_on_the_teachers_validation_split(teacher, pool, demo_d
         teacher,
         [pool, labelled],
         tmp_path / "p.csv",
+        CPU,
         betas=(1.0, 1.25),
         thresholds=(0.0, 0.999),
         min_selected=5,
-        device="cpu",
     )
     n_val = len((demo_data / "val.txt").read_text().split())
     assert [c["count"] for c in summary["grid"]] == [n_val, 0, n_val, 0]
@@ -239,7 +242,7 @@ def test_grid_search_runs_on_the_teachers_validation_split(teacher, pool, demo_d
     # the chosen cell's MAE is the teacher's error on the labelled val images
     cfg = RunConfig(data=DataConfig(data=str(demo_data / "AVA.txt")))
     val = read_dataset(cfg).query("split == 'val'")
-    scores = Scorer(teacher, device="cpu").score(list(val["path"]))
+    scores = elta.load(teacher, device="cpu").score(list(val["path"]))
     assert summary["grid"][0]["mae"] == pytest.approx(np.abs(scores["score"] - val["mos"].to_numpy()).mean())
     assert summary["apds_center"]["calibration"] == pytest.approx(scores["score"].mean())
     counts = summary["counts"]
@@ -271,4 +274,4 @@ def test_scalar_head_teacher_is_refused(demo_data, pool, tmp_path):
     )
     best = train(cfg, tmp_path / "scalar")["best"]
     with pytest.raises(APDSUnavailableError, match="scalar head .* --loss emd"):
-        pseudo_label(best, [pool], tmp_path / "p.csv", beta=1.0, threshold=0.5, device="cpu")
+        pseudo_label(best, [pool], tmp_path / "p.csv", CPU, beta=1.0, threshold=0.5)

@@ -16,8 +16,8 @@ import yaml
 from conftest import tiny_train_args
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from elta.engine import train as train_module
-from elta.engine.checkpoint import load_checkpoint
 from elta.engine.train import RunExistsError, TrainingDivergedError, train
+from elta.models.checkpoint import load_checkpoint
 
 
 def tiny_config(data_root, epochs=2, **train_kw) -> RunConfig:
@@ -42,13 +42,13 @@ def test_training_writes_a_complete_run_directory(demo_data, tmp_path):
     assert {"train_loss", "val_loss", "val_srcc", "val_plcc", "val_acc", "val_mae_low", "lr"} <= set(metrics)
     assert metrics["train_loss"].notna().all()
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["model"]["backbone"] == "test_convnext"
+    assert saved.weights["backbone"] == "test_convnext"
     assert RunConfig.from_yaml(run / "config.yaml") == tiny_config(demo_data)
     ckpt = load_checkpoint(run / "best.pt")
-    assert ckpt["spec"]["centers"] == [float(c) for c in range(1, 11)]
-    assert ckpt["spec"]["acc_threshold"] == 5.0
-    assert ckpt["spec"]["head"] == "distribution"
-    assert ckpt["epoch"] == summary["best_epoch"]
+    assert ckpt.spec.centers == [float(c) for c in range(1, 11)]
+    assert ckpt.spec.acc_threshold == 5.0
+    assert ckpt.spec.head == "distribution"
+    assert ckpt.training["epoch"] == summary["best_epoch"]
     # the demo data has split lists: the run trains on train and validates on val
     split = pd.read_csv(run / "split.csv")
     listed = set((demo_data / "val.txt").read_text().split())
@@ -65,7 +65,7 @@ def test_existing_run_is_not_overwritten(demo_data, tmp_path):
 
 
 def _state(path):
-    return load_checkpoint(path)["model"]
+    return load_checkpoint(path).weights
 
 
 def test_killed_run_resumes_to_the_same_weights(demo_data, tmp_path):
@@ -89,7 +89,9 @@ def test_killed_run_resumes_to_the_same_weights(demo_data, tmp_path):
     proc.send_signal(signal.SIGKILL)  # at once: the whole run takes well under a second on a quiet machine
     proc.wait()
     stopped_at = load_checkpoint(run / "last.pt")
-    assert (stopped_at["epoch"], stopped_at["step"]) < (3, 0), "the run finished before it could be killed"
+    assert (stopped_at.training["epoch"], stopped_at.training["step"]) < (3, 0), (
+        "the run finished before it could be killed"
+    )
 
     resumed = subprocess.run(
         [sys.executable, "-m", "elta", "train", "--resume", str(run)],
@@ -122,8 +124,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(demo_data, tmp_path, 
     with pytest.raises(TrainingDivergedError, match="nan at epoch 2, step 1.*last good checkpoint"):
         train(tiny_config(demo_data, epochs=3), run)
     kept = load_checkpoint(run / "last.pt")
-    assert kept["epoch"] == 1
-    assert all(torch.isfinite(v).all() for v in kept["model"].values() if v.is_floating_point())
+    assert kept.training["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in kept.weights.values() if v.is_floating_point())
 
 
 def test_scalar_dataset_trains_a_scalar_head_and_refuses_emd(tmp_path, demo_data):
@@ -136,7 +138,7 @@ def test_scalar_dataset_trains_a_scalar_head_and_refuses_emd(tmp_path, demo_data
     cfg = cfg.override("data", data=str(csv), images=str(demo_data / "images"), score_range=(1.0, 10.0))
     train(cfg, tmp_path / "run")
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
-    assert ckpt["spec"]["head"] == "scalar"
+    assert ckpt.spec.head == "scalar"
     assert "no validation split" in (tmp_path / "run" / "train.log").read_text()
     with pytest.raises(ValueError, match="--loss emd needs vote distributions"):
         train(cfg.override("train", loss="emd"), tmp_path / "run2")
@@ -173,14 +175,14 @@ def test_loader_workers_change_nothing_but_speed(demo_data, tmp_path):
 def test_one_loader_serves_every_epoch_with_that_epochs_augmentation(demo_data):
     from elta.data.dataset import AnnotationDataset, EpochBatchSampler
     from elta.data.transforms import ImageTransform
-    from elta.engine.inference import make_loader
     from elta.engine.prepare import read_dataset
+    from elta.engine.runtime import Runtime
 
     frame = read_dataset(tiny_config(demo_data)).head(6).reset_index(drop=True)
     transform = ImageTransform(48, 56, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=True)
     dataset = AnnotationDataset(frame, transform, seed=5)
     sampler = EpochBatchSampler()
-    loader = make_loader(dataset, 3, 2, torch.device("cpu"), persistent=True, batch_sampler=sampler)
+    loader = Runtime(workers=2).loader(dataset, persistent=True, batch_sampler=sampler)
     seen = {}
     for epoch in (0, 1):
         sampler.set_epoch(epoch, [[0, 1, 2], [3, 4, 5]])

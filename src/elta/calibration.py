@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from elta.metrics import _OVERALL_ROWS, _TAIL_ROWS, _as_pair, _as_scores, _format_value, evaluate
+from elta.metrics import OVERALL_ROWS, TAIL_ROWS, as_pair, as_scores, format_value, evaluate
 
 __all__ = [
     "METHODS",
@@ -247,7 +247,7 @@ def fit_calibration(
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {METHODS}")
     lo_hi = _check_range(score_range)
-    p, g = _as_pair(pred, gt)
+    p, g = as_pair(pred, gt)
     if p.size < 2 or np.ptp(p) == 0:
         raise ValueError(
             f"predictions are constant ({p.size} sample(s), all {p[0]:g}): no increasing map can spread them"
@@ -259,7 +259,7 @@ def fit_calibration(
             raise ValueError(
                 "method='quantile' needs train_gt (the training labels it maps predictions onto)"
             )
-        params = _fit_quantile(p, _as_scores(train_gt, "train_gt"))
+        params = _fit_quantile(p, as_scores(train_gt, "train_gt"))
     else:
         params = _fit_isotonic(p, g)
     return Calibration(method, params, lo_hi, p.size)
@@ -271,7 +271,7 @@ def calibration_report(pred, gt, cal: Calibration, **evaluate_kwargs) -> dict[st
     ``evaluate_kwargs`` go to both calls; ``score_range`` defaults to the calibration's.
     """
     evaluate_kwargs.setdefault("score_range", cal.score_range)
-    p, g = _as_pair(pred, gt)
+    p, g = as_pair(pred, gt)
     return {
         "before": evaluate(p, g, **evaluate_kwargs),
         "after": evaluate(cal.apply(p), g, **evaluate_kwargs),
@@ -300,15 +300,15 @@ def format_calibration_report(report: dict, title: str | None = None) -> str:
     header = ("metric", "before", "after", "change")
     rows: list[tuple[str, str, str, str]] = []
     tail: list[tuple[str, str, str, str]] = []
-    for block, table in ((rows, _OVERALL_ROWS), (tail, _TAIL_ROWS)):
+    for block, table in ((rows, OVERALL_ROWS), (tail, TAIL_ROWS)):
         for key, label in table:
             if key in before and key in after:
                 mark = "* " if key in _HIGHLIGHT else "  "
                 block.append(
                     (
                         mark + label,
-                        _format_value(key, before[key]),
-                        _format_value(key, after[key]),
+                        format_value(key, before[key]),
+                        format_value(key, after[key]),
                         _change(key, before[key], after[key]),
                     )
                 )

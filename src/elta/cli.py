@@ -239,6 +239,19 @@ def _progress() -> bool:
     return sys.stderr.isatty()
 
 
+def _runtime(args: argparse.Namespace):
+    """The inference runtime from --device, --batch-size, --workers and --amp."""
+    from elta.engine.runtime import Runtime
+
+    return Runtime.create(
+        args.device or "auto",
+        amp=getattr(args, "inference_amp", "off"),
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=_progress(),
+    )
+
+
 # --------------------------------------------------------------------------------------------- commands
 
 
@@ -269,10 +282,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_config_for(args: argparse.Namespace, payload: dict) -> RunConfig:
-    """Data settings from the command line, falling back to the checkpoint's training data."""
+def _data_config_for(args: argparse.Namespace, saved: dict | None) -> RunConfig:
+    """Data settings from the command line, falling back to the checkpoint's training data (``saved``)."""
     cfg = RunConfig()
-    saved = payload.get("config")
     if args.data is None and saved:
         cfg = RunConfig.from_dict(saved)
         log.info("no --data given: evaluating on the checkpoint's training dataset %s", cfg.data.data)
@@ -285,23 +297,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from elta.calibration import format_calibration_report
     from elta.engine.evaluate import evaluate_checkpoint
     from elta.metrics import format_metrics
-    from elta.models.original import load_any_checkpoint
+    from elta.models.checkpoint import load_checkpoint
 
-    payload = load_any_checkpoint(args.checkpoint)
-    cfg = _data_config_for(args, payload)
+    checkpoint = load_checkpoint(args.checkpoint)
+    cfg = _data_config_for(args, checkpoint.config)
     metrics = evaluate_checkpoint(
-        args.checkpoint,
-        cfg,
-        args.out,
-        split=args.split,
-        batch_size=args.batch_size,
-        device=args.device or "auto",
-        workers=args.workers,
-        progress=_progress(),
-        calibrated=not args.no_calibration,
-        amp=args.inference_amp,
+        checkpoint, cfg, args.out, _runtime(args), split=args.split, calibrated=not args.no_calibration
     )
-    title = f"{Path(payload['path']).name} on split '{args.split}'"
+    title = f"{Path(checkpoint.path).name} on split '{args.split}'"
     if "before_calibration" in metrics:
         report = {"before": metrics["before_calibration"], "after": metrics}
         print(
@@ -318,20 +321,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from elta.calibration import format_calibration_report
-    from elta.models.original import load_any_checkpoint
+    from elta.models.checkpoint import load_checkpoint
     from elta.workflows.calibrate import calibrate_checkpoint
 
-    cfg = _data_config_for(args, load_any_checkpoint(args.checkpoint))
+    checkpoint = load_checkpoint(args.checkpoint)
+    cfg = _data_config_for(args, checkpoint.config)
     result = calibrate_checkpoint(
-        args.checkpoint,
-        cfg,
-        method=args.method,
-        split=args.split,
-        out=args.out,
-        batch_size=args.batch_size,
-        device=args.device or "auto",
-        workers=args.workers,
-        progress=_progress(),
+        checkpoint, cfg, _runtime(args), method=args.method, split=args.split, out=args.out
     )
     title = f"{args.method} calibration fitted on split '{args.split}' (same rows: SRCC cannot change)"
     print(format_calibration_report(result["report"], title=title))
@@ -342,17 +338,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from elta.engine.predict import Scorer, write_scores
+    from elta.engine.predictor import Predictor, write_scores
 
-    scorer = Scorer(
-        args.checkpoint,
-        device=args.device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        calibrated=not args.no_calibration,
-        amp=args.inference_amp,
-    )
-    frame = scorer.score(args.paths, progress=_progress())
+    predictor = Predictor.from_checkpoint(args.checkpoint, _runtime(args), calibrated=not args.no_calibration)
+    frame = predictor.score(args.paths)
     failed = int((frame["error"] != "").sum())
     if args.out:
         write_scores(frame, args.out)
@@ -427,7 +416,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
-    from elta.models.original import import_original_checkpoint
+    from elta.models.checkpoint import import_original_checkpoint
 
     out = import_original_checkpoint(
         args.source, args.out, head=args.head, backbone=args.backbone, image_size=args.image_size

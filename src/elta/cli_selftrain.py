@@ -67,7 +67,7 @@ def _print_pseudo(summary: dict) -> None:
 
 
 def cmd_pseudo_label(args: argparse.Namespace) -> int:
-    from elta.cli import _progress
+    from elta.cli import _runtime
     from elta.workflows.pseudo import format_grid, pseudo_label
 
     calibration = None
@@ -84,6 +84,7 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.unlabeled,
         args.out,
+        _runtime(args),
         calibration=calibration,
         calibrate_split=args.calibrate_split,
         beta=args.beta,
@@ -92,10 +93,6 @@ def cmd_pseudo_label(args: argparse.Namespace) -> int:
         thresholds=args.thresholds,
         min_selected=args.min_selected,
         weight=args.weight,
-        batch_size=args.batch_size,
-        device=args.device,
-        workers=args.workers,
-        progress=_progress(),
     )
     if summary["grid"]:
         print(f"calibration grid (selected / MAE), {summary['chosen_by']}:\n{format_grid(summary['grid'])}")

@@ -13,6 +13,7 @@ __all__ = [
     "AnnotationError",
     "ImageLoadError",
     "CheckpointError",
+    "IncompatibleDataError",
     "WeightsUnavailableError",
     "RunExistsError",
     "TrainingDivergedError",
@@ -45,6 +46,10 @@ class ImageLoadError(EltaError):
 
 class CheckpointError(EltaError, ValueError):
     """The file is not a checkpoint this version can read."""
+
+
+class IncompatibleDataError(EltaError, ValueError):
+    """A dataset does not fit a model: another number of rating bins or another rating scale."""
 
 
 class WeightsUnavailableError(EltaError, RuntimeError):

@@ -15,11 +15,16 @@ import numpy as np
 from scipy import stats
 
 __all__ = [
+    "OVERALL_ROWS",
+    "TAIL_ROWS",
+    "as_pair",
+    "as_scores",
     "balanced_mae",
     "correlations",
     "emd",
     "evaluate",
     "format_metrics",
+    "format_value",
     "minority_groups",
     "tail_buckets",
 ]
@@ -27,7 +32,7 @@ __all__ = [
 BUCKETS = ("low", "medium", "high")
 
 
-def _as_scores(x, name: str) -> np.ndarray:
+def as_scores(x, name: str) -> np.ndarray:
     """``x`` as a finite 1-D float64 array, or a ValueError naming ``name``."""
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 1:
@@ -40,9 +45,9 @@ def _as_scores(x, name: str) -> np.ndarray:
     return arr
 
 
-def _as_pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
+def as_pair(pred, gt) -> tuple[np.ndarray, np.ndarray]:
     """Validated ``(pred, gt)``: finite, 1-D, equal and non-zero length."""
-    p, g = _as_scores(pred, "pred"), _as_scores(gt, "gt")
+    p, g = as_scores(pred, "pred"), as_scores(gt, "gt")
     if p.shape != g.shape:
         raise ValueError(f"pred has {p.size} values but gt has {g.size}")
     if p.size == 0:
@@ -59,7 +64,7 @@ def correlations(pred, gt) -> dict[str, float]:
 
     pred, gt: [N] scores. A coefficient is NaN when N < 2 or either input is constant.
     """
-    p, g = _as_pair(pred, gt)
+    p, g = as_pair(pred, gt)
     if p.size < 2 or np.ptp(p) == 0 or np.ptp(g) == 0:
         return {"plcc": math.nan, "srcc": math.nan, "krcc": math.nan}
     return {
@@ -77,7 +82,7 @@ def tail_buckets(gt) -> np.ndarray:
     (samples equal to a cut included). When p20 == p80, a sample equal to both goes to low.
     Returns [N] strings.
     """
-    g = _as_scores(gt, "gt")
+    g = as_scores(gt, "gt")
     if g.size == 0:
         raise ValueError("gt is empty")
     p20, p80 = np.percentile(g, [20, 80])
@@ -91,7 +96,7 @@ def balanced_mae(pred, gt, score_range: tuple[float, float] | None, num_bins: in
     on AVA's 1..10 scale); None uses [min(gt), max(gt)]. A bin holds [left, right); the top edge belongs to the
     last bin and values outside the range fall into the end bins.
     """
-    p, g = _as_pair(pred, gt)
+    p, g = as_pair(pred, gt)
     num_bins = 18 if num_bins is None else int(num_bins)
     if num_bins < 1:
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
@@ -179,7 +184,7 @@ def evaluate(
     ``mae_majority``, ``n_minority``, ``n_majority``; samples with no group or a group absent from
     ``group_counts`` count as neither. An empty bucket or group gives NaN.
     """
-    p, g = _as_pair(pred, gt)
+    p, g = as_pair(pred, gt)
     if threshold is None:
         if score_range is None:
             raise ValueError("acc needs a threshold or a score_range (threshold = its midpoint); got neither")
@@ -221,7 +226,8 @@ def evaluate(
     return out
 
 
-_OVERALL_ROWS: Sequence[tuple[str, str]] = (
+# (metric key, label) of the overall and the tail block of a metrics table
+OVERALL_ROWS: Sequence[tuple[str, str]] = (
     ("n", "n"),
     ("plcc", "PLCC"),
     ("srcc", "SRCC"),
@@ -232,7 +238,7 @@ _OVERALL_ROWS: Sequence[tuple[str, str]] = (
     ("emd", "EMD"),
     ("bmae", "bMAE"),
 )
-_TAIL_ROWS: Sequence[tuple[str, str]] = (
+TAIL_ROWS: Sequence[tuple[str, str]] = (
     ("mae_low", "MAE low"),
     ("mae_medium", "MAE medium"),
     ("mae_high", "MAE high"),
@@ -244,7 +250,8 @@ _TAIL_ROWS: Sequence[tuple[str, str]] = (
 )
 
 
-def _format_value(key: str, value) -> str:
+def format_value(key: str, value) -> str:
+    """A metric as printed in the tables: counts as integers, the rest with four decimals."""
     if key == "n" or (isinstance(value, (int, np.integer)) and not isinstance(value, bool)):
         return str(int(value))
     value = float(value)
@@ -259,16 +266,16 @@ def format_metrics(metrics: dict, title: str | None = None) -> str:
     Overall metrics first, then a "long tail" block; keys absent from ``metrics`` are skipped.
     """
     rows: list[tuple[str, str]] = [("metric", "value")]
-    for key, label in _OVERALL_ROWS:
+    for key, label in OVERALL_ROWS:
         if key in metrics:
-            rows.append((label, _format_value(key, metrics[key])))
+            rows.append((label, format_value(key, metrics[key])))
     tail: list[tuple[str, str]] = []
-    for key, label in _TAIL_ROWS:
+    for key, label in TAIL_ROWS:
         if key in metrics:
             count_key = "n_" + key.removeprefix("mae_")
             if count_key in metrics:
                 label = f"{label} (n={int(metrics[count_key])})"
-            tail.append((label, _format_value(key, metrics[key])))
+            tail.append((label, format_value(key, metrics[key])))
     width_l = max(len(label) for label, _ in rows + tail)
     width_v = max(len(value) for _, value in rows + tail)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -10,20 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from elta.calibration import calibrated_scores
 from elta.config import RunConfig
 from elta.data.cache import check_cache_fits
-from elta.data.dataset import AnnotationDataset, dist_columns
-from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import model_from_checkpoint
-from elta.engine.inference import Predictions, run_inference
-from elta.engine.precision import Precision
+from elta.data.dataset import dist_columns
+from elta.engine.predictor import Predictions, Predictor
 from elta.engine.prepare import read_dataset
 from elta.engine.report import draw_report
-from elta.engine.runtime import resolve_device
+from elta.engine.runtime import Runtime
 from elta.metrics import evaluate
+from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.models.model import ModelSpec
-from elta.models.original import load_any_checkpoint
 from elta.utils import atomic_write_text
 
 __all__ = ["evaluate_checkpoint", "select_split", "score_metrics", "write_evaluation"]
@@ -76,7 +71,6 @@ def write_evaluation(
     spec: ModelSpec,
     metrics: dict,
     title: str,
-    uncalibrated: np.ndarray | None = None,
 ) -> None:
     """metrics.json, predictions.csv (image_id, gt, pred, pred_std[, pred_uncalibrated], p1..pK, group, error)
     and report.png."""
@@ -85,8 +79,8 @@ def write_evaluation(
     table = pd.DataFrame(
         {"image_id": frame["image_id"], "gt": gt, "pred": preds.score, "pred_std": preds.std}
     )
-    if uncalibrated is not None:  # pred went through the checkpoint's calibration map
-        table["pred_uncalibrated"] = uncalibrated
+    if preds.uncalibrated is not None:  # pred went through a calibration map
+        table["pred_uncalibrated"] = preds.uncalibrated
     if preds.dist is not None:
         for k in range(preds.dist.shape[1]):
             table[f"p{k + 1}"] = preds.dist[:, k]
@@ -107,70 +101,38 @@ def write_evaluation(
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: Checkpoint | str | Path,
     cfg: RunConfig,
     out: str | Path,
+    runtime: Runtime | None = None,
     *,
     split: str = "test",
-    batch_size: int = 32,
-    device: str = "auto",
-    workers: int | None = None,
-    progress: bool = False,
     calibrated: bool = True,
-    amp: str = "off",
 ) -> dict:
     """Score ``split`` of the dataset in ``cfg.data`` and write the evaluation files into ``out``.
 
     Returns the metrics dict (plus ``skipped``: images that could not be read, listed in predictions.csv).
     With a calibration map in the checkpoint (and ``calibrated``), the metrics are those of the calibrated
-    scores and ``before_calibration`` holds the model's own. ``amp`` (auto | bf16 | fp16 | off) runs the
-    backbone under autocast, the head in float32.
+    scores and ``before_calibration`` holds the model's own.
     """
-    payload = load_any_checkpoint(checkpoint)
-    dev = resolve_device(device)
-    model = model_from_checkpoint(payload, dev)
-    spec = model.spec
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, runtime, calibrated=calibrated)
+    spec = predictor.spec
     df = read_dataset(cfg)
     if df.attrs.get("problems"):
         log.warning("%d annotation rows could not be used (see `elta data check`)", len(df.attrs["problems"]))
     frame = select_split(df, split)
-    cols = dist_columns(frame)
-    if spec.head == "distribution" and cols and len(cols) != spec.num_bins:
-        raise ValueError(
-            f"checkpoint predicts {spec.num_bins} bins but {cfg.data.data} has {len(cols)}: "
-            "evaluate on a dataset with the same rating scale"
-        )
     check_cache_fits(df.attrs["images_root"], spec.image_size)
-    dataset = AnnotationDataset(frame, ImageTransform.from_spec(spec, train=False))
-    preds = run_inference(
-        model,
-        dataset,
-        batch_size=batch_size,
-        device=dev,
-        workers=workers,
-        progress=progress,
-        forward=Precision.create(amp, dev).forward(model),
-    )
-    raw = None
-    if spec.calibration and calibrated:
-        raw = preds.score
-        before = score_metrics(frame, preds, spec)
-        preds = dataclasses.replace(preds, score=calibrated_scores(spec, preds.score))
+    preds = predictor.predict_frame(frame)
     metrics = score_metrics(frame, preds, spec)
-    if raw is not None:
+    if preds.uncalibrated is not None:
         metrics["calibration"] = spec.calibration["method"]
-        metrics["before_calibration"] = before
+        metrics["before_calibration"] = score_metrics(frame, preds.uncalibrated_view(), spec)
     metrics["split"] = split
-    metrics["checkpoint"] = str(payload["path"])
-    write_evaluation(
-        Path(out),
-        frame,
-        preds,
-        spec,
-        metrics,
-        title=f"{Path(payload['path']).name} on {split}",
-        uncalibrated=raw,
-    )
+    metrics["checkpoint"] = checkpoint.path
+    title = f"{Path(checkpoint.path).name} on {split}"
+    write_evaluation(Path(out), frame, preds, spec, metrics, title=title)
     return metrics
 
 

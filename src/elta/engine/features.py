@@ -14,10 +14,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from elta.data.dataset import AnnotationDataset
-from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import atomic_torch_save
-from elta.engine.inference import map_batches
+from elta.engine.predictor import Predictor
+from elta.models.checkpoint import atomic_torch_save
 from elta.models.model import AestheticModel
 
 __all__ = ["FeatureCache", "load_or_compute_features"]
@@ -42,51 +40,23 @@ def _fingerprint(model: AestheticModel, frame: pd.DataFrame, weights_id: str) ->
     return digest.hexdigest()
 
 
-@torch.no_grad()
-def _compute(
-    model: AestheticModel, frame: pd.DataFrame, batch_size: int, device, workers, progress
-) -> FeatureCache:
-    dataset = AnnotationDataset(frame, ImageTransform.from_spec(model.spec, train=False))
-    features = torch.zeros(len(frame), model.backbone.num_features)
-    errors = [""] * len(frame)
-    model.eval()
-    for idx, out in map_batches(
-        dataset,
-        model.backbone,
-        errors,
-        batch_size=batch_size,
-        device=device,
-        workers=workers,
-        progress=progress,
-        desc="caching features",
-    ):
-        features[torch.from_numpy(idx)] = out.float().cpu()
-    failed = {i: e for i, e in enumerate(errors) if e}
-    return FeatureCache(features, failed)
-
-
 def load_or_compute_features(
     path: Path,
-    model: AestheticModel,
+    predictor: Predictor,
     frames: dict[str, pd.DataFrame],
     weights_id: str,
-    *,
-    batch_size: int,
-    device: torch.device,
-    workers: int,
-    progress: bool = False,
 ) -> dict[str, FeatureCache]:
     """Features of every frame in ``frames`` (by split name), from ``path`` when it matches, else computed."""
     stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}
     result, changed = {}, False
     for split, frame in frames.items():
-        key = _fingerprint(model, frame, weights_id)  # entries are keyed by content, so variants share them
+        key = _fingerprint(predictor.model, frame, weights_id)  # keyed by content, so variants share entries
         entry = stored.get(key)
         if entry is not None:
             result[split] = FeatureCache(entry["features"], {int(k): v for k, v in entry["failed"].items()})
             continue
         log.info("computing backbone features of %d %s images (once; cached in %s)", len(frame), split, path)
-        result[split] = _compute(model, frame, batch_size, device, workers, progress)
+        result[split] = FeatureCache(*predictor.backbone_features(frame))
         failed = {str(k): v for k, v in result[split].failed.items()}
         stored[key] = {"split": split, "features": result[split].features, "failed": failed}
         changed = True

@@ -15,7 +15,7 @@ from elta.data.dataset import dist_columns
 from elta.data.readers import AnnotationError, CsvColumns, read_annotations
 from elta.utils import atomic_write_text, derive_seed
 
-__all__ = ["PreparedData", "read_dataset", "prepare_data", "read_pseudo_labels"]
+__all__ = ["PreparedData", "read_dataset", "prepare_data", "read_pseudo_labels", "hold_out_validation"]
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ def read_pseudo_labels(path: str | Path, num_bins: int, default_weight: float) -
     return frame
 
 
-def _hold_out_validation(train_df: pd.DataFrame, cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def hold_out_validation(train_df: pd.DataFrame, cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split ``cfg.data.val_fraction`` of the training rows off as validation, by the run's seed."""
     n_val = max(1, int(round(len(train_df) * cfg.data.val_fraction)))
     if n_val >= len(train_df):
         raise AnnotationError(
@@ -115,7 +116,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False, write: b
             f"{cfg.data.data}: no usable training rows ({df.attrs.get('split_source', '')})"
         )
     if val_df.empty:
-        train_df, val_df = _hold_out_validation(train_df, cfg)
+        train_df, val_df = hold_out_validation(train_df, cfg)
     if cfg.data.pseudo_labels:
         num_bins = len(df.attrs["centers"]) if df.attrs["has_distribution"] else 0
         pseudo = read_pseudo_labels(cfg.data.pseudo_labels, num_bins, cfg.data.pseudo_weight)

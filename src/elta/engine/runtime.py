@@ -1,10 +1,28 @@
-"""Where and how inference and training run: device choice (more to come in this module)."""
+"""Where and how work runs: device, precision, batch size, loader processes, progress; resolved once.
+
+A :class:`Runtime` is built once per command (from the config's ``runtime`` section, or by hand) and passed to the
+engine; nothing below it chooses a device or a worker count on its own.
+"""
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["resolve_device"]
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from elta.data.dataset import collate
+from elta.engine.distributed import SINGLE, Processes
+from elta.engine.precision import Precision
+from elta.launch import local_world_size
+
+__all__ = ["Runtime", "resolve_device"]
+
+# Below this many items, starting loader processes costs more than it saves.
+SMALL_JOB = 64
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -21,3 +39,100 @@ def resolve_device(name: str = "auto") -> torch.device:
             f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)"
         )
     return device
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The resolved settings every engine call runs with.
+
+    ``workers`` None means the one policy of :meth:`loader_workers`. ``processes`` is this process's place in a
+    torchrun job (a single process by default).
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: Precision | None = None  # None: float32 on ``device``
+    batch_size: int = 32
+    workers: int | None = None
+    progress: bool = False
+    compile: bool = False
+    processes: Processes = SINGLE
+
+    def __post_init__(self) -> None:
+        if self.precision is None:
+            object.__setattr__(self, "precision", Precision(self.device))
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be ≥ 1; got {self.batch_size}")
+
+    @classmethod
+    def create(
+        cls,
+        device: str | torch.device = "auto",
+        *,
+        amp: str = "auto",
+        channels_last: bool = False,
+        batch_size: int = 32,
+        workers: int | None = None,
+        progress: bool = False,
+        compile: bool = False,
+        processes: Processes = SINGLE,
+    ) -> Runtime:
+        """Resolve ``device`` (auto | cpu | cuda[:N] | mps) and ``amp`` (auto | bf16 | fp16 | off)."""
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        return cls(
+            device=dev,
+            precision=Precision.create(amp, dev, channels_last),
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            compile=compile,
+            processes=processes,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, progress: bool = False, **overrides: Any) -> Runtime:
+        """From a config's ``runtime`` section (device, amp, channels_last, batch_size, workers, compile)."""
+        values = {
+            key: getattr(cfg, key)
+            for key in ("device", "amp", "channels_last", "batch_size", "workers", "compile")
+            if hasattr(cfg, key)
+        }
+        return cls.create(**{**values, "progress": progress, **overrides})
+
+    def replace(self, **changes: Any) -> Runtime:
+        return dataclasses.replace(self, **changes)
+
+    def loader_workers(self, n_items: int | None = None, *, beside_model: bool = True) -> int:
+        """Loader processes: the configured number, else the one policy.
+
+        Small jobs load in the main process. Beside a model on the CPU, none on small machines (they would
+        compete with it) and up to 4 on larger ones; beside a GPU, or with no model running (caching
+        images), up to 8. The machine's CPUs are shared among the processes torchrun started on it.
+        """
+        if self.workers is not None:
+            return self.workers
+        if n_items is not None and n_items < SMALL_JOB:
+            return 0
+        cpus = max(1, (os.cpu_count() or 1) // local_world_size())
+        if beside_model and self.device.type == "cpu":
+            return 0 if cpus <= 2 else min(4, cpus // 2)
+        return min(8, cpus)
+
+    def loader(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int | None = None,
+        persistent: bool = False,
+        **kwargs: Any,
+    ) -> DataLoader:
+        """A loader of :class:`~elta.data.dataset.Batch`; with ``persistent`` its workers outlive an epoch."""
+        workers = self.loader_workers(len(dataset))
+        return DataLoader(
+            dataset,
+            batch_size=(batch_size or self.batch_size) if "batch_sampler" not in kwargs else 1,
+            collate_fn=collate,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=persistent and workers > 0,
+            **kwargs,
+        )

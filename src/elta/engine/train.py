@@ -26,20 +26,19 @@ from elta.data.check import write_problems
 from elta.data.dataset import AnnotationDataset, Batch, EpochBatchSampler, dist_columns
 from elta.data.readers import AnnotationError
 from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import load_checkpoint, save_checkpoint
 from elta.engine.distributed import SINGLE, Processes, start_processes, stop_processes
 from elta.engine.features import load_or_compute_features
-from elta.engine.inference import Predictions, default_workers, make_loader, run_inference
 from elta.engine.precision import Precision, compile_backbone
+from elta.engine.predictor import Predictions, Predictor
 from elta.engine.prepare import PreparedData, prepare_data, read_dataset
-from elta.engine.runtime import resolve_device
+from elta.engine.runtime import Runtime, resolve_device
 from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.errors import RunExistsError, TrainingDivergedError
 from elta.functional import emd_loss
 from elta.metrics import emd as emd_metric
 from elta.metrics import evaluate
+from elta.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from elta.models.model import AestheticModel, build_model
-from elta.models.original import load_any_checkpoint
 from elta.utils import atomic_write_text, derive_seed
 
 __all__ = [
@@ -313,7 +312,9 @@ def train(
             stop_processes()
 
 
-def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resumed: dict | None) -> AestheticModel:
+def _initial_model(
+    cfg: RunConfig, data: PreparedData, head: str, resumed: Checkpoint | None
+) -> AestheticModel:
     """The model before training: fresh (with cfg.model.weights), from --init-from, or the run's own last.pt.
 
     When starting from a checkpoint (``resumed`` or --init-from), its architecture and input pipeline
@@ -324,12 +325,12 @@ def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resumed: dict 
     m = cfg.model
     if m.reset_head and not m.init_from:
         raise ValueError("--reset-head needs --init-from (a fresh model's head is new anyway)")
-    source = None if resumed is not None or not m.init_from else load_any_checkpoint(m.init_from)
+    source = None if resumed is not None or not m.init_from else load_checkpoint(m.init_from)
     start = resumed if resumed is not None else source
     backbone, image_size, resize = m.backbone, m.image_size, m.resize
     if start is not None:
-        s = start["spec"]
-        backbone, image_size, resize = s["backbone"], s["image_size"], s["resize"]
+        s = start.spec
+        backbone, image_size, resize = s.backbone, s.image_size, s.resize
         if source is not None and backbone != m.backbone:
             log.info("--init-from %s: using its backbone %s", m.init_from, backbone)
     torch.manual_seed(derive_seed(cfg.train.seed, -1))  # the initial weights of new layers
@@ -349,7 +350,7 @@ def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resumed: dict 
     )
     if start is not None:
         for key in ("mean", "std", "interpolation"):
-            setattr(model.spec, key, start["spec"][key])
+            setattr(model.spec, key, getattr(start.spec, key))
     if source is not None:
         _load_initial_weights(model, source, m.init_from, m.reset_head)
     if m.freeze_backbone:
@@ -357,9 +358,9 @@ def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resumed: dict 
     return model
 
 
-def _load_initial_weights(model: AestheticModel, source: dict, path: str, reset_head: bool) -> None:
+def _load_initial_weights(model: AestheticModel, source: Checkpoint, path: str, reset_head: bool) -> None:
     own = model.state_dict()
-    state = {k: v for k, v in source["model"].items() if not (reset_head and k.startswith("head."))}
+    state = {k: v for k, v in source.weights.items() if not (reset_head and k.startswith("head."))}
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
         raise ValueError(
@@ -448,10 +449,17 @@ class _Trainer:
             enhancer.setup(context)
         enhancers.to(device)
         sample_weights = _sample_weights(enhancers, context)
-        workers = default_workers(device) if cfg.data.workers is None else cfg.data.workers
+        runtime = Runtime(
+            device=device,
+            precision=precision,
+            batch_size=t.batch_size,
+            workers=cfg.data.workers,
+            progress=self.progress,
+            processes=processes,
+        )
         if not t.cache_features:
             check_cache_fits(data.attrs["images_root"], model.spec.resize)
-        train_set, val_set = self._datasets(model, data, device, workers)
+        train_set, val_set = self._datasets(model, data, runtime)
         if t.compile and t.cache_features:
             log.info("--compile: nothing to compile, the backbone's features are cached")
         elif t.compile:
@@ -471,13 +479,14 @@ class _Trainer:
             "epoch_samples": 0,
         }
         if state is not None:
-            model.load_state_dict(state["model"])
-            enhancers.load_state_dict(state.get("enhancers", {}))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if state.get("scaler") and scaler.is_enabled():
-                scaler.load_state_dict(state["scaler"])
-            progress_state.update({k: state[k] for k in progress_state})
+            saved = state.training
+            model.load_state_dict(state.weights)
+            enhancers.load_state_dict(saved.get("enhancers", {}))
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            if saved.get("scaler") and scaler.is_enabled():
+                scaler.load_state_dict(saved["scaler"])
+            progress_state.update({k: saved[k] for k in progress_state})
             runlog.restore(progress_state["epoch"])
             log.info(
                 "resuming %s at epoch %d, step %d",
@@ -501,12 +510,12 @@ class _Trainer:
             else "",
         )
         loop = _EpochLoop(
-            self, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers,
+            self, model, enhancers, optimizer, scheduler, runlog, data, loss_name, runtime,
             precision=precision, scaler=scaler, sample_weights=sample_weights,
         )  # fmt: skip
         return loop.run(train_set, val_set, progress_state)
 
-    def _datasets(self, model, data, device, workers):
+    def _datasets(self, model, data, runtime: Runtime):
         cfg = self.cfg
         if not cfg.train.cache_features:
             train_set = AnnotationDataset(
@@ -522,14 +531,7 @@ class _Trainer:
         if not processes.is_main:
             processes.barrier()  # rank 0 computes and stores the features; the others then read them
         caches = load_or_compute_features(
-            cache_path,
-            model,
-            {"train": data.train, "val": data.val},
-            weights_id,
-            batch_size=cfg.train.batch_size,
-            device=device,
-            workers=workers,
-            progress=self.progress,
+            cache_path, Predictor(model, runtime), {"train": data.train, "val": data.val}, weights_id
         )
         if processes.is_main:
             processes.barrier()
@@ -575,20 +577,20 @@ class _EpochLoop:
     """The epochs of one run; holds the objects a step needs."""
 
     def __init__(
-        self, trainer, model, enhancers, optimizer, scheduler, runlog, data, loss_name, device, workers,
+        self, trainer, model, enhancers, optimizer, scheduler, runlog, data, loss_name, runtime,
         *, precision: Precision, scaler, sample_weights: torch.Tensor | None,
     ):  # fmt: skip
         self.trainer, self.cfg = trainer, trainer.cfg
         self.model, self.enhancers = model, enhancers
         self.optimizer, self.scheduler = optimizer, scheduler
         self.runlog, self.data = runlog, data
-        self.loss_name, self.device, self.workers = loss_name, device, workers
+        self.loss_name, self.runtime, self.device = loss_name, runtime, runtime.device
         self.cached = self.cfg.train.cache_features
         self.precision, self.scaler = precision, scaler
         self.sample_weights = sample_weights  # per-row sampling weights, or None for plain shuffling
         self.processes = trainer.processes
         step = StepForward(model, enhancers, self.features, loss_name, self.processes)
-        self.forward_step = self.processes.wrap(step, device)
+        self.forward_step = self.processes.wrap(step, self.device)
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, D] in float32; the backbone (or the neck on cached features) under autocast."""
@@ -598,13 +600,12 @@ class _EpochLoop:
     def head_forward(self, inputs: torch.Tensor):
         return self.model.forward_head(self.features(inputs))
 
-    def snapshot(self, p: dict) -> dict:
+    def training_state(self, p: dict) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "enhancers": self.enhancers.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "config": self.cfg.to_dict(),
             **p,
         }
 
@@ -634,9 +635,7 @@ class _EpochLoop:
         start_epoch = p["epoch"]
         # one loader for the whole run: its worker processes outlive the epochs
         sampler = EpochBatchSampler()
-        loader = make_loader(
-            train_set, t.batch_size, self.workers, self.device, persistent=True, batch_sampler=sampler
-        )
+        loader = self.runtime.loader(train_set, persistent=True, batch_sampler=sampler)
         for epoch in tqdm(range(start_epoch, t.epochs), desc="epochs", unit="epoch", disable=not progress):
             started = time.perf_counter()
             self.model.train()
@@ -776,21 +775,11 @@ class _EpochLoop:
         """Write a checkpoint (rank 0), after giving every process rank 0's buffers."""
         self.processes.broadcast_buffers(self.model)
         if self.processes.is_main:
-            save_checkpoint(path, self.model, **self.snapshot(p))
+            save_checkpoint(path, self.model, config=self.cfg.to_dict(), training=self.training_state(p))
 
     def _validate(self, val_set: AnnotationDataset) -> dict:
         self.processes.broadcast_buffers(self.model)  # all processes score with the weights rank 0 saves
-        preds = run_inference(
-            self.model,
-            val_set,
-            batch_size=self.cfg.train.batch_size,
-            device=self.device,
-            workers=self.workers,
-            progress=self.trainer.progress,
-            desc="validating",
-            forward=self.head_forward,
-            processes=self.processes,
-        )
+        preds = Predictor(self.model, self.runtime).predict(val_set, desc="validating")
         if not preds.ok.all():
             self.runlog.add_failures(self.data.val, [(i, e) for i, e in enumerate(preds.errors) if e])
         return validation_row(self.model, preds, self.data.val, self.loss_name)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,19 +29,16 @@ import timm
 import torch
 from torch import nn
 
-from elta import __version__
-from elta.engine.checkpoint import KIND, CheckpointError, load_checkpoint, save_checkpoint
 from elta.models.backbones import backbone_data_config
 from elta.models.model import AestheticModel, ModelSpec
 
 __all__ = [
+    "DEFAULT_BACKBONE",
     "is_original_checkpoint",
-    "read_original_checkpoint",
+    "state_dict_of",
     "original_head",
     "convert_original_state_dict",
-    "original_to_payload",
-    "import_original_checkpoint",
-    "load_any_checkpoint",
+    "convert_original",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,11 +47,9 @@ DEFAULT_BACKBONE = "swinv2_base_window8_256"
 HEAD_PREFIXES = {"distribution": "linear_emd.", "scalar": "linear_mse."}
 RECOMPUTED_BUFFERS = ("attn_mask", "relative_position_index", "relative_coords_table", "k_bias")
 DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
-# numpy scalar types whose pickles may sit in 'best_metric' (scipy's SRCC is a numpy float64)
-NUMPY_SCALAR_CODES = "?bhilqBHILQefd"
 
 
-def _state_dict_of(obj: Any) -> dict | None:
+def state_dict_of(obj: Any) -> dict | None:
     """The weights of a loaded original checkpoint (or a bare state dict), without a DataParallel prefix."""
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
@@ -67,70 +61,13 @@ def _state_dict_of(obj: Any) -> dict | None:
 
 def is_original_checkpoint(obj: Any) -> bool:
     """True for a loaded original checkpoint (or bare state dict): ``vit.*`` and ``linear_emd/mse.*`` keys."""
-    state = _state_dict_of(obj)
+    state = state_dict_of(obj)
     if not state:
         return False
     keys = list(state)
     has_vit = any(k.startswith("vit.") for k in keys)
     has_head = any(k.startswith(prefix) for k in keys for prefix in HEAD_PREFIXES.values())
     return has_vit and has_head
-
-
-def _numpy_safe_globals() -> list:
-    """What numpy scalars (``np.float64(0.76)``) unpickle through, under numpy 1.x and 2.x module names."""
-    core = getattr(np, "_core", None) or np.core
-    scalar = core.multiarray.scalar
-    allowed: list = [
-        (scalar, "numpy.core.multiarray.scalar"),
-        (scalar, "numpy._core.multiarray.scalar"),
-        np.dtype,
-    ]
-    allowed += sorted({type(np.dtype(code)) for code in NUMPY_SCALAR_CODES}, key=str)
-    return allowed
-
-
-def _safe_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``, also accepting numpy scalars; any other object is refused."""
-    if not hasattr(torch.serialization, "safe_globals"):
-        raise CheckpointError(
-            f"{path}: reading checkpoints of the original release safely needs torch >= 2.6 "
-            f"(this is torch {torch.__version__}); upgrade torch"
-        )
-    try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # refused objects, truncated files, not a torch file at all
-        message = str(exc)
-        refused = re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", message)
-        if refused:
-            what = refused.group(1) or refused.group(2)
-            raise CheckpointError(
-                f"{path}: holds a Python object that is not loaded, for safety ({what}); "
-                "checkpoints are read with weights_only. If you trust the file, keep only its weights, in a "
-                "separate Python session: "
-                "torch.save({'state_dict': torch.load(PATH, weights_only=False)['state_dict']}, "
-                "'weights.pth')"
-            ) from exc
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", message, re.S)
-        detail = reason.group(1) if reason else f"{type(exc).__name__}: {message}"
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({detail})") from exc
-
-
-def read_original_checkpoint(path: str | Path) -> dict:
-    """Load an original ELTA checkpoint safely; a bare state dict comes back as ``{'state_dict': ...}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    obj = _safe_load(path)
-    if not is_original_checkpoint(obj):
-        raise CheckpointError(
-            f"{path}: not an original ELTA checkpoint (expected 'vit.*' and 'linear_emd.*' / 'linear_mse.*' "
-            "weights under 'state_dict'); elta's own checkpoints are read with load_checkpoint"
-        )
-    if "state_dict" not in obj:
-        obj = {"state_dict": obj}
-    obj["state_dict"] = _state_dict_of(obj)
-    return obj
 
 
 def original_head(checkpoint: dict) -> str | None:
@@ -145,7 +82,7 @@ def original_head(checkpoint: dict) -> str | None:
         trained = set(opt["state"])
     except (TypeError, KeyError):
         return None
-    state = _state_dict_of(checkpoint) or {}
+    state = state_dict_of(checkpoint) or {}
     n_params = sum(1 for k in state if k.rsplit(".", 1)[-1] not in RECOMPUTED_BUFFERS)
     if len(ids) != n_params or n_params < 6:
         return None
@@ -212,7 +149,7 @@ def convert_original_state_dict(
     """
     if head not in HEAD_PREFIXES:
         raise ValueError(f"head must be one of {tuple(HEAD_PREFIXES)}; got {head!r}")
-    state = _state_dict_of(state_dict) or {}
+    state = state_dict_of(state_dict) or {}
     head_prefix = HEAD_PREFIXES[head]
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -293,9 +230,9 @@ def _original_model(
     return _model_with(state, _spec(head, name, net, image_size), net)
 
 
-def _provenance(checkpoint: dict, source: str) -> dict[str, Any]:
-    """Plain values about the original file (weights_only-safe)."""
-    info: dict[str, Any] = {"format": "elta-original", "path": source}
+def _provenance(checkpoint: dict) -> dict[str, Any]:
+    """Plain values about the original run (weights_only-safe): its epoch and best metric, when recorded."""
+    info: dict[str, Any] = {}
     if isinstance(checkpoint.get("epoch"), (int, np.integer)):
         info["epoch"] = int(checkpoint["epoch"])
     if isinstance(checkpoint.get("best_metric"), (int, float, np.number)):
@@ -303,79 +240,17 @@ def _provenance(checkpoint: dict, source: str) -> dict[str, Any]:
     return info
 
 
-def original_to_payload(
-    checkpoint: dict,
+def convert_original(
+    original: dict,
     *,
     head: str = "auto",
     backbone: str | nn.Module = DEFAULT_BACKBONE,
     image_size: int = 256,
-    source: str = "",
-) -> dict[str, Any]:
-    """An elta checkpoint payload (the dict :func:`~elta.engine.checkpoint.save_checkpoint` writes) from a
-    loaded original checkpoint. ``head='auto'`` takes the head the original run trained
-    (see :func:`original_head`).
+) -> tuple[AestheticModel, dict[str, Any]]:
+    """The :class:`AestheticModel` of a loaded original checkpoint, and plain facts about the original run.
 
-    ``backbone`` may be a built current-timm SwinV2 for a configuration timm does not register; the spec then
-    names its architecture, so rebuilding the model from the payload needs that configuration again.
+    ``head='auto'`` takes the head the original run trained (see :func:`original_head`). ``backbone`` may be a
+    built current-timm SwinV2 for a configuration timm does not register; the spec then names its
+    architecture, so rebuilding the model needs that configuration again. A mismatch raises ValueError.
     """
-    model = _original_model(checkpoint, head, backbone, image_size)
-    return {
-        "kind": KIND,
-        "version": __version__,
-        "spec": model.spec.to_dict(),
-        "model": model.state_dict(),
-        "imported_from": _provenance(checkpoint, source),
-    }
-
-
-def import_original_checkpoint(
-    path: str | Path,
-    out: str | Path | None = None,
-    *,
-    head: str = "auto",
-    backbone: str = DEFAULT_BACKBONE,
-    image_size: int = 256,
-) -> Path | dict[str, Any]:
-    """Convert the original ELTA checkpoint at ``path``: written as an elta checkpoint to ``out`` (returns the
-    written path), or returned as a payload (with ``path``) when ``out`` is None."""
-    path = Path(path)
-    checkpoint = read_original_checkpoint(path)
-    try:
-        if out is not None:
-            model = _original_model(checkpoint, head, backbone, image_size)
-            return save_checkpoint(out, model, imported_from=_provenance(checkpoint, str(path)))
-        payload = original_to_payload(
-            checkpoint, head=head, backbone=backbone, image_size=image_size, source=str(path)
-        )
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    payload["path"] = str(path)
-    return payload
-
-
-def load_any_checkpoint(path: str | Path, *, head: str = "auto") -> dict[str, Any]:
-    """Read an elta checkpoint (file or run folder) or an original ELTA one, converted in memory.
-
-    Returns what :func:`~elta.engine.checkpoint.load_checkpoint` returns (with ``path``); nothing is written.
-    """
-    path = Path(path)
-    if path.is_dir():
-        return load_checkpoint(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    obj = _safe_load(path)
-    if isinstance(obj, dict) and obj.get("kind") == KIND:
-        obj["path"] = str(path)
-        return obj
-    if not is_original_checkpoint(obj):
-        raise CheckpointError(
-            f"{path}: neither an elta checkpoint (no 'kind': '{KIND}' entry) nor an original ELTA checkpoint "
-            "(no 'vit.*' and 'linear_emd.*' / 'linear_mse.*' weights)"
-        )
-    obj = obj if "state_dict" in obj else {"state_dict": obj}
-    try:
-        payload = original_to_payload(obj, head=head, source=str(path))
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    payload["path"] = str(path)
-    return payload
+    return _original_model(original, head, backbone, image_size), _provenance(original)

@@ -25,14 +25,11 @@ import pandas as pd
 from elta.calibration import METHODS as CALIBRATION_METHODS
 from elta.calibration import fit_calibration
 from elta.config import RunConfig
-from elta.data.dataset import AnnotationDataset
-from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from elta.engine.evaluate import score_metrics, select_split, write_evaluation
 from elta.engine.features import load_or_compute_features
-from elta.engine.inference import run_inference
+from elta.engine.predictor import Predictor
 from elta.engine.prepare import read_dataset
-from elta.engine.runtime import resolve_device
+from elta.engine.runtime import Runtime
 from elta.engine.train import train
 from elta.enhancers import parse_enhancer
 from elta.utils import atomic_write_text
@@ -123,34 +120,13 @@ def _eval_split(cfg: RunConfig) -> str:
     return "val"
 
 
-def _predict_split(model, cfg: RunConfig, frame, split: str, cache_path: Path | None, progress: bool):
-    device = next(model.parameters()).device
+def _predict_split(predictor: Predictor, cfg: RunConfig, frame, split: str, cache_path: Path | None):
     if cache_path is None:
-        dataset = AnnotationDataset(frame, ImageTransform.from_spec(model.spec, train=False))
-        return run_inference(
-            model, dataset, batch_size=cfg.train.batch_size, device=device, progress=progress
-        )
+        return predictor.predict_frame(frame)
     # frozen backbone: the evaluation splits' features are cached as well
     weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
-    cache = load_or_compute_features(
-        cache_path,
-        model,
-        {split: frame},
-        weights_id,
-        batch_size=cfg.train.batch_size,
-        device=device,
-        workers=0,
-        progress=progress,
-    )[split]
-    dataset = AnnotationDataset(frame, None, features=cache.features, failed=cache.failed)
-    return run_inference(
-        model,
-        dataset,
-        batch_size=256,
-        device=device,
-        workers=0,
-        forward=lambda f: model.forward_head(model.neck(f)),
-    )
+    cache = load_or_compute_features(cache_path, predictor, {split: frame}, weights_id)[split]
+    return predictor.predict_features(frame, cache.features, cache.failed)
 
 
 def _evaluate_run(
@@ -165,40 +141,32 @@ def _evaluate_run(
     out = run_dir / ("eval" if calibration is None else f"eval_calibration_{calibration['method']}")
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"), resolve_device(cfg.train.device))
+    runtime = Runtime.create(cfg.train.device, batch_size=cfg.train.batch_size, progress=progress)
+    predictor = Predictor.from_checkpoint(run_dir / "best.pt", runtime)
+    spec = predictor.spec
     df = read_dataset(cfg)
     frame = select_split(df, split)
-    preds = _predict_split(model, cfg, frame, split, cache_path, progress)
-    raw = None
+    preds = _predict_split(predictor, cfg, frame, split, cache_path)
     if calibration is not None:
         val = select_split(df, "val") if (df["split"] == "val").any() else None
         if val is None:
             raise ValueError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
-        val_preds = _predict_split(model, cfg, val, "val", cache_path, progress)
+        val_preds = _predict_split(predictor, cfg, val, "val", cache_path)
         ok = val_preds.ok
         train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
         cal = fit_calibration(
             val_preds.score[ok],
             val["mos"].to_numpy(dtype=np.float64)[ok],
             calibration["method"],
-            score_range=tuple(model.spec.score_range),
+            score_range=tuple(spec.score_range),
             train_gt=train_gt,
         )
-        raw = preds.score
-        preds = dataclasses.replace(preds, score=cal.apply(preds.score))
-    metrics = score_metrics(frame, preds, model.spec)
+        preds = dataclasses.replace(preds, score=cal.apply(preds.score), uncalibrated=preds.score)
+    metrics = score_metrics(frame, preds, spec)
     metrics.update(split=split, checkpoint=str(run_dir / "best.pt"))
     if calibration is not None:
         metrics["calibration"] = calibration["method"]
-    write_evaluation(
-        out,
-        frame,
-        preds,
-        model.spec,
-        metrics,
-        title=f"{run_dir.parent.name} / {run_dir.name}",
-        uncalibrated=raw,
-    )
+    write_evaluation(out, frame, preds, spec, metrics, title=f"{run_dir.parent.name} / {run_dir.name}")
     return metrics
 
 

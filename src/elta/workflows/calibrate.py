@@ -13,15 +13,13 @@ import numpy as np
 
 from elta.calibration import Calibration, calibration_report, fit_calibration
 from elta.config import RunConfig
-from elta.data.dataset import AnnotationDataset
-from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import CheckpointError, atomic_torch_save, model_from_checkpoint
 from elta.engine.evaluate import select_split
-from elta.engine.inference import run_inference
+from elta.engine.predictor import Predictor
 from elta.engine.prepare import read_dataset
-from elta.engine.runtime import resolve_device
+from elta.engine.runtime import Runtime
+from elta.errors import CheckpointError
+from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.models.model import ModelSpec
-from elta.models.original import load_any_checkpoint
 
 __all__ = ["calibrate_checkpoint", "fit_for_spec"]
 
@@ -38,44 +36,36 @@ def fit_for_spec(
 
 
 def calibrate_checkpoint(
-    checkpoint: str | Path,
+    checkpoint: Checkpoint | str | Path,
     cfg: RunConfig,
+    runtime: Runtime | None = None,
     *,
     method: str = "affine",
     split: str = "val",
     out: str | Path | None = None,
-    batch_size: int = 32,
-    device: str = "auto",
-    workers: int | None = None,
-    progress: bool = False,
 ) -> dict:
     """Fit the map on ``split`` of the dataset in ``cfg`` and write the checkpoint with it (``out`` or in place).
 
+    The map is fitted on the model's own scores (an earlier map is replaced, not composed).
     Returns ``{"calibration": …, "report": {"before": metrics, "after": metrics}, "checkpoint": path}``.
     """
-    payload = load_any_checkpoint(checkpoint)
-    source = Path(payload.pop("path"))
-    if out is None and "imported_from" in payload:
+    if not isinstance(checkpoint, Checkpoint):
+        checkpoint = load_checkpoint(checkpoint)
+    if out is None and checkpoint.imported_from is not None:
         raise CheckpointError(
-            f"{source}: a checkpoint of the original release: give --out for the elta checkpoint"
+            f"{checkpoint.path}: a checkpoint of the original release: give --out for the elta checkpoint"
         )
-    dev = resolve_device(device)
-    model = model_from_checkpoint(payload, dev)
-    spec = model.spec
+    predictor = Predictor.from_checkpoint(checkpoint, runtime, calibrated=False)
     df = read_dataset(cfg)
     frame = select_split(df, split)
-    dataset = AnnotationDataset(frame, ImageTransform.from_spec(spec, train=False))
-    preds = run_inference(
-        model, dataset, batch_size=batch_size, device=dev, workers=workers, progress=progress
-    )
+    preds = predictor.predict_frame(frame, desc="calibrating")
     ok = preds.ok
     gt = frame["mos"].to_numpy(dtype=np.float64)[ok]
     train_gt = (
         df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64) if method == "quantile" else None
     )
-    cal, report = fit_for_spec(spec, preds.score[ok], gt, method, train_gt=train_gt)
-    payload["spec"] = {**payload["spec"], "calibration": cal.to_dict()}
-    target = Path(out) if out is not None else source
-    atomic_torch_save(payload, target)
+    cal, report = fit_for_spec(predictor.spec, preds.score[ok], gt, method, train_gt=train_gt)
+    target = Path(out) if out is not None else Path(checkpoint.path)
+    checkpoint.with_calibration(cal.to_dict()).save(target)
     log.info("calibration (%s, fitted on %d %s images) stored in %s", method, int(ok.sum()), split, target)
     return {"calibration": cal.to_dict(), "report": report, "checkpoint": str(target)}

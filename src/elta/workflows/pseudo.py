@@ -25,16 +25,13 @@ import pandas as pd
 import torch
 
 from elta.config import RunConfig
-from elta.data.dataset import ImageListDataset
 from elta.data.images import list_images
-from elta.data.transforms import ImageTransform
-from elta.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from elta.engine.inference import Predictions, run_inference
-from elta.engine.prepare import _hold_out_validation, read_dataset
-from elta.engine.runtime import resolve_device
+from elta.engine.predictor import Predictions, Predictor
+from elta.engine.prepare import hold_out_validation, read_dataset
+from elta.engine.runtime import Runtime
 from elta.errors import APDSUnavailableError, CalibrationError
 from elta.functional import apds_sharpen
-from elta.models.model import AestheticModel
+from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.utils import atomic_write_text
 
 __all__ = [
@@ -191,44 +188,22 @@ def _calibration_rows(cfg: RunConfig, df: pd.DataFrame, split: str) -> pd.DataFr
     """The labelled rows to calibrate on; ``val`` of a dataset without one is held out as the trainer does."""
     rows = df[df["split"] == split] if split != "all" else df
     if rows.empty and split == "val":
-        _, rows = _hold_out_validation(df[df["split"] == "train"], cfg)
+        _, rows = hold_out_validation(df[df["split"] == "train"], cfg)
     if rows.empty:
         counts = df["split"].replace("", "(none)").value_counts().to_dict()
         raise ValueError(f"{cfg.data.data}: no rows in split '{split}' to calibrate on (splits: {counts})")
     return rows.reset_index(drop=True)
 
 
-def _score(
-    model: AestheticModel,
-    paths: Sequence[Path],
-    batch_size: int,
-    device: torch.device,
-    workers: int | None,
-    progress: bool,
-    desc: str,
-) -> Predictions:
-    """The model's predictions for image files, in order; unreadable files get their reason."""
-    return run_inference(
-        model,
-        ImageListDataset(list(paths), ImageTransform.from_spec(model.spec, train=False)),
-        batch_size=batch_size,
-        device=device,
-        workers=workers if workers is not None else (0 if len(paths) < 64 else None),
-        progress=progress,
-        desc=desc,
-    )
-
-
 def _search(
-    model: AestheticModel,
+    predictor: Predictor,
     rows: pd.DataFrame,
     betas: Sequence[float],
     thresholds: Sequence[float],
     min_selected: int | None,
-    score_args: tuple,
 ) -> dict:
     """Score the labelled calibration ``rows`` and run :func:`calibrate_apds` on them."""
-    cal = _score(model, [Path(p) for p in rows["path"]], *score_args, "calibrating")
+    cal = predictor.predict_frame(rows, desc="calibrating")
     ok = cal.ok
     if not ok.any():
         raise RuntimeError(
@@ -303,27 +278,18 @@ def _read_labelled(cfg: RunConfig | None, required: bool) -> pd.DataFrame | None
         return None
 
 
-def _check_scale(labelled: pd.DataFrame, score_range: Sequence[float], cfg: RunConfig) -> None:
-    """Calibration MAE only means something on the teacher's rating scale."""
-    theirs = [float(v) for v in labelled.attrs["score_range"]]
-    if not np.allclose(theirs, [float(v) for v in score_range]):
-        raise ValueError(
-            f"teacher scores on {list(score_range)} but {cfg.data.data} is rated on {theirs}: "
-            "calibrate on a dataset with the teacher's rating scale (--calibrate-data)"
-        )
-
-
-def _labelled_dataset(calibration: RunConfig | None, payload: dict) -> RunConfig | None:
+def _labelled_dataset(calibration: RunConfig | None, teacher: Checkpoint) -> RunConfig | None:
     if calibration is not None:
         return calibration
-    saved = payload.get("config")
-    return RunConfig.from_dict(saved, source=f"{payload['path']} (config)") if saved else None
+    saved = teacher.config
+    return RunConfig.from_dict(saved, source=f"{teacher.path} (config)") if saved else None
 
 
 def pseudo_label(
-    checkpoint: str | Path,
+    checkpoint: Checkpoint | str | Path,
     unlabeled: Sequence[str | Path],
     out: str | Path,
+    runtime: Runtime | None = None,
     *,
     calibration: RunConfig | None = None,
     calibrate_split: str = "val",
@@ -333,10 +299,6 @@ def pseudo_label(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     min_selected: int | None = None,
     weight: float = 1.0,
-    batch_size: int = 32,
-    device: str = "auto",
-    workers: int | None = None,
-    progress: bool = False,
 ) -> dict:
     """Pseudo-label ``unlabeled`` images with the teacher ``checkpoint`` by APDS; write ``out`` (CSV).
 
@@ -350,28 +312,27 @@ def pseudo_label(
     if (beta is None) != (threshold is None):
         raise ValueError("give --beta and --threshold together (or neither, to search the grid)")
     out = Path(out).absolute()
-    payload = load_checkpoint(checkpoint)
-    if payload["spec"]["head"] != "distribution":
-        raise APDSUnavailableError(scalar_head_message(f"teacher {payload['path']}"))
+    teacher = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    if teacher.spec.head != "distribution":
+        raise APDSUnavailableError(scalar_head_message(f"teacher {teacher.path}"))
     pool = read_unlabeled(unlabeled)
-    cfg = _labelled_dataset(calibration, payload)
+    cfg = _labelled_dataset(calibration, teacher)
     if cfg is None and beta is None:
         raise ValueError(
-            f"{payload['path']} records no training dataset to calibrate on: "
+            f"{teacher.path} records no training dataset to calibrate on: "
             "pass --calibrate-data, or --beta and --threshold"
         )
     labelled = _read_labelled(cfg, required=beta is None or calibration is not None)
-    dev = resolve_device(device)
-    model = model_from_checkpoint(payload, dev)
-    score_args = (batch_size, dev, workers, progress)
+    # APDS works on the teacher's own distribution and score: no calibration map
+    predictor = Predictor.from_checkpoint(teacher, runtime, calibrated=False)
 
     search = {"grid": None, "center": None, "n": 0, "min_selected": None}
     how = "given"
     if labelled is not None:
-        _check_scale(labelled, model.spec.score_range, cfg)
+        predictor.check_scale(labelled.attrs["score_range"], str(cfg.data.data))
     if beta is None:
         rows = _calibration_rows(cfg, labelled, calibrate_split)
-        search = _search(model, rows, betas, thresholds, min_selected, score_args)
+        search = _search(predictor, rows, betas, thresholds, min_selected)
         beta, threshold = search["beta"], search["threshold"]
         how = f"grid on {cfg.data.data} split {calibrate_split}"
         log.info("APDS β=%g, t=%g chosen on %d calibration images (%s)", beta, threshold, search["n"], how)
@@ -383,7 +344,7 @@ def pseudo_label(
     if not candidates:
         where = f" that are not labelled in {cfg.data.data}" if pool else ""
         raise ValueError(f"no unlabeled images{where} in {', '.join(map(str, unlabeled))}")
-    preds = _score(model, candidates, *score_args, "pseudo-labelling")
+    preds = predictor.predict_images(candidates, desc="pseudo-labelling")
     ok = preds.ok
     unreadable_path = _write_unreadable(out.with_name(f"{out.stem}_unreadable.csv"), candidates, preds)
     if not ok.any():
@@ -391,7 +352,7 @@ def pseudo_label(
             f"none of the {len(candidates)} unlabeled images could be read (see {unreadable_path})"
         )
     good = [p for p, keep in zip(candidates, ok, strict=True) if keep]
-    good_preds = Predictions(preds.score[ok], preds.std[ok], preds.dist[ok], [""] * len(good))
+    good_preds = preds.select(ok)
     center = float(good_preds.score.mean())  # SPEC: c is the mean prediction over the scored set
     q = apds_sharpen(
         logits_from_distribution(good_preds.dist), torch.as_tensor(good_preds.score), beta, center
@@ -404,8 +365,8 @@ def pseudo_label(
         log.warning("APDS selected none of the %d unlabeled images (β=%g, t=%g)", len(good), beta, threshold)
 
     summary = {
-        "teacher_checkpoint": os.path.abspath(payload["path"]),
-        "teacher_fingerprint": file_fingerprint(payload["path"]),
+        "teacher_checkpoint": os.path.abspath(teacher.path),
+        "teacher_fingerprint": file_fingerprint(teacher.path),
         "beta": float(beta),
         "threshold": float(threshold),
         "chosen_by": how,

@@ -25,6 +25,7 @@ import pandas as pd
 
 from elta.config import RunConfig
 from elta.engine.prepare import read_dataset
+from elta.engine.runtime import Runtime
 from elta.engine.train import resolve_loss, train
 from elta.errors import StaleStageError
 from elta.utils import atomic_write_text
@@ -114,13 +115,12 @@ def _pseudo_stage(
         teacher_best,
         unlabeled,
         csv,
+        Runtime.create(
+            cfg.train.device, batch_size=cfg.train.batch_size, workers=cfg.data.workers, progress=progress
+        ),
         calibration=cfg,
         calibrate_split="val",
         weight=cfg.data.pseudo_weight,
-        batch_size=cfg.train.batch_size,
-        device=cfg.train.device,
-        workers=cfg.data.workers,
-        progress=progress,
         beta=request["beta"],
         threshold=request["threshold"],
         betas=request["betas"],

@@ -1,0 +1,296 @@
+"""Every inference in elta: a :class:`Predictor` is a model and a :class:`~elta.engine.runtime.Runtime`.
+
+Evaluation, calibration, ``elta predict``, pseudo-labelling, ablations, the trainer's validation and the
+frozen-backbone feature cache all score through it, so a checkpoint is scored the same way everywhere: the eval
+transform of its spec, the backbone under the runtime's precision, the head in float32, and the checkpoint's
+calibration map on the score when there is one (unless switched off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from elta.calibration import calibrated_scores
+from elta.data.dataset import AnnotationDataset, ImageListDataset, dist_columns
+from elta.data.images import list_images
+from elta.data.transforms import ImageTransform
+from elta.engine.runtime import Runtime
+from elta.errors import IncompatibleDataError
+from elta.models.checkpoint import Checkpoint, load_checkpoint
+from elta.models.model import AestheticModel, ModelOutput, ModelSpec
+from elta.utils import atomic_write_text
+
+__all__ = ["Predictions", "Predictor", "load", "write_scores"]
+
+
+@dataclass
+class Predictions:
+    """Per-item results in input order; items whose image failed hold NaN and their reason.
+
+    ``score`` went through the checkpoint's calibration map when ``uncalibrated`` is set (the model's own score).
+    """
+
+    score: np.ndarray  # [N] on the dataset's scale
+    std: np.ndarray  # [N], NaN for a scalar head
+    dist: np.ndarray | None  # [N, K] the model's distribution (never calibrated)
+    errors: list[str]  # "" where the item was scored
+    uncalibrated: np.ndarray | None = None  # [N]
+
+    @property
+    def ok(self) -> np.ndarray:
+        return np.array([e == "" for e in self.errors], dtype=bool)
+
+    def uncalibrated_view(self) -> Predictions:
+        """The model's own predictions, before any calibration map."""
+        if self.uncalibrated is None:
+            return self
+        return dataclasses.replace(self, score=self.uncalibrated, uncalibrated=None)
+
+    def select(self, rows: np.ndarray) -> Predictions:
+        """The predictions of ``rows`` (a boolean mask or indices), in that order."""
+        rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
+        return Predictions(
+            score=self.score[rows],
+            std=self.std[rows],
+            dist=None if self.dist is None else self.dist[rows],
+            errors=[self.errors[i] for i in rows],
+            uncalibrated=None if self.uncalibrated is None else self.uncalibrated[rows],
+        )
+
+
+class Predictor:
+    """A model ready for inference on its dataset's scale.
+
+    >>> predictor = elta.load("runs/demo/best.pt")
+    >>> predictor.score(["a.jpg", "photos/"])      # DataFrame: path, score, std, p1..pK, error
+    """
+
+    def __init__(
+        self, model: AestheticModel, runtime: Runtime | None = None, *, calibrated: bool = True
+    ) -> None:
+        self.runtime = runtime or Runtime()
+        self.model = self.runtime.precision.prepare(model.to(self.runtime.device))
+        self.calibrated = calibrated and bool(model.spec.calibration)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: Checkpoint | str | Path, runtime: Runtime | None = None, *, calibrated: bool = True
+    ) -> Predictor:
+        """From a checkpoint (elta's, a run folder, or the original release's)."""
+        if not isinstance(checkpoint, Checkpoint):
+            checkpoint = load_checkpoint(checkpoint)
+        runtime = runtime or Runtime()
+        return cls(checkpoint.build_model(runtime.device), runtime, calibrated=calibrated)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.spec
+
+    @property
+    def transform(self) -> ImageTransform:
+        """The eval transform of the model's spec (resize to image_size, its normalisation)."""
+        return ImageTransform.from_spec(self.spec, train=False)
+
+    # --- what can be scored -----------------------------------------------------------------------------
+
+    def predict_frame(self, frame: pd.DataFrame, desc: str = "scoring") -> Predictions:
+        """Rows of an annotation frame (column ``path``), in order; its vote bins must match the head's."""
+        self._check_bins(frame)
+        return self.predict(AnnotationDataset(frame, self.transform), desc=desc)
+
+    def predict_images(self, items: Sequence, desc: str = "scoring") -> Predictions:
+        """Image paths, PIL images, or tensors [3, H, W] already transformed as :attr:`transform` does."""
+        return self.predict(ImageListDataset(list(items), self.transform), desc=desc)
+
+    def predict_features(
+        self, frame: pd.DataFrame, features: torch.Tensor, failed: dict[int, str], desc: str = "scoring"
+    ) -> Predictions:
+        """Rows of ``frame`` from their pooled backbone features [N, D] (a frozen backbone's cache)."""
+        return self.predict(AnnotationDataset(frame, None, features=features, failed=failed), desc=desc)
+
+    def predict(self, dataset: Dataset, desc: str = "scoring") -> Predictions:
+        """Score every item of ``dataset`` (samples as in :mod:`elta.data.dataset`).
+
+        Under torchrun (``runtime.processes``) each process scores a contiguous shard and every process receives
+        all predictions: each item is scored exactly once.
+        """
+        forward = self._head_on_features if getattr(dataset, "features", None) is not None else self._forward
+        processes = self.runtime.processes
+        if not processes.distributed:
+            preds = self._predict_local(dataset, forward, desc, self.runtime.progress)
+        else:
+            preds = self._predict_sharded(dataset, forward, desc)
+        if self.calibrated:
+            preds = dataclasses.replace(
+                preds, score=calibrated_scores(self.spec, preds.score), uncalibrated=preds.score
+            )
+        return preds
+
+    def backbone_features(
+        self, frame: pd.DataFrame, desc: str = "caching features"
+    ) -> tuple[torch.Tensor, dict]:
+        """Pooled backbone outputs [N, D] (float32, on the CPU) of the rows of ``frame``, and the failed rows."""
+        dataset = AnnotationDataset(frame, self.transform)
+        features = torch.zeros(len(frame), self.model.backbone.num_features)
+        errors = [""] * len(frame)
+        backbone = lambda images: self.runtime.precision.features(self.model.backbone, images)  # noqa: E731
+        self.model.eval()
+        for idx, out in self._batches(dataset, backbone, errors, desc, self.runtime.progress):
+            features[torch.from_numpy(idx)] = out.cpu()
+        return features, {i: e for i, e in enumerate(errors) if e}
+
+    def score(self, images: str | Path | Sequence | torch.Tensor) -> pd.DataFrame:
+        """Score paths (files, folders, list files), PIL images, or a tensor batch [B, 3, H, W].
+
+        Tensors must already be resized and normalised as :attr:`transform` does. Unreadable files get their
+        reason in the ``error`` column; the others are scored. Columns: path, score, std, p1..pK,
+        score_uncalibrated (with a calibration map), error.
+        """
+        if isinstance(images, torch.Tensor):
+            items: list = list(images) if images.dim() == 4 else [images]
+            names = [f"tensor[{i}]" for i in range(len(items))]
+        else:
+            if isinstance(images, (str, Path)) or hasattr(images, "convert"):
+                images = [images]
+            items, names = [], []
+            for entry in images:
+                if isinstance(entry, (str, Path)):
+                    found = list_images([entry])
+                    items += found
+                    names += [str(p) for p in found]
+                else:
+                    names.append(f"image[{len(items)}]")
+                    items.append(entry)
+        preds = self.predict_images(items)
+        frame = pd.DataFrame({"path": names, "score": preds.score, "std": preds.std})
+        if preds.dist is not None:
+            for k in range(preds.dist.shape[1]):
+                frame[f"p{k + 1}"] = preds.dist[:, k]
+        if (
+            preds.uncalibrated is not None
+        ):  # the distribution is the model's own; the score went through the map
+            frame["score_uncalibrated"] = preds.uncalibrated
+        frame["error"] = preds.errors
+        return frame
+
+    def check_scale(self, score_range: Sequence[float], source: str) -> None:
+        """Errors unless ``source`` is rated on the model's scale (metrics and calibration need the same one)."""
+        ours = [float(v) for v in self.spec.score_range]
+        if not np.allclose(ours, [float(v) for v in score_range]):
+            raise IncompatibleDataError(
+                f"the model scores on {ours} but {source} is rated on {[float(v) for v in score_range]}: "
+                "use a dataset with the model's rating scale"
+            )
+
+    # --- how ---------------------------------------------------------------------------------------------
+
+    def _check_bins(self, frame: pd.DataFrame) -> None:
+        cols = dist_columns(frame)
+        if self.spec.head == "distribution" and cols and len(cols) != self.spec.num_bins:
+            raise IncompatibleDataError(
+                f"the model predicts {self.spec.num_bins} rating bins but the dataset has {len(cols)}: "
+                "use a dataset with the same rating scale"
+            )
+
+    def _forward(self, images: torch.Tensor) -> ModelOutput:
+        """The backbone under the runtime's precision, the head in float32."""
+        return self.model.forward_head(self.runtime.precision.features(self.model.forward_features, images))
+
+    def _head_on_features(self, features: torch.Tensor) -> ModelOutput:
+        return self.model.forward_head(self.runtime.precision.features(self.model.neck, features))
+
+    @torch.no_grad()
+    def _batches(
+        self, dataset: Dataset, forward: Callable, errors: list[str], desc: str, progress: bool
+    ) -> Iterator[tuple[np.ndarray, object]]:
+        """(dataset indices, ``forward(inputs)``) batch by batch; failures are written into ``errors``."""
+        device = self.runtime.device
+        loader = self.runtime.loader(dataset, shuffle=False)
+        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+            for index, reason in batch.failures:
+                errors[index] = reason
+            if len(batch):
+                yield batch.indices.numpy(), forward(batch.images.to(device, non_blocking=True))
+
+    def _predict_local(self, dataset: Dataset, forward: Callable, desc: str, progress: bool) -> Predictions:
+        n = len(dataset)
+        k = self.spec.num_bins
+        score = np.full(n, np.nan, dtype=np.float64)
+        std = np.full(n, np.nan, dtype=np.float64)
+        dist = np.full((n, k), np.nan, dtype=np.float64) if k else None
+        errors = [""] * n
+        self.model.eval()
+        for idx, out in self._batches(dataset, forward, errors, desc, progress):
+            score[idx] = out.score.double().cpu().numpy()
+            if out.distribution is not None:
+                dist[idx] = out.distribution.double().cpu().numpy()
+                std[idx] = out.score_std(self.model.centers).double().cpu().numpy()
+        return Predictions(score=score, std=std, dist=dist, errors=errors)
+
+    def _predict_sharded(self, dataset: Dataset, forward: Callable, desc: str) -> Predictions:
+        processes = self.runtime.processes
+        n = len(dataset)
+        own = processes.share(range(n))
+        part = self._predict_local(
+            _Shard(dataset, own), forward, desc, self.runtime.progress and processes.is_main
+        )
+        shards = processes.gather_objects((own, part))
+        order = np.concatenate([np.asarray(rows, dtype=np.int64) for rows, _ in shards])
+        if not np.array_equal(np.sort(order), np.arange(n)):
+            raise RuntimeError(f"{desc}: the processes' shards do not cover the {n} items exactly once")
+        score, std = np.empty(n), np.empty(n)
+        dist = np.empty((n, self.spec.num_bins)) if part.dist is not None else None
+        errors = [""] * n
+        for rows, shard in shards:
+            score[rows], std[rows] = shard.score, shard.std
+            if dist is not None:
+                dist[rows] = shard.dist
+            for row, error in zip(rows, shard.errors, strict=True):
+                errors[row] = error
+        return Predictions(score=score, std=std, dist=dist, errors=errors)
+
+
+class _Shard(Dataset):
+    """Items ``rows`` of a dataset, numbered 0..len(rows)−1 (samples carry their position as ``index``)."""
+
+    def __init__(self, dataset: Dataset, rows: list[int]) -> None:
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int) -> dict:
+        return {**self.dataset[self.rows[position]], "index": position}
+
+
+def load(
+    checkpoint: str | Path,
+    device: str = "auto",
+    batch_size: int = 32,
+    *,
+    amp: str = "auto",
+    workers: int | None = None,
+    calibrated: bool = True,
+) -> Predictor:
+    """Load a checkpoint (file, run folder, or an original-release file) for scoring."""
+    runtime = Runtime.create(device, amp=amp, batch_size=batch_size, workers=workers)
+    return Predictor.from_checkpoint(checkpoint, runtime, calibrated=calibrated)
+
+
+def write_scores(frame: pd.DataFrame, out: str | Path) -> Path:
+    """Write scores as CSV, or as JSON when ``out`` ends in .json (NaN becomes null)."""
+    out = Path(out)
+    if out.suffix.lower() == ".json":
+        records = frame.replace({np.nan: None}).to_dict("records")
+        return atomic_write_text(out, json.dumps(records, indent=1))
+    return atomic_write_text(out, frame.to_csv(index=False, float_format="%.6g"))
