@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from elta.metrics import OVERALL_ROWS, TAIL_ROWS, as_pair, as_scores, format_value, evaluate
+from elta.metrics import OVERALL_ROWS, TAIL_ROWS, as_pair, as_scores, evaluate, format_value
 
 __all__ = [
     "METHODS",
