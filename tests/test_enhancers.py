@@ -14,7 +14,7 @@ from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from elta.engine.checkpoint import load_checkpoint
-from elta.engine.train import train
+from elta.engine.trainer import train
 from elta.enhancers import StepState, build_enhancers, parse_enhancer
 from elta.functional import flsa_loss
 from elta.workflows.ablate import apds_settings, parse_variant, run_ablation

@@ -23,7 +23,7 @@ from elta.data.readers import read_annotations
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint
 from elta.engine.predict import Scorer
-from elta.engine.train import train
+from elta.engine.trainer import train
 
 
 def _photo(width: int, height: int) -> Image.Image:

@@ -15,9 +15,9 @@ import yaml
 
 from conftest import tiny_train_args
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine import train as train_module
+from elta.engine import trainer as train_module
 from elta.engine.checkpoint import load_checkpoint
-from elta.engine.train import RunExistsError, TrainingDivergedError, train
+from elta.engine.trainer import RunExistsError, TrainingDivergedError, train
 
 
 def tiny_config(data_root, epochs=2, **train_kw) -> RunConfig:

@@ -243,7 +243,7 @@ def _progress() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from elta.engine.train import train
+    from elta.engine.trainer import train
     from elta.workflows.nni_report import nni_wrap
 
     if args.resume:

@@ -1,7 +1,7 @@
 """Several processes (GPUs, machines) training one model: ``torchrun --nproc-per-node N -m elta train``.
 
 A distributed run keeps the recipe of a single-process one. ``--batch-size`` is the *global* batch: every
-process draws the same seeded batches (:func:`elta.engine.train.epoch_batches`) and takes its contiguous
+process draws the same seeded batches (:func:`elta.engine.trainer.epoch_batches`) and takes its contiguous
 share of each (:meth:`Processes.share`). The main loss is normalised by the global weight sum and FLSA sees
 the gathered global batch, so that the averaged gradient equals the single-process one; TFA mixes within
 each process's share. Validation is split into contiguous shards and the predictions are gathered: every

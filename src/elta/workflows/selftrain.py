@@ -25,8 +25,10 @@ import pandas as pd
 
 from elta.config import RunConfig
 from elta.engine.prepare import read_dataset
-from elta.engine.train import resolve_loss, train
+from elta.engine.trainer import train
+from elta.enhancers import scalar_head_users
 from elta.errors import StaleStageError
+from elta.models.heads import resolve_loss
 from elta.utils import atomic_write_text
 from elta.workflows.pseudo import (
     DEFAULT_BETAS,
@@ -51,15 +53,16 @@ def _check_config(cfg: RunConfig) -> None:
         )
     attrs = read_dataset(cfg).attrs
     try:
-        loss = resolve_loss(cfg.train.loss, attrs["has_distribution"])
+        loss = resolve_loss(cfg.train.loss, attrs["has_distribution"], scalar_head_users(cfg.enhancers))
     except ValueError as exc:
         raise APDSUnavailableError(f"{cfg.data.data}: {exc}") from exc
     if loss != "emd":
-        why = (
-            f"--loss {cfg.train.loss}"
-            if cfg.train.loss != "auto"
-            else "the dataset has only MOS, no vote distributions"
-        )
+        if cfg.train.loss != "auto":
+            why = f"--loss {cfg.train.loss}"
+        elif scalar_head_users(cfg.enhancers):
+            why = f"{', '.join(scalar_head_users(cfg.enhancers))} needs a scalar head"
+        else:
+            why = "the dataset has only MOS, no vote distributions"
         raise APDSUnavailableError(scalar_head_message(f"the teacher ({why})"))
 
 
