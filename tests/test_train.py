@@ -188,3 +188,30 @@ def test_one_loader_serves_every_epoch_with_that_epochs_augmentation(demo_data):
         expected = torch.stack([dataset[(i, epoch)]["image"] for i in range(6)])
         assert torch.equal(seen[epoch], expected)
     assert not torch.equal(seen[0], seen[1])  # random crops and flips change with the epoch
+
+
+def test_best_checkpoint_holds_only_weights_and_evaluates(demo_data, tmp_path):
+    from elta.cli import main
+
+    run = tmp_path / "run"
+    train(tiny_config(demo_data, epochs=1, optimizer="adam"), run)
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert not {"optimizer", "scheduler", "scaler", "enhancers"} & set(best)
+    assert {"optimizer", "scheduler", "scaler", "enhancers", "step"} <= set(last)
+    assert (run / "best.pt").stat().st_size <= (run / "last.pt").stat().st_size / 2
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(demo_data / "AVA.txt")]
+    assert main([*args, "--out", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    assert (out / "metrics.json").is_file()
+
+
+def test_enhancer_that_needs_a_scalar_head_picks_it_under_auto_and_refuses_emd():
+    from elta.enhancers import scalar_head_users
+    from elta.models.heads import resolve_loss
+
+    users = scalar_head_users([{"name": "tfa"}, {"name": "bmc"}])
+    assert users == ["bmc"]
+    assert resolve_loss("auto", True, users) == "mse" and resolve_loss("auto", True, []) == "emd"
+    assert resolve_loss("l1", True, users) == "l1"
+    with pytest.raises(ValueError, match="bmc needs a scalar head"):
+        resolve_loss("emd", True, users)

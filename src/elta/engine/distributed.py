@@ -131,6 +131,22 @@ class Processes:
 
     # --- the model --------------------------------------------------------------------------------------
 
+    def sync_batch_norm(self, model: nn.Module, device: torch.device) -> None:
+        """Distributed runs on GPUs normalise over the global batch (SyncBatchNorm in the model's backbone
+        and neck, in place); on CPUs each process normalises its share."""
+        has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if not self.distributed or not has_batch_norm:
+            return
+        if device.type == "cuda":
+            model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+            model.neck = nn.SyncBatchNorm.convert_sync_batchnorm(model.neck)
+            log.info("BatchNorm layers synchronised across the %d processes", self.world_size)
+        else:
+            log.info(
+                "BatchNorm on CPUs: each process normalises its share of the batch (SyncBatchNorm needs "
+                "GPUs); rank 0's running statistics are given to all before validating and saving"
+            )
+
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
         """``module`` under DistributedDataParallel (gradients averaged over processes), or as it is.
 

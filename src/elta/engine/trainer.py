@@ -62,10 +62,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# the progress counters of TrainState that last.pt keeps
 PROGRESS = ("epoch", "step", "global_step", "best_metric", "best_epoch", "epoch_loss_sums", "epoch_samples")
 
 
-# --- one step's losses ---------------------------------------------------------------------------------------
+# --- one step's losses --------------------------------------------------------------------------------
 
 
 def main_loss(
@@ -250,7 +251,8 @@ def train(
             handler = _attach_log_file(run_dir)
         processes.barrier()  # every process sees the same state of the run folder
         resume = resume and (run_dir / "last.pt").exists()
-        state = setup(cfg, run_dir, resume=resume, progress=progress and processes.is_main, processes=processes, device=device)  # fmt: skip
+        progress = progress and processes.is_main
+        state = setup(cfg, run_dir, resume=resume, progress=progress, processes=processes, device=device)
         summary = fit(state, on_epoch)
         processes.barrier()  # all processes are done before the group is taken down
         return summary
@@ -278,8 +280,8 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
         batches = epoch_batches(len(state.train_set), t.batch_size, t.seed, epoch, state.sample_weights)
         # each process's share of every batch (the whole batch in a single process)
         sampler.set_epoch(epoch, [state.processes.share(b) for b in batches[state.step :]])
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", disable=not state.progress, leave=False,
-                   initial=state.step, total=len(batches))  # fmt: skip
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", total=len(batches), initial=state.step, unit="batch",
+                   leave=False, disable=not state.progress)  # fmt: skip
         for batch in bar:
             values = step(state, batch)
             state.step += 1
@@ -307,7 +309,8 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
         if improved:
             save(state, state.best_path, full=False)
         log.info(
-            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_srcc %.4f  val_plcc %.4f  val_acc %.4f  %s  (%.1fs)",
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_srcc %.4f  val_plcc %.4f  val_acc %.4f  %s  "
+            "(%.1fs)",
             epoch + 1, t.epochs, row.get("train_loss", math.nan), row["val_loss"], row["val_srcc"],
             row["val_plcc"], row["val_acc"],
             "best" if improved else f"best {t.metric} {state.best_metric:.4f} @ {state.best_epoch}",
@@ -362,11 +365,13 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     values = processes.mean(torch.stack([v.detach().float() for v in terms.values()]))
     values = dict(zip(terms, values.tolist(), strict=True))
     if not math.isfinite(values["loss"]):
-        kept = f"the last good checkpoint is {state.last_path}" if state.last_path.exists() else "no checkpoint was written yet"  # fmt: skip
+        last = state.last_path
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        amp = ", or --amp off" if state.precision.dtype is not None else ""
         raise TrainingDivergedError(
-            f"loss became {values['loss']} at epoch {state.epoch + 1}, step {state.step + 1}; stopping ({kept}). "
-            "Try a lower --lr or --grad-clip 1.0" + (", or --amp off." if state.precision.dtype is not None else ".")
-        )  # fmt: skip
+            f"loss became {values['loss']} at epoch {state.epoch + 1}, step {state.step + 1}; "
+            f"stopping ({kept}). Try a lower --lr or --grad-clip 1.0{amp}."
+        )
     state.global_step += 1
     for k, v in values.items():
         state.epoch_loss_sums[k] = state.epoch_loss_sums.get(k, 0.0) + v * sum(sizes)
@@ -503,7 +508,7 @@ def setup(
     loss = resolve_loss(t.loss, facts["has_distribution"], scalar_head_users(cfg.enhancers))
     saved = load_checkpoint(run_dir / "last.pt") if resume else None
     model = precision.prepare(_initial_model(cfg, data, facts, loss, saved).to(device))
-    _handle_batch_norm(model, processes, device)
+    processes.sync_batch_norm(model, device)
     enhancers = build_enhancers(cfg.enhancers)
     context = TrainingContext(
         scores=torch.tensor(data.train["mos"].to_numpy(dtype=np.float32)),
@@ -532,9 +537,10 @@ def setup(
     optimizer = _optimizer(model, cfg, enhancers)
     steps_per_epoch = len(epoch_batches(len(train_set), t.batch_size, t.seed, 0))
     state = TrainState(
-        cfg, run_dir, data, model, enhancers, optimizer, _scheduler(optimizer, cfg, steps_per_epoch),
-        precision.grad_scaler(), precision, train_set, val_set, sample_weights, device, workers,
-        processes, progress, problems=list(data.problems),
+        cfg=cfg, run_dir=run_dir, data=data, model=model, enhancers=enhancers, optimizer=optimizer,
+        scheduler=_scheduler(optimizer, cfg, steps_per_epoch), scaler=precision.grad_scaler(),
+        precision=precision, train_set=train_set, val_set=val_set, sample_weights=sample_weights,
+        device=device, workers=workers, processes=processes, progress=progress, problems=list(data.problems),
     )  # fmt: skip
     state.forward = processes.wrap(StepForward(model, enhancers, state.features, processes), device)
     if saved is not None:
@@ -543,7 +549,8 @@ def setup(
         "training %s (%s head, %s loss%s) on %d images, validating on %d; %d steps an epoch on %s (%s)%s",
         model.spec.backbone, model.spec.head, loss, "".join(f", {e.name}" for e in enhancers),
         len(train_set), len(val_set), steps_per_epoch, device, precision.name,
-        f"; {processes.world_size} processes share each batch of {t.batch_size}" if processes.distributed else "",
+        f"; {processes.world_size} processes share each batch of {t.batch_size}" if processes.distributed
+        else "",
     )  # fmt: skip
     return state
 
@@ -577,7 +584,9 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _initial_model(cfg: RunConfig, data: PreparedData, facts: dict, loss: str, saved: dict | None) -> AestheticModel:  # fmt: skip
+def _initial_model(
+    cfg: RunConfig, data: PreparedData, facts: dict, loss: str, saved: dict | None
+) -> AestheticModel:
     """The model before training: fresh (with cfg.model.weights), from --init-from, or the run's own last.pt.
 
     When starting from a checkpoint (``saved`` or --init-from), its architecture and input pipeline
@@ -636,22 +645,6 @@ def _load_initial_weights(model: AestheticModel, source: dict, path: str, reset_
     if unexpected:
         raise ValueError(f"--init-from {path}: tensors this model does not have: {unexpected[:3]}")
     log.info("initialised from %s%s", path, f" (new: {', '.join(new_layers)})" if new_layers else "")
-
-
-def _handle_batch_norm(model: AestheticModel, processes: Processes, device: torch.device) -> None:
-    """Distributed runs on GPUs normalise over the global batch (SyncBatchNorm, in place)."""
-    has_batch_norm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    if not processes.distributed or not has_batch_norm:
-        return
-    if device.type == "cuda":
-        model.backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
-        model.neck = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.neck)
-        log.info("BatchNorm layers synchronised across the %d processes", processes.world_size)
-    else:
-        log.info(
-            "BatchNorm on CPUs: each process normalises its share of the batch (SyncBatchNorm needs GPUs); "
-            "rank 0's running statistics are given to all before validating and saving"
-        )
 
 
 def _datasets(cfg, run_dir, model, data, device, workers, processes, progress):

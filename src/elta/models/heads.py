@@ -3,7 +3,7 @@
 The distribution head is Linear(D, 64) → ReLU → Linear(64, K) → softmax over the K score bins, trained
 towards the vote distribution with the earth mover's distance. The scalar head is Dropout → Linear(D, 1) →
 sigmoid, trained towards the MOS scaled to [0, 1] with the squared (``mse``) or absolute (``l1``) error.
-Both are ``nn.Sequential`` so that their parameters keep the release's state-dict keys (``head.0.weight`` …).
+Both are ``nn.Sequential``, so their parameters keep the release's state-dict keys (``head.0.weight`` …).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ModelOutput:
 
 
 class DistributionHead(nn.Sequential):
-    """Linear(D, 64) → ReLU → Linear(64, K) → softmax; the score is the distribution's mean over ``centers``."""
+    """Linear(D, 64) → ReLU → Linear(64, K) → softmax; the score is the mean over bin ``centers``."""
 
     loss_name = "emd"
 
