@@ -56,8 +56,6 @@ __all__ = [
     "main_loss",
     "epoch_batches",
     "StepForward",
-    "TrainingDivergedError",
-    "RunExistsError",
 ]
 
 log = logging.getLogger(__name__)
@@ -340,7 +338,11 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     table = processes.all_counts([len(batch), len(batch.failures)], state.device)
     if any(failed for _, failed in table):
         failures = [f for part in processes.gather_objects(batch.failures) for f in part]
-        _report_failures(state, failures)
+        _list_bad_rows(state, state.data.train, failures)
+        if processes.is_main:
+            log.warning("skipped %d unreadable training images (listed in bad_rows.csv)", len(failures))
+        if state.cfg.data.strict:
+            raise AnnotationError(f"unreadable training image (strict mode): {failures[0][1]}")
     sizes = [size for size, _ in table]
     if sum(sizes) < 2 or min(sizes) == 0:
         if processes.distributed and sum(sizes) >= 2:
@@ -448,14 +450,6 @@ def _restore(state: TrainState, saved: dict) -> None:
         old = pd.read_csv(metrics)
         state.rows = old[old["epoch"] <= state.epoch].to_dict("records")
     log.info("resuming %s at epoch %d, step %d", state.run_dir, state.epoch + 1, state.step)
-
-
-def _report_failures(state: TrainState, failures: list[tuple[int, str]]) -> None:
-    _list_bad_rows(state, state.data.train, failures)
-    if state.processes.is_main:
-        log.warning("skipped %d unreadable training images (listed in bad_rows.csv)", len(failures))
-    if state.cfg.data.strict:
-        raise AnnotationError(f"unreadable training image (strict mode): {failures[0][1]}")
 
 
 def _list_bad_rows(state: TrainState, frame: pd.DataFrame, failures: list[tuple[int, str]]) -> None:

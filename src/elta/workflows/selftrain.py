@@ -52,17 +52,14 @@ def _check_config(cfg: RunConfig) -> None:
             "self-train makes its own pseudo-labels; drop --pseudo-labels (or use `elta train` with it)"
         )
     attrs = read_dataset(cfg).attrs
+    users = scalar_head_users(cfg.enhancers)
     try:
-        loss = resolve_loss(cfg.train.loss, attrs["has_distribution"], scalar_head_users(cfg.enhancers))
+        loss = resolve_loss(cfg.train.loss, attrs["has_distribution"], users)
     except ValueError as exc:
         raise APDSUnavailableError(f"{cfg.data.data}: {exc}") from exc
     if loss != "emd":
-        if cfg.train.loss != "auto":
-            why = f"--loss {cfg.train.loss}"
-        elif scalar_head_users(cfg.enhancers):
-            why = f"{', '.join(scalar_head_users(cfg.enhancers))} needs a scalar head"
-        else:
-            why = "the dataset has only MOS, no vote distributions"
+        why = f"{', '.join(users)} needs a scalar head" if users else "the dataset has only MOS"
+        why = f"--loss {cfg.train.loss}" if cfg.train.loss != "auto" else why
         raise APDSUnavailableError(scalar_head_message(f"the teacher ({why})"))
 
 
