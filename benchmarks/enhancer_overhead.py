@@ -1,6 +1,6 @@
 """Cost of the ELTA enhancers in a training step: baseline vs TFA + FLSA, same backbone and batch.
 
-Runs the trainer's own step (``elta.engine.train.loss_terms`` + backward + Adam) on random images,
+Runs the trainer's own step (``elta.engine.trainer.loss_terms`` + backward + Adam) on random images,
 alternating baseline and enhanced steps so that both see the same machine state, and prints the ratio
 of the median step times. Usage:
 
@@ -17,7 +17,7 @@ import torch
 from common import random_batch, timed
 
 from elta.engine.runtime import resolve_device
-from elta.engine.train import loss_terms
+from elta.engine.trainer import loss_terms
 from elta.enhancers import build_enhancers
 from elta.models import build_model
 
@@ -47,7 +47,7 @@ def main() -> None:
     batch = random_batch(args.batch_size, args.image_size, device)
 
     def step(enhancers) -> None:
-        terms = loss_terms(model, enhancers, model.forward_features(batch.images), batch, "emd")
+        terms = loss_terms(model, enhancers, model.forward_features(batch.images), batch)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()

@@ -1,7 +1,7 @@
 """Training-step throughput per backbone: baseline vs TFA + FLSA, float32 vs bf16 autocast (and compile).
 
 For each backbone, runs the trainer's own step (``Precision.features`` of the backbone, then
-``elta.engine.train.loss_terms`` + backward + Adam) on random images in four variants, alternated step by
+``elta.engine.trainer.loss_terms`` + backward + Adam) on random images in four variants, alternated step by
 step after the warm-up so that all see the same machine state (the order rotates every round):
 
   fp32             float32 throughout, no enhancers
@@ -36,7 +36,7 @@ from common import machine, random_batch, timed
 from elta.data.dataset import Batch
 from elta.engine.precision import Precision, compile_backbone
 from elta.engine.runtime import resolve_device
-from elta.engine.train import loss_terms
+from elta.engine.trainer import loss_terms
 from elta.enhancers import build_enhancers
 from elta.models import build_model
 
@@ -66,7 +66,7 @@ class Variant:
 def step(v: Variant, batch: Batch) -> None:
     """The trainer's step: backbone under the precision's autocast, float32 losses, backward, Adam."""
     features = v.precision.features(v.model.forward_features, batch.images)
-    terms = loss_terms(v.model, v.enhancers, features, batch, "emd")
+    terms = loss_terms(v.model, v.enhancers, features, batch)
     v.optimizer.zero_grad(set_to_none=True)
     terms["loss"].backward()
     v.optimizer.step()

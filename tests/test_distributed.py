@@ -18,7 +18,7 @@ import torch
 
 from conftest import tiny_train_args
 from elta.engine.distributed import Processes
-from elta.engine.train import StepForward
+from elta.engine.trainer import StepForward
 from elta.models.checkpoint import load_checkpoint
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -59,7 +59,7 @@ def test_two_process_step_has_the_single_process_gradient(tmp_path):
 
     model, enhancers = make_model_and_enhancers()
     inputs = make_inputs()
-    step = StepForward(model, enhancers, model.forward_features, "emd")
+    step = StepForward(model, enhancers, model.forward_features)
     terms = step(inputs["images"], inputs["mos"], inputs["dist"], inputs["weight"], inputs["indices"], 0)
     terms["loss"].backward()
 

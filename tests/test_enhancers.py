@@ -13,7 +13,7 @@ import yaml
 from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.train import train
+from elta.engine.trainer import train
 from elta.enhancers import StepState, build_enhancers, parse_enhancer
 from elta.functional import flsa_loss
 from elta.models.checkpoint import load_checkpoint

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import elta.engine.train as train_module
+import elta.engine.trainer as train_module
 import elta.enhancers.fds  # noqa: F401  (registers fds)
 import elta.enhancers.lds  # noqa: F401  (registers lds)
 import elta.enhancers.sampler  # noqa: F401  (registers tail-sampler)

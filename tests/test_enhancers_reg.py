@@ -16,7 +16,7 @@ import elta.enhancers.cmixup  # noqa: F401  (registers cmixup)
 import elta.enhancers.conr  # noqa: F401  (registers conr)
 import elta.enhancers.ranksim  # noqa: F401  (registers ranksim)
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.train import train
+from elta.engine.trainer import train
 from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.enhancers.bmc import bmc_loss
 from elta.enhancers.cmixup import cmixup_mix, cmixup_partner_probs

@@ -22,7 +22,7 @@ from elta.data.cache import CACHE_MARKER, build_cache, check_cache_fits
 from elta.data.images import load_image
 from elta.data.readers import read_annotations
 from elta.data.transforms import ImageTransform
-from elta.engine.train import train
+from elta.engine.trainer import train
 from elta.models.checkpoint import load_checkpoint
 
 

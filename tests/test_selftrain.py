@@ -15,7 +15,7 @@ from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from elta.data.demo import make_demo_dataset
 from elta.engine.prepare import read_dataset, read_pseudo_labels
 from elta.engine.runtime import Runtime
-from elta.engine.train import train
+from elta.engine.trainer import train
 from elta.functional import apds_sharpen
 from elta.workflows.pseudo import (
     APDSUnavailableError,

@@ -15,8 +15,8 @@ import yaml
 
 from conftest import tiny_train_args
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine import train as train_module
-from elta.engine.train import RunExistsError, TrainingDivergedError, train
+from elta.engine import trainer as train_module
+from elta.engine.trainer import RunExistsError, TrainingDivergedError, train
 from elta.models.checkpoint import load_checkpoint
 
 
@@ -42,7 +42,7 @@ def test_training_writes_a_complete_run_directory(demo_data, tmp_path):
     assert {"train_loss", "val_loss", "val_srcc", "val_plcc", "val_acc", "val_mae_low", "lr"} <= set(metrics)
     assert metrics["train_loss"].notna().all()
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved.weights["backbone"] == "test_convnext"
+    assert saved["model"]["backbone"] == "test_convnext"
     assert RunConfig.from_yaml(run / "config.yaml") == tiny_config(demo_data)
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt.spec.centers == [float(c) for c in range(1, 11)]
@@ -190,3 +190,30 @@ def test_one_loader_serves_every_epoch_with_that_epochs_augmentation(demo_data):
         expected = torch.stack([dataset[(i, epoch)]["image"] for i in range(6)])
         assert torch.equal(seen[epoch], expected)
     assert not torch.equal(seen[0], seen[1])  # random crops and flips change with the epoch
+
+
+def test_best_checkpoint_holds_only_weights_and_evaluates(demo_data, tmp_path):
+    from elta.cli import main
+
+    run = tmp_path / "run"
+    train(tiny_config(demo_data, epochs=1, optimizer="adam"), run)
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert not {"optimizer", "scheduler", "scaler", "enhancers"} & set(best.training)
+    assert {"optimizer", "scheduler", "scaler", "enhancers", "step"} <= set(last.training)
+    assert (run / "best.pt").stat().st_size <= (run / "last.pt").stat().st_size / 2
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(run / "best.pt"), "--data", str(demo_data / "AVA.txt")]
+    assert main([*args, "--out", str(out), "--device", "cpu", "--workers", "0"]) == 0
+    assert (out / "metrics.json").is_file()
+
+
+def test_enhancer_that_needs_a_scalar_head_picks_it_under_auto_and_refuses_emd():
+    from elta.enhancers import scalar_head_users
+    from elta.models.heads import resolve_loss
+
+    users = scalar_head_users([{"name": "tfa"}, {"name": "bmc"}])
+    assert users == ["bmc"]
+    assert resolve_loss("auto", True, users) == "mse" and resolve_loss("auto", True, []) == "emd"
+    assert resolve_loss("l1", True, users) == "l1"
+    with pytest.raises(ValueError, match="bmc needs a scalar head"):
+        resolve_loss("emd", True, users)

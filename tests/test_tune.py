@@ -18,7 +18,7 @@ import yaml
 from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from elta.engine.train import train
+from elta.engine.trainer import train
 from elta.workflows.nni_report import nni_wrap, under_nni
 from elta.workflows.tune import DEFAULT_SPACE, apply_params, load_search, run_tune
 

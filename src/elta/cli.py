@@ -256,7 +256,7 @@ def _runtime(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from elta.engine.train import train
+    from elta.engine.trainer import train
     from elta.workflows.nni_report import nni_wrap
 
     if args.resume:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from elta.engine.distributed import start_processes, stop_processes
-from elta.engine.train import StepForward
+from elta.engine.trainer import StepForward
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_inputs import make_inputs, make_model_and_enhancers  # noqa: E402
@@ -26,7 +26,7 @@ def main(out: Path) -> None:
     inputs = make_inputs()
     own = processes.share(range(len(inputs["mos"])))
     share = {k: v[own] if v is not None else None for k, v in inputs.items()}
-    step = processes.wrap(StepForward(model, enhancers, model.forward_features, "emd", processes), device)
+    step = processes.wrap(StepForward(model, enhancers, model.forward_features, processes), device)
     terms = step(share["images"], share["mos"], share["dist"], share["weight"], share["indices"], 0)
     terms["loss"].backward()
     torch.save(

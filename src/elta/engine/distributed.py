@@ -1,7 +1,7 @@
 """Several processes (GPUs, machines) training one model: ``torchrun --nproc-per-node N -m elta train``.
 
 A distributed run keeps the recipe of a single-process one. ``--batch-size`` is the *global* batch: every
-process draws the same seeded batches (:func:`elta.engine.train.epoch_batches`) and takes its contiguous
+process draws the same seeded batches (:func:`elta.engine.trainer.epoch_batches`) and takes its contiguous
 share of each (:meth:`Processes.share`). The main loss is normalised by the global weight sum and FLSA sees
 the gathered global batch, so that the averaged gradient equals the single-process one; TFA mixes within
 each process's share. Validation is split into contiguous shards and the predictions are gathered: every
@@ -130,6 +130,22 @@ class Processes:
             dist.barrier()
 
     # --- the model --------------------------------------------------------------------------------------
+
+    def sync_batch_norm(self, model: nn.Module, device: torch.device) -> None:
+        """Distributed runs on GPUs normalise over the global batch (SyncBatchNorm in the model's backbone
+        and neck, in place); on CPUs each process normalises its share."""
+        has_batch_norm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        if not self.distributed or not has_batch_norm:
+            return
+        if device.type == "cuda":
+            model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+            model.neck = nn.SyncBatchNorm.convert_sync_batchnorm(model.neck)
+            log.info("BatchNorm layers synchronised across the %d processes", self.world_size)
+        else:
+            log.info(
+                "BatchNorm on CPUs: each process normalises its share of the batch (SyncBatchNorm needs "
+                "GPUs); rank 0's running statistics are given to all before validating and saving"
+            )
 
     def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
         """``module`` under DistributedDataParallel (gradients averaged over processes), or as it is.

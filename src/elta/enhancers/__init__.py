@@ -10,6 +10,7 @@ from elta.enhancers.base import (
     build_enhancers,
     parse_enhancer,
     register_enhancer,
+    scalar_head_users,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "build_enhancers",
     "parse_enhancer",
     "register_enhancer",
+    "scalar_head_users",
 ]

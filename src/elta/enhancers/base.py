@@ -29,6 +29,7 @@ __all__ = [
     "build_enhancers",
     "ENHANCERS",
     "parse_enhancer",
+    "scalar_head_users",
 ]
 
 ENHANCERS: dict[str, type[Enhancer]] = {}
@@ -79,6 +80,7 @@ class Enhancer(nn.Module):
 
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100  # re-weighting < 10 <= augmentation < 50 <= regularisers
+    needs_scalar_head: ClassVar[bool] = False  # True: `--loss auto` trains the scalar head (mse)
 
     def __init__(self, settings) -> None:
         """``settings``: an instance of the subclass's nested ``Settings`` dataclass."""
@@ -160,3 +162,8 @@ def parse_enhancer(text: str) -> dict[str, Any]:
             raise ValueError(f"--enhancer {text}: expected key=value, got {item!r}")
         spec[key.strip()] = yaml.safe_load(value)
     return spec
+
+
+def scalar_head_users(specs: list[dict[str, Any]]) -> list[str]:
+    """The names among enhancer ``specs`` (``{"name": ...}``; unknown names ignored) that need a scalar head."""
+    return [s["name"] for s in specs if s.get("name") in ENHANCERS and ENHANCERS[s["name"]].needs_scalar_head]

@@ -66,6 +66,7 @@ class BMC(Enhancer):
 
     name = "bmc"
     order = 80
+    needs_scalar_head = True
 
     @dataclass
     class Settings:

@@ -1,7 +1,6 @@
 """The aesthetics model: timm backbone → pooled features → optional neck → distribution or scalar head.
 
-Heads follow the ELTA release: the distribution head is Linear(D, 64) → ReLU → Linear(64, K) → softmax,
-trained with EMD; the scalar head is Dropout → Linear(D, 1) → sigmoid on the MOS scaled to [0, 1].
+The heads (:mod:`elta.models.heads`) follow the ELTA release and own their training targets and loss.
 """
 
 from __future__ import annotations
@@ -11,27 +10,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from elta.functional import dist_std, dist_to_score
 from elta.models.backbones import backbone_data_config, create_backbone
+from elta.models.heads import HEADS, ModelOutput, make_head
 
 __all__ = ["ModelOutput", "ModelSpec", "AestheticModel", "build_model"]
-
-HEADS = ("distribution", "scalar")
-
-
-@dataclass
-class ModelOutput:
-    """What a forward pass returns. Shapes for a batch of B images and K bins."""
-
-    features: torch.Tensor  # [B, D] pooled (after the neck, when there is one)
-    score: torch.Tensor  # [B] MOS on the dataset's scale
-    logits: torch.Tensor | None = None  # [B, K] distribution head only
-    distribution: torch.Tensor | None = None  # [B, K] softmax of logits
-    score_unit: torch.Tensor | None = None  # [B] scalar head only: sigmoid output in [0, 1]
-
-    def score_std(self, centers: torch.Tensor) -> torch.Tensor | None:
-        """Spread of the predicted distribution over the bin centres, or None for a scalar head."""
-        return None if self.distribution is None else dist_std(self.distribution, centers)
 
 
 @dataclass
@@ -71,7 +53,8 @@ class ModelSpec:
 
 
 class AestheticModel(nn.Module):
-    def __init__(self, backbone: nn.Module, spec: ModelSpec) -> None:
+    def __init__(self, backbone: nn.Module, spec: ModelSpec, loss: str | None = None) -> None:
+        """``loss``: the scalar head's training loss, mse (default) or l1."""
         super().__init__()
         self.spec = spec
         self.backbone = backbone
@@ -81,27 +64,15 @@ class AestheticModel(nn.Module):
             dim = spec.neck_dim
         else:
             self.neck = nn.Identity()
-        if spec.head == "distribution":
-            self.head = nn.Sequential(nn.Linear(dim, 64), nn.ReLU(inplace=True), nn.Linear(64, spec.num_bins))
-        else:
-            self.head = nn.Sequential(nn.Dropout(spec.dropout), nn.Linear(dim, 1))
+        self.head = make_head(spec.head, dim, spec.centers, spec.score_range, spec.dropout, loss)
         self.register_buffer("centers", torch.tensor(spec.centers, dtype=torch.float32), persistent=False)
-        self.register_buffer(
-            "score_range", torch.tensor(spec.score_range, dtype=torch.float32), persistent=False
-        )
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features through the neck: [B, 3, H, W] -> [B, D]."""
         return self.neck(self.backbone(images))
 
     def forward_head(self, features: torch.Tensor) -> ModelOutput:
-        out = self.head(features)
-        if self.spec.head == "distribution":
-            dist = torch.softmax(out.float(), dim=1)
-            return ModelOutput(features, dist_to_score(dist, self.centers), logits=out, distribution=dist)
-        unit = torch.sigmoid(out.float().squeeze(1))
-        lo, hi = self.score_range[0], self.score_range[1]
-        return ModelOutput(features, lo + unit * (hi - lo), score_unit=unit)
+        return self.head(features)
 
     def forward(self, images: torch.Tensor) -> ModelOutput:
         return self.forward_head(self.forward_features(images))
@@ -121,8 +92,11 @@ def build_model(
     acc_threshold: float | None = None,
     dataset_format: str = "",
     group_counts: dict[str, int] | None = None,
+    loss: str | None = None,
 ) -> AestheticModel:
-    """Create the backbone (with ``weights``) and wrap it with the head for the dataset's scale."""
+    """Create the backbone (with ``weights``) and wrap it with the head for the dataset's scale.
+
+    ``loss``: the scalar head's training loss (mse or l1); the distribution head trains with EMD."""
     net = create_backbone(backbone, weights=weights, image_size=image_size)
     data_cfg = backbone_data_config(net)
     size = image_size or data_cfg["input_size"]
@@ -142,4 +116,4 @@ def build_model(
         dataset_format=dataset_format,
         group_counts=dict(group_counts or {}),
     )
-    return AestheticModel(net, spec)
+    return AestheticModel(net, spec, loss)

@@ -7,8 +7,9 @@ APDS self-training on ``--unlabeled`` images; its settings are ``beta`` and ``th
 (``apds:thresholds=0.3;0.4;0.5``). The token ``calibration[:method=affine|quantile|isotonic]`` evaluates
 the variant it is joined to (``baseline+calibration``) through a post-hoc map fitted on the validation
 predictions; it reuses that variant's runs. The token ``scalar`` trains with the scalar head (MSE on the
-MOS) instead of the distribution head; ``bmc`` implies it, since Balanced MSE needs a scalar head. Every (variant, seed) run lives in
-``OUT/runs/<variant>/seed<k>`` and is resumed or reused when the command is run again.
+MOS) instead of the distribution head, as do enhancers that declare they need a scalar head (``bmc``).
+Every (variant, seed) run lives in ``OUT/runs/<variant>/seed<k>`` and is resumed or reused when the command
+is run again.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from elta.engine.features import load_or_compute_features
 from elta.engine.predictor import Predictor
 from elta.engine.prepare import read_dataset
 from elta.engine.runtime import Runtime
-from elta.engine.train import train
-from elta.enhancers import parse_enhancer
+from elta.engine.trainer import train
+from elta.enhancers import parse_enhancer, scalar_head_users
 from elta.utils import atomic_write_text
 from elta.workflows.selftrain import self_train
 
@@ -82,9 +83,11 @@ def calibration_settings(name: str) -> dict | None:
 
 
 def variant_loss(name: str, base_loss: str) -> str:
-    """The training loss of a variant: ``scalar`` (and ``bmc``, which needs a scalar head) train with MSE."""
-    names = {t["name"] for t in _tokens(name)}
-    return "mse" if names & {"scalar", "bmc"} and base_loss not in ("mse", "l1") else base_loss
+    """The training loss of a variant: ``scalar``, or an enhancer that needs a scalar head, trains with MSE
+    (unless the base loss is already a scalar head's)."""
+    tokens = _tokens(name)
+    scalar = any(t["name"] == "scalar" for t in tokens) or scalar_head_users(tokens)
+    return "mse" if scalar and base_loss not in ("mse", "l1") else base_loss
 
 
 def training_variant(name: str) -> str:

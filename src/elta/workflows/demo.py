@@ -36,7 +36,7 @@ def run_demo(out: str | Path = "elta-demo", progress: bool = False, device: str 
     """Everything under ``out``: data/, run/, eval/. Re-running reuses finished steps."""
     from elta.data.demo import demo_dataset_exists, make_demo_dataset
     from elta.engine.evaluate import evaluate_checkpoint
-    from elta.engine.train import train
+    from elta.engine.trainer import train
     from elta.metrics import format_metrics
 
     out = Path(out)

@@ -26,8 +26,10 @@ import pandas as pd
 from elta.config import RunConfig
 from elta.engine.prepare import read_dataset
 from elta.engine.runtime import Runtime
-from elta.engine.train import resolve_loss, train
+from elta.engine.trainer import train
+from elta.enhancers import scalar_head_users
 from elta.errors import StaleStageError
+from elta.models.heads import resolve_loss
 from elta.utils import atomic_write_text
 from elta.workflows.pseudo import (
     DEFAULT_BETAS,
@@ -51,16 +53,14 @@ def _check_config(cfg: RunConfig) -> None:
             "self-train makes its own pseudo-labels; drop --pseudo-labels (or use `elta train` with it)"
         )
     attrs = read_dataset(cfg).attrs
+    users = scalar_head_users(cfg.enhancers)
     try:
-        loss = resolve_loss(cfg.train.loss, attrs["has_distribution"])
+        loss = resolve_loss(cfg.train.loss, attrs["has_distribution"], users)
     except ValueError as exc:
         raise APDSUnavailableError(f"{cfg.data.data}: {exc}") from exc
     if loss != "emd":
-        why = (
-            f"--loss {cfg.train.loss}"
-            if cfg.train.loss != "auto"
-            else "the dataset has only MOS, no vote distributions"
-        )
+        why = f"{', '.join(users)} needs a scalar head" if users else "the dataset has only MOS"
+        why = f"--loss {cfg.train.loss}" if cfg.train.loss != "auto" else why
         raise APDSUnavailableError(scalar_head_message(f"the teacher ({why})"))
 
 

@@ -343,7 +343,7 @@ class _Objective:
         self.out, self.progress = out, progress
 
     def __call__(self, trial) -> float:
-        from elta.engine.train import TrainingDivergedError, train
+        from elta.engine.trainer import TrainingDivergedError, train
 
         values = {name: p.suggest(trial) for name, p in self.params.items()}
         cfg = apply_params(self.base, values)

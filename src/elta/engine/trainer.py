@@ -1,0 +1,681 @@
+"""The training loop: one :class:`TrainState`, built by :func:`setup`; :func:`fit` runs the epochs, each a
+series of :func:`step` calls followed by :func:`validate`. The main loss is the head's own
+(:mod:`elta.models.heads`); enhancers act between the features and the head.
+
+Randomness is a function of (seed, epoch, step): the shuffle of epoch e, the augmentation of each sample,
+the dropout masks and the enhancers' draws of each step are derived from the run seed. A run killed at
+any point and resumed from ``last.pt`` therefore ends with the same weights as an uninterrupted one.
+Under torchrun the processes share each batch (:mod:`elta.engine.distributed`); rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from elta.config import RunConfig
+from elta.data.cache import check_cache_fits
+from elta.data.check import write_problems
+from elta.data.dataset import AnnotationDataset, Batch, EpochBatchSampler, dist_columns
+from elta.data.readers import AnnotationError
+from elta.data.transforms import ImageTransform
+from elta.engine.distributed import SINGLE, Processes, start_processes, stop_processes
+from elta.engine.features import load_or_compute_features
+from elta.engine.precision import Precision, compile_backbone
+from elta.engine.predictor import Predictor
+from elta.engine.prepare import PreparedData, prepare_data
+from elta.engine.runtime import Runtime
+from elta.enhancers import StepState, TrainingContext, build_enhancers, scalar_head_users
+from elta.errors import RunExistsError, TrainingDivergedError
+from elta.metrics import evaluate
+from elta.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from elta.models.heads import ModelOutput, resolve_loss
+from elta.models.model import AestheticModel, build_model
+from elta.utils import atomic_write_text, derive_seed
+
+__all__ = [
+    "train",
+    "TrainState",
+    "setup",
+    "fit",
+    "step",
+    "validate",
+    "loss_terms",
+    "main_loss",
+    "epoch_batches",
+    "StepForward",
+]
+
+log = logging.getLogger(__name__)
+
+# the progress counters of TrainState that last.pt keeps
+PROGRESS = ("epoch", "step", "global_step", "best_metric", "best_epoch", "epoch_loss_sums", "epoch_samples")
+
+
+# --- one step's losses --------------------------------------------------------------------------------
+
+
+def main_loss(
+    head: nn.Module,
+    out: ModelOutput,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    weight_total: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The weighted mean of the head's per-sample loss.
+
+    ``weight_total`` replaces the denominator ``weights.sum()``: in a distributed run, the global weight
+    sum divided by the number of processes, so that the processes' averaged gradient is the global mean's.
+    """
+    total = weights.sum() if weight_total is None else weight_total
+    return (head.loss(out, targets) * weights).sum() / total.clamp_min(1e-12)
+
+
+def loss_terms(
+    model: AestheticModel,
+    enhancers: nn.ModuleList,
+    features: torch.Tensor,
+    batch: Batch,
+    epoch: int = 0,
+    processes: Processes = SINGLE,
+) -> dict[str, torch.Tensor]:
+    """The losses of one training step from pooled ``features`` [B, D]: enhancers, head, main loss.
+
+    Returns ``{"loss": total, "main": …, <enhancer terms>…}``; the total is what is back-propagated.
+    An enhancer that replaces the main loss (``state.replace_main``) leaves ``main`` out of the total.
+    In a distributed run ``batch`` is this process's share of the global batch.
+    """
+    head = model.head
+    weights = batch.weight.to(features.device) if batch.weight is not None else features.new_ones(len(batch))
+    state = StepState(
+        features,
+        head.targets(batch.mos, batch.dist),
+        batch.mos,
+        weights,
+        (float(model.spec.score_range[0]), float(model.spec.score_range[1])),
+        indices=batch.indices.to(features.device),
+        epoch=epoch,
+        gather=processes.gather_rows,
+    )
+    for enhancer in enhancers:
+        state = enhancer(state)
+    out = model.forward_head(state.features)
+    for enhancer in enhancers:
+        state = enhancer.after_head(state, out)
+    terms = dict(state.losses)
+    if not state.replace_main:
+        weight_total = processes.mean(state.weights.sum()) if processes.distributed else None
+        terms = {"main": main_loss(head, out, state.targets, state.weights, weight_total), **terms}
+    return {"loss": sum(terms.values()), **terms}
+
+
+class StepForward(nn.Module):
+    """A step's forward (features → enhancers → head → loss terms) as one module, so that
+    DistributedDataParallel wraps the model and the enhancers' parameters together.
+    ``features(inputs)`` gives the pooled features [B, D]."""
+
+    def __init__(self, model, enhancers, features: Callable, processes: Processes = SINGLE) -> None:
+        super().__init__()
+        self.model, self.enhancers, self.features, self.processes = model, enhancers, features, processes
+
+    def forward(self, images, mos, dist, weight, indices, epoch: int) -> dict[str, torch.Tensor]:
+        batch = Batch(images=images, indices=indices, mos=mos, dist=dist, weight=weight)
+        return loss_terms(self.model, self.enhancers, self.features(images), batch, epoch, self.processes)
+
+
+def epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, sample_weights: torch.Tensor | None = None
+) -> list[list[int]]:
+    """The shuffled batches of one epoch; a last batch of one sample joins the one before it.
+
+    With ``sample_weights`` [n] the epoch draws n rows with replacement, each with probability ∝ its weight.
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, 0))
+    if sample_weights is None:
+        order = torch.randperm(n, generator=generator).tolist()
+    else:
+        order = torch.multinomial(
+            sample_weights.double().cpu(), n, replacement=True, generator=generator
+        ).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2].extend(batches.pop())
+    return batches
+
+
+# --- the state of a run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything a run holds; the progress counters and the log are saved in ``last.pt`` / metrics.csv."""
+
+    cfg: RunConfig
+    run_dir: Path
+    data: PreparedData
+    model: AestheticModel
+    enhancers: nn.ModuleList
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    runtime: Runtime  # device, precision, loader processes, progress, the processes of a torchrun job
+    train_set: AnnotationDataset
+    val_set: AnnotationDataset
+    sample_weights: torch.Tensor | None  # per-row sampling weights, None: plain shuffling
+    forward: nn.Module | None = None  # StepForward (under DistributedDataParallel in a distributed run)
+    # progress: completed epochs, batches done in the current epoch, optimizer steps in all
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = 0
+    epoch_loss_sums: dict[str, float] = field(default_factory=dict)  # loss × samples, this epoch so far
+    epoch_samples: int = 0
+    rows: list[dict] = field(default_factory=list)  # metrics.csv, one row an epoch
+    problems: list[dict] = field(default_factory=list)  # bad_rows.csv
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def precision(self) -> Precision:
+        return self.runtime.precision
+
+    @property
+    def processes(self) -> Processes:
+        return self.runtime.processes
+
+    @property
+    def progress(self) -> bool:
+        return self.runtime.progress
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, D] in float32: the backbone (or the neck on cached features) under autocast."""
+        forward = self.model.neck if self.cfg.train.cache_features else self.model.forward_features
+        return self.precision.features(forward, inputs)
+
+
+def _runtime(cfg: RunConfig, device: torch.device | None, processes: Processes, progress: bool) -> Runtime:
+    """The run's runtime: the config's device (or torchrun's), precision, loader processes, compile."""
+    t = cfg.train
+    return Runtime.create(
+        device or t.device,
+        amp=t.amp,
+        channels_last=t.channels_last and not t.cache_features,  # cached features are not images
+        batch_size=t.batch_size,
+        workers=cfg.data.workers,
+        progress=progress,
+        compile=t.compile,
+        processes=processes,
+    )
+
+
+def _dataset_facts(data: PreparedData) -> dict:
+    """What the trainer needs to know about the dataset: bins, scale, accuracy threshold, format, images."""
+    keys = ("centers", "score_range", "acc_threshold", "format", "has_distribution", "images_root")
+    return {k: data.attrs.get(k) for k in keys}
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: RunConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    on_epoch: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train per ``cfg`` into ``run_dir``; with ``resume`` continue from ``run_dir/last.pt``.
+
+    ``on_epoch(epoch, row)`` is called after each epoch's checkpoints are written, with the 1-based epoch
+    and its metrics.csv row (e.g. to report to a tuner, which may stop the run by raising).
+    Returns a summary: best metric and epoch, paths of best.pt / last.pt / metrics.csv.
+    Under torchrun (``torchrun --nproc-per-node N -m elta train …``) the processes train together.
+    """
+    run_dir = Path(run_dir)
+    processes, device, started = start_processes(cfg.train.device)
+    handler = None
+    try:
+        if (run_dir / "last.pt").exists() and not resume:
+            raise RunExistsError(
+                f"{run_dir} already holds a run (last.pt): use --resume {run_dir} or another --out"
+            )
+        if processes.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            handler = _attach_log_file(run_dir)
+        processes.barrier()  # every process sees the same state of the run folder
+        resume = resume and (run_dir / "last.pt").exists()
+        progress = progress and processes.is_main
+        state = setup(cfg, run_dir, resume=resume, progress=progress, processes=processes, device=device)
+        summary = fit(state, on_epoch)
+        processes.barrier()  # all processes are done before the group is taken down
+        return summary
+    finally:
+        if handler is not None:
+            logging.getLogger("elta").removeHandler(handler)
+            handler.close()
+        if started:
+            stop_processes()
+
+
+def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) -> dict:
+    """Run the remaining epochs: steps, validation, metrics.csv, last.pt and best.pt; returns the summary."""
+    cfg, t = state.cfg, state.cfg.train
+    # one loader for the whole run: its worker processes outlive the epochs
+    sampler = EpochBatchSampler()
+    loader = state.runtime.loader(state.train_set, persistent=True, batch_sampler=sampler)
+    for epoch in tqdm(range(state.epoch, t.epochs), desc="epochs", unit="epoch", disable=not state.progress):
+        started = time.perf_counter()
+        state.model.train()
+        if cfg.model.freeze_backbone:
+            state.model.backbone.eval()  # frozen batch-norm statistics too
+        batches = epoch_batches(len(state.train_set), t.batch_size, t.seed, epoch, state.sample_weights)
+        # each process's share of every batch (the whole batch in a single process)
+        sampler.set_epoch(epoch, [state.processes.share(b) for b in batches[state.step :]])
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", total=len(batches), initial=state.step, unit="batch",
+                   leave=False, disable=not state.progress)  # fmt: skip
+        for batch in bar:
+            values = step(state, batch)
+            state.step += 1
+            if values is not None:
+                bar.set_postfix(loss=f"{values['loss']:.4f}")
+            if t.checkpoint_every and state.step % t.checkpoint_every == 0 and state.step < len(batches):
+                save(state, state.last_path)
+        bar.close()
+        for enhancer in state.enhancers:
+            enhancer.on_epoch_end(epoch)
+        samples = max(1, state.epoch_samples)
+        row = {"epoch": epoch + 1}
+        row.update({f"train_{k}": v / samples for k, v in state.epoch_loss_sums.items()})
+        row.update(validate(state))
+        row.update(lr=state.optimizer.param_groups[0]["lr"], time_s=round(time.perf_counter() - started, 2))
+        value = row[f"val_{t.metric}"]
+        improved = math.isfinite(value) and value > state.best_metric
+        if improved:
+            state.best_metric, state.best_epoch = value, epoch + 1
+        state.rows.append(row)
+        if state.processes.is_main:
+            atomic_write_text(state.run_dir / "metrics.csv", pd.DataFrame(state.rows).to_csv(index=False))
+        state.epoch, state.step, state.epoch_loss_sums, state.epoch_samples = epoch + 1, 0, {}, 0
+        save(state, state.last_path)
+        if improved:
+            save(state, state.best_path, full=False)
+        log.info(
+            "epoch %d/%d  train_loss %.4f  val_loss %.4f  val_srcc %.4f  val_plcc %.4f  val_acc %.4f  %s  "
+            "(%.1fs)",
+            epoch + 1, t.epochs, row.get("train_loss", math.nan), row["val_loss"], row["val_srcc"],
+            row["val_plcc"], row["val_acc"],
+            "best" if improved else f"best {t.metric} {state.best_metric:.4f} @ {state.best_epoch}",
+            row["time_s"],
+        )  # fmt: skip
+        if on_epoch is not None:
+            on_epoch(epoch + 1, row)
+    if state.best_epoch == 0:
+        save(state, state.best_path, full=False)  # every validation metric was NaN: keep the last weights
+    return {
+        "run_dir": str(state.run_dir),
+        "best_metric": state.best_metric,
+        "best_epoch": state.best_epoch,
+        "metric": t.metric,
+        "best": str(state.best_path),
+        "last": str(state.last_path),
+        "metrics_csv": str(state.run_dir / "metrics.csv"),
+    }
+
+
+def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
+    """One optimisation step on batch ``state.step`` of epoch ``state.epoch``; adds its loss terms to the
+    epoch's sums. Returns the terms as numbers (means over the processes in a distributed run), or None
+    when the batch has fewer than two loaded images (or a process has none) and is skipped."""
+    processes, t = state.processes, state.cfg.train
+    # every process's numbers of loaded and of failed samples; unreadable images are reported
+    table = processes.all_counts([len(batch), len(batch.failures)], state.device)
+    if any(failed for _, failed in table):
+        failures = [f for part in processes.gather_objects(batch.failures) for f in part]
+        _list_bad_rows(state, state.data.train, failures)
+        if processes.is_main:
+            log.warning("skipped %d unreadable training images (listed in bad_rows.csv)", len(failures))
+        if state.cfg.data.strict:
+            raise AnnotationError(f"unreadable training image (strict mode): {failures[0][1]}")
+    sizes = [size for size, _ in table]
+    if sum(sizes) < 2 or min(sizes) == 0:
+        if processes.distributed and sum(sizes) >= 2:
+            log.warning("step %d skipped: a process has no loadable image in its share", state.step + 1)
+        return None
+    # the seed of the step's draws (dropout, TFA); each process of a distributed run has its own
+    rank = (processes.rank,) if processes.distributed else ()
+    torch.manual_seed(derive_seed(t.seed, state.epoch, state.step, 1, *rank))
+    to = state.device
+    weight = batch.weight.to(to) if batch.weight is not None else None
+    dist = batch.dist.to(to) if batch.dist is not None else None
+    images = batch.images.to(to, non_blocking=True)
+    terms = state.forward(images, batch.mos.to(to), dist, weight, batch.indices.to(to), state.epoch)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(terms["loss"]).backward()  # the scaler is a pass-through unless --amp fp16
+    if t.grad_clip > 0:
+        state.scaler.unscale_(state.optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), t.grad_clip)
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    values = processes.mean(torch.stack([v.detach().float() for v in terms.values()]))
+    values = dict(zip(terms, values.tolist(), strict=True))
+    if not math.isfinite(values["loss"]):
+        last = state.last_path
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
+        amp = ", or --amp off" if state.precision.dtype is not None else ""
+        raise TrainingDivergedError(
+            f"loss became {values['loss']} at epoch {state.epoch + 1}, step {state.step + 1}; "
+            f"stopping ({kept}). Try a lower --lr or --grad-clip 1.0{amp}."
+        )
+    state.global_step += 1
+    for k, v in values.items():
+        state.epoch_loss_sums[k] = state.epoch_loss_sums.get(k, 0.0) + v * sum(sizes)
+    state.epoch_samples += sum(sizes)
+    return values
+
+
+def validate(state: TrainState) -> dict:
+    """Validation loss (the head's, on the predictions) and metrics, on the rows whose images loaded."""
+    model, processes = state.model, state.processes
+    processes.broadcast_buffers(model)  # all processes score with the weights rank 0 saves
+    preds = Predictor(model, state.runtime).predict(state.val_set, desc="validating")
+    frame, ok, spec = state.data.val, preds.ok, model.spec
+    if not ok.all():
+        _list_bad_rows(state, frame, [(i, e) for i, e in enumerate(preds.errors) if e])
+    gt, pred = frame["mos"].to_numpy(dtype=np.float64)[ok], preds.score[ok]
+    cols = dist_columns(frame)
+    gt_dist = frame[cols].to_numpy(dtype=np.float64)[ok] if cols else None
+    pred_dist = preds.dist[ok] if preds.dist is not None else None
+    metrics = evaluate(
+        pred,
+        gt,
+        pred_dist=pred_dist,
+        gt_dist=gt_dist if pred_dist is not None else None,
+        threshold=spec.acc_threshold,
+        score_range=tuple(spec.score_range),
+    )
+    row = {"val_loss": model.head.prediction_loss(pred, pred_dist, gt, gt_dist)}
+    return row | {f"val_{k}": v for k, v in metrics.items() if k != "n"}
+
+
+def save(state: TrainState, path: Path, full: bool = True) -> None:
+    """Write a checkpoint (rank 0), after giving every process rank 0's buffers. ``full``: everything a
+    resume needs (optimizer, scheduler, scaler, enhancers, progress); else the weights, spec, config and
+    the epoch they are from (best.pt)."""
+    state.processes.broadcast_buffers(state.model)
+    if not state.processes.is_main:
+        return
+    training = {"epoch": state.epoch, "best_metric": state.best_metric}
+    if full:
+        training.update(
+            optimizer=state.optimizer.state_dict(),
+            scheduler=state.scheduler.state_dict(),
+            scaler=state.scaler.state_dict(),
+            enhancers=state.enhancers.state_dict(),
+            **{k: getattr(state, k) for k in PROGRESS},
+        )
+    save_checkpoint(path, state.model, config=state.cfg.to_dict(), training=training)
+
+
+def _restore(state: TrainState, checkpoint: Checkpoint) -> None:
+    """Continue from ``checkpoint`` (the run's last.pt): weights, optimizer, scheduler, scaler, enhancers,
+    progress and the metrics.csv rows of the completed epochs."""
+    state.model.load_state_dict(checkpoint.weights)
+    saved = checkpoint.training
+    state.enhancers.load_state_dict(saved.get("enhancers", {}))
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(saved["scaler"])
+    for key in PROGRESS:
+        setattr(state, key, saved[key])
+    metrics = state.run_dir / "metrics.csv"
+    if metrics.is_file():
+        old = pd.read_csv(metrics)
+        state.rows = old[old["epoch"] <= state.epoch].to_dict("records")
+    log.info("resuming %s at epoch %d, step %d", state.run_dir, state.epoch + 1, state.step)
+
+
+def _list_bad_rows(state: TrainState, frame: pd.DataFrame, failures: list[tuple[int, str]]) -> None:
+    """Add rows whose image failed to load to bad_rows.csv, each once however many epochs meet it."""
+    known = {(p.get("path"), p.get("reason")) for p in state.problems}
+    for index, reason in failures:
+        record = frame.iloc[index]
+        if (record["path"], reason) in known:
+            continue
+        known.add((record["path"], reason))
+        state.problems.append(
+            {
+                "file": record.get("source", ""),
+                "row": int(record.get("row", -1)),
+                "reason": reason,
+                "image_id": record["image_id"],
+                "path": record["path"],
+            }
+        )
+    if state.processes.is_main:
+        write_problems(state.problems, state.run_dir / "bad_rows.csv")
+
+
+# --- setup -----------------------------------------------------------------------------------------------
+
+
+def setup(
+    cfg: RunConfig,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    progress: bool = False,
+    processes: Processes = SINGLE,
+    device: torch.device | None = None,
+) -> TrainState:
+    """Build a run's state: data, model, enhancers, datasets, optimizer, schedule; ``resume`` continues
+    from ``run_dir/last.pt``. ``device`` None: from the runtime settings."""
+    t = cfg.train
+    runtime = _runtime(cfg, device, processes, progress)
+    device, precision = runtime.device, runtime.precision
+    if processes.distributed and t.batch_size < processes.world_size:
+        raise ValueError(
+            f"--batch-size {t.batch_size} is the global batch, shared by {processes.world_size} "
+            f"processes: give at least {processes.world_size}"
+        )
+    if processes.is_main:
+        cfg.to_yaml(run_dir / "config.yaml")
+    data = prepare_data(cfg, run_dir, progress=progress, write=processes.is_main)
+    facts = _dataset_facts(data)
+    loss = resolve_loss(t.loss, facts["has_distribution"], scalar_head_users(cfg.enhancers))
+    saved = load_checkpoint(run_dir / "last.pt") if resume else None
+    model = precision.prepare(_initial_model(cfg, data, facts, loss, saved).to(device))
+    processes.sync_batch_norm(model, device)
+    enhancers = build_enhancers(cfg.enhancers)
+    context = TrainingContext(
+        scores=torch.tensor(data.train["mos"].to_numpy(dtype=np.float32)),
+        groups=data.train["group"].astype(str).tolist(),
+        score_range=(float(model.spec.score_range[0]), float(model.spec.score_range[1])),
+        num_bins=model.spec.num_bins,
+        loss=loss,
+        feature_dim=model.spec.neck_dim or model.backbone.num_features,
+        epochs=t.epochs,
+    )
+    sample_weights = None  # the product of the enhancers' sampling weights
+    for enhancer in enhancers:
+        enhancer.setup(context)
+        own = enhancer.sample_weights(context)
+        if own is not None:
+            sample_weights = own.double() if sample_weights is None else sample_weights * own.double()
+    enhancers.to(device)
+    if not t.cache_features:
+        check_cache_fits(facts["images_root"], model.spec.resize)
+    train_set, val_set = _datasets(cfg, run_dir, model, data, runtime)
+    if runtime.compile and t.cache_features:
+        log.info("--compile: nothing to compile, the backbone's features are cached")
+    elif runtime.compile:
+        compile_backbone(model)
+    optimizer = _optimizer(model, cfg, enhancers)
+    steps_per_epoch = len(epoch_batches(len(train_set), t.batch_size, t.seed, 0))
+    state = TrainState(
+        cfg=cfg, run_dir=run_dir, data=data, model=model, enhancers=enhancers, optimizer=optimizer,
+        scheduler=_scheduler(optimizer, cfg, steps_per_epoch), scaler=precision.grad_scaler(),
+        runtime=runtime, train_set=train_set, val_set=val_set, sample_weights=sample_weights,
+        problems=list(data.problems),
+    )  # fmt: skip
+    state.forward = processes.wrap(StepForward(model, enhancers, state.features, processes), device)
+    if saved is not None:
+        _restore(state, saved)
+    log.info(
+        "training %s (%s head, %s loss%s) on %d images, validating on %d; %d steps an epoch on %s (%s)%s",
+        model.spec.backbone, model.spec.head, loss, "".join(f", {e.name}" for e in enhancers),
+        len(train_set), len(val_set), steps_per_epoch, device, precision.name,
+        f"; {processes.world_size} processes share each batch of {t.batch_size}" if processes.distributed
+        else "",
+    )  # fmt: skip
+    return state
+
+
+def _optimizer(model: AestheticModel, cfg: RunConfig, enhancers: nn.ModuleList) -> torch.optim.Optimizer:
+    """Adam or AdamW over the model's trainable parameters, plus the enhancers' own parameter groups
+    (e.g. BMC's σ, with its own learning rate and no weight decay)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    t = cfg.train
+    kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = kind(params, lr=t.lr, weight_decay=t.weight_decay)
+    for enhancer in enhancers:
+        for group in enhancer.param_groups():
+            optimizer.add_param_group(group)
+    return optimizer
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch: int):
+    """Per-step schedule: linear warm-up, then constant or cosine to zero."""
+    total = max(1, cfg.train.epochs * steps_per_epoch)
+    warmup = int(round(cfg.train.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.schedule != "cosine":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _initial_model(
+    cfg: RunConfig, data: PreparedData, facts: dict, loss: str, saved: Checkpoint | None
+) -> AestheticModel:
+    """The model before training: fresh (with cfg.model.weights), from --init-from, or the run's own last.pt.
+
+    When starting from a checkpoint (``saved`` or --init-from), its architecture and input pipeline
+    (backbone, input size, resize, normalisation, interpolation) are kept.
+    """
+    groups = data.train["group"].astype(str)
+    group_counts = {g: int(c) for g, c in groups[groups != ""].value_counts().items()}
+    m = cfg.model
+    if m.reset_head and not m.init_from:
+        raise ValueError("--reset-head needs --init-from (a fresh model's head is new anyway)")
+    source = None if saved is not None or not m.init_from else load_checkpoint(m.init_from)
+    start = saved if saved is not None else source
+    backbone, image_size, resize = m.backbone, m.image_size, m.resize
+    if start is not None:
+        s = start.spec
+        backbone, image_size, resize = s.backbone, s.image_size, s.resize
+        if source is not None and backbone != m.backbone:
+            log.info("--init-from %s: using its backbone %s", m.init_from, backbone)
+    torch.manual_seed(derive_seed(cfg.train.seed, -1))  # the initial weights of new layers
+    model = build_model(
+        backbone,
+        "distribution" if loss == "emd" else "scalar",
+        facts["centers"],
+        facts["score_range"],
+        weights="none" if start is not None else m.weights,
+        image_size=image_size,
+        resize=resize,
+        neck_dim=m.neck_dim,
+        dropout=m.dropout,
+        acc_threshold=facts["acc_threshold"],
+        dataset_format=facts["format"] or "",
+        group_counts=group_counts,
+        loss=loss,
+    )
+    if start is not None:
+        for key in ("mean", "std", "interpolation"):
+            setattr(model.spec, key, getattr(start.spec, key))
+    if source is not None:
+        _load_initial_weights(model, source, m.init_from, m.reset_head)
+    if m.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    return model
+
+
+def _load_initial_weights(model: AestheticModel, source: Checkpoint, path: str, reset_head: bool) -> None:
+    own = model.state_dict()
+    state = {k: v for k, v in source.weights.items() if not (reset_head and k.startswith("head."))}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(
+            f"--init-from {path}: {', '.join(mismatched[:3])} have other shapes than this model's "
+            "(another number of bins or a new neck?): add --reset-head"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    new_layers = sorted({k.split(".")[0] for k in missing})
+    if unexpected:
+        raise ValueError(f"--init-from {path}: tensors this model does not have: {unexpected[:3]}")
+    log.info("initialised from %s%s", path, f" (new: {', '.join(new_layers)})" if new_layers else "")
+
+
+def _datasets(cfg: RunConfig, run_dir: Path, model: AestheticModel, data: PreparedData, runtime: Runtime):
+    """The training and validation sets: images through the model's transforms, or cached features of a
+    frozen backbone (computed once by rank 0, stored in the run folder or --feature-cache)."""
+    t = cfg.train
+    if not t.cache_features:
+        train_set = AnnotationDataset(
+            data.train, ImageTransform.from_spec(model.spec, train=True), seed=t.seed
+        )
+        return train_set, AnnotationDataset(data.val, ImageTransform.from_spec(model.spec, train=False))
+    cache_path = Path(t.feature_cache) if t.feature_cache else run_dir / "feature_cache.pt"
+    weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
+    processes = runtime.processes
+    if not processes.is_main:
+        processes.barrier()  # rank 0 computes and stores the features; the others then read them
+    frames = {"train": data.train, "val": data.val}
+    caches = load_or_compute_features(cache_path, Predictor(model, runtime), frames, weights_id)
+    if processes.is_main:
+        processes.barrier()
+    return tuple(
+        AnnotationDataset(frame, None, features=caches[name].features, failed=caches[name].failed)
+        for name, frame in (("train", data.train), ("val", data.val))
+    )
+
+
+def _attach_log_file(run_dir: Path) -> logging.Handler:
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("elta")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
