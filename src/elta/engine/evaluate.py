@@ -130,9 +130,10 @@ def evaluate_checkpoint(
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, dev)
     spec = model.spec
-    df = read_dataset(cfg)
-    if df.attrs.get("problems"):
-        log.warning("%d annotation rows could not be used (see `elta data check`)", len(df.attrs["problems"]))
+    annotations = read_dataset(cfg)
+    df = annotations.frame
+    if annotations.problems:
+        log.warning("%d annotation rows could not be used (see `elta data check`)", len(annotations.problems))
     frame = select_split(df, split)
     cols = dist_columns(frame)
     if spec.head == "distribution" and cols and len(cols) != spec.num_bins:
@@ -140,7 +141,7 @@ def evaluate_checkpoint(
             f"checkpoint predicts {spec.num_bins} bins but {cfg.data.data} has {len(cols)}: "
             "evaluate on a dataset with the same rating scale"
         )
-    check_cache_fits(df.attrs["images_root"], spec.image_size)
+    check_cache_fits(annotations.info.images_root, spec.image_size)
     dataset = AnnotationDataset(frame, ImageTransform.from_spec(spec, train=False))
     preds = run_inference(
         model,

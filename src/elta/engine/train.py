@@ -24,7 +24,6 @@ from elta.config import RunConfig
 from elta.data.cache import check_cache_fits
 from elta.data.check import write_problems
 from elta.data.dataset import AnnotationDataset, Batch, EpochBatchSampler, dist_columns
-from elta.data.readers import AnnotationError
 from elta.data.transforms import ImageTransform
 from elta.engine.checkpoint import load_checkpoint, save_checkpoint
 from elta.engine.distributed import SINGLE, Processes, start_processes, stop_processes
@@ -34,7 +33,7 @@ from elta.engine.precision import Precision, compile_backbone
 from elta.engine.prepare import PreparedData, prepare_data, read_dataset
 from elta.engine.runtime import resolve_device
 from elta.enhancers import StepState, TrainingContext, build_enhancers
-from elta.errors import RunExistsError, TrainingDivergedError
+from elta.errors import AnnotationError, RunExistsError, TrainingDivergedError
 from elta.functional import emd_loss
 from elta.metrics import emd as emd_metric
 from elta.metrics import evaluate
@@ -336,15 +335,15 @@ def _initial_model(cfg: RunConfig, data: PreparedData, head: str, resumed: dict 
     model = build_model(
         backbone,
         head,
-        data.attrs["centers"],
-        data.attrs["score_range"],
+        data.info.centers,
+        data.info.score_range,
         weights="none" if start is not None else m.weights,
         image_size=image_size,
         resize=resize,
         neck_dim=m.neck_dim,
         dropout=m.dropout,
-        acc_threshold=data.attrs.get("acc_threshold"),
-        dataset_format=data.attrs.get("format", ""),
+        acc_threshold=data.info.acc_threshold,
+        dataset_format=data.info.format,
         group_counts=group_counts,
     )
     if start is not None:
@@ -429,7 +428,7 @@ class _Trainer:
         if processes.is_main:
             cfg.to_yaml(self.run_dir / "config.yaml")
         data = prepare_data(cfg, self.run_dir, progress=self.progress, write=processes.is_main)
-        loss_name = resolve_loss(t.loss, data.attrs["has_distribution"])
+        loss_name = resolve_loss(t.loss, data.info.has_distribution)
         head = "distribution" if loss_name == "emd" else "scalar"
         state = load_checkpoint(self.last_path) if resume else None
         model = precision.prepare(_initial_model(cfg, data, head, state).to(device))
@@ -450,7 +449,7 @@ class _Trainer:
         sample_weights = _sample_weights(enhancers, context)
         workers = default_workers(device) if cfg.data.workers is None else cfg.data.workers
         if not t.cache_features:
-            check_cache_fits(data.attrs["images_root"], model.spec.resize)
+            check_cache_fits(data.info.images_root, model.spec.resize)
         train_set, val_set = self._datasets(model, data, device, workers)
         if t.compile and t.cache_features:
             log.info("--compile: nothing to compile, the backbone's features are cached")

@@ -116,7 +116,7 @@ def _folder_name(variant: str) -> str:
 
 
 def _eval_split(cfg: RunConfig) -> str:
-    splits = set(read_dataset(cfg)["split"])
+    splits = set(read_dataset(cfg).frame["split"])
     if "test" in splits:
         return "test"
     log.warning("%s has no test split: the ablation compares validation metrics", cfg.data.data)
@@ -166,7 +166,7 @@ def _evaluate_run(
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
     model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"), resolve_device(cfg.train.device))
-    df = read_dataset(cfg)
+    df = read_dataset(cfg).frame
     frame = select_split(df, split)
     preds = _predict_split(model, cfg, frame, split, cache_path, progress)
     raw = None

@@ -62,7 +62,7 @@ def calibrate_checkpoint(
     dev = resolve_device(device)
     model = model_from_checkpoint(payload, dev)
     spec = model.spec
-    df = read_dataset(cfg)
+    df = read_dataset(cfg).frame
     frame = select_split(df, split)
     dataset = AnnotationDataset(frame, ImageTransform.from_spec(spec, train=False))
     preds = run_inference(

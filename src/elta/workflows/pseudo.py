@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from elta.config import RunConfig
+from elta.data.annotations import Annotations
 from elta.data.dataset import ImageListDataset
 from elta.data.images import list_images
 from elta.data.transforms import ImageTransform
@@ -288,7 +289,7 @@ def _write_unreadable(path: Path, paths: list[Path], preds: Predictions) -> Path
     return atomic_write_text(path, pd.DataFrame(bad, columns=["path", "reason"]).to_csv(index=False))
 
 
-def _read_labelled(cfg: RunConfig | None, required: bool) -> pd.DataFrame | None:
+def _read_labelled(cfg: RunConfig | None, required: bool) -> Annotations | None:
     """The labelled dataset; with β and t given, the teacher's own dataset may be gone (then None)."""
     if cfg is None:
         return None
@@ -303,9 +304,9 @@ def _read_labelled(cfg: RunConfig | None, required: bool) -> pd.DataFrame | None
         return None
 
 
-def _check_scale(labelled: pd.DataFrame, score_range: Sequence[float], cfg: RunConfig) -> None:
+def _check_scale(labelled: Annotations, score_range: Sequence[float], cfg: RunConfig) -> None:
     """Calibration MAE only means something on the teacher's rating scale."""
-    theirs = [float(v) for v in labelled.attrs["score_range"]]
+    theirs = [float(v) for v in labelled.info.score_range]
     if not np.allclose(theirs, [float(v) for v in score_range]):
         raise ValueError(
             f"teacher scores on {list(score_range)} but {cfg.data.data} is rated on {theirs}: "
@@ -370,13 +371,13 @@ def pseudo_label(
     if labelled is not None:
         _check_scale(labelled, model.spec.score_range, cfg)
     if beta is None:
-        rows = _calibration_rows(cfg, labelled, calibrate_split)
+        rows = _calibration_rows(cfg, labelled.frame, calibrate_split)
         search = _search(model, rows, betas, thresholds, min_selected, score_args)
         beta, threshold = search["beta"], search["threshold"]
         how = f"grid on {cfg.data.data} split {calibrate_split}"
         log.info("APDS β=%g, t=%g chosen on %d calibration images (%s)", beta, threshold, search["n"], how)
 
-    known = set(labelled["path"].map(os.path.abspath)) if labelled is not None else set()
+    known = set(labelled.frame["path"].map(os.path.abspath)) if labelled is not None else set()
     candidates = [p for p in pool if str(p) not in known]
     if len(candidates) < len(pool):
         log.info("leaving out %d images that are labelled in %s", len(pool) - len(candidates), cfg.data.data)
