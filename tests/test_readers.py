@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from elta import config
 from elta.data.annotations import read_annotations
-from elta.data.formats import CsvColumns, detect_format
+from elta.data.formats import FORMATS, CsvColumns, Format, detect_format, register_format
 from elta.errors import AnnotationError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "annotations"
@@ -410,3 +411,35 @@ def test_skipped_rows_are_logged_with_their_count(caplog):
         r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "problem" in r.getMessage()
     ]
     assert len(warnings) == 1 and "2 problem(s)" in warnings[0]
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+
+def _fixture_paths(fmt: Format) -> list[Path]:
+    """The fixture folder of a format (when its files have known names) and each file in it."""
+    folder = FIXTURES / fmt.name
+    assert folder.is_dir(), f"format {fmt.name!r} has no fixture: add {folder} with a file in its real layout"
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    return ([folder] if fmt.files else []) + files
+
+
+@pytest.mark.parametrize("fmt", FORMATS.values(), ids=list(FORMATS))
+def test_every_registered_format_is_detected_and_read_on_its_own_scale(fmt, tmp_path):
+    for path in _fixture_paths(fmt):
+        assert detect_format(path) == fmt.name, path
+        df, info, problems = _read(path, images=tmp_path)
+        assert info.format == fmt.name and len(df) > 0 and info.rows_read == len(df) + len(problems)
+        lo, hi = fmt.score_range or (df["mos"].min(), df["mos"].max())
+        assert info.score_range == [lo, hi]
+        assert info.acc_threshold == (fmt.acc_threshold if fmt.acc_threshold is not None else (lo + hi) / 2)
+        assert df["mos"].between(lo, hi).all()
+        if fmt.centers is not None:
+            assert info.has_distribution and info.centers == list(fmt.centers)
+            assert list(df.columns) == BASE + [f"p{k}" for k in range(1, len(fmt.centers) + 1)]
+
+
+def test_the_config_offers_every_registered_format():
+    assert set(config.FORMATS) == {"auto", *FORMATS}
+    with pytest.raises(ValueError, match="already registered"):
+        register_format(FORMATS["ava"])
