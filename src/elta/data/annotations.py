@@ -19,9 +19,19 @@ from typing import NoReturn
 import numpy as np
 import pandas as pd
 
-from elta.data.formats import FORMATS, CsvColumns, detect_format
+from elta.data.formats import (
+    FORMATS,
+    IMAGE_NAMES,
+    SPLIT_VALUES,
+    CsvColumns,
+    Rows,
+    detect_format,
+    pick_column,
+    problem,
+    read_csv,
+    split_lines,
+)
 from elta.data.images import IMAGE_EXTENSIONS, resolve_image_path
-from elta.data.parsing import IMAGE_NAMES, SPLIT_VALUES, Rows, pick_column, problem, read_csv, split_lines
 from elta.errors import AnnotationError
 
 __all__ = ["BASE_COLUMNS", "Annotations", "DatasetInfo", "read_annotations"]
