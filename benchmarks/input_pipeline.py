@@ -31,10 +31,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from elta.data.annotations import read_annotations
 from elta.data.cache import build_cache
 from elta.data.dataset import AnnotationDataset, collate
 from elta.data.images import load_image
-from elta.data.readers import read_annotations
 from elta.data.transforms import ImageTransform
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -106,11 +106,12 @@ def main() -> None:
         folder = Path(tmp) / "photos"
         folder.mkdir()
         csv = write_photos(folder, args.images, (args.width, args.height))
-        df = read_annotations(csv, "csv", folder)
+        annotations = read_annotations(csv, "csv", folder)
+        df = annotations.frame
         start = time.perf_counter()
-        summary = build_cache(df, Path(tmp) / "cache", size=300, mode="square", quality=95)
+        summary = build_cache(annotations, Path(tmp) / "cache", size=300, mode="square", quality=95)
         cache_s = time.perf_counter() - start
-        cached = read_annotations(csv, "csv", Path(tmp) / "cache")
+        cached = read_annotations(csv, "csv", Path(tmp) / "cache").frame
         source_mb = sum(p.stat().st_size for p in folder.glob("*.jpg")) / 2**20
         transform = ImageTransform(256, 300, MEAN, STD, interpolation="bilinear", train=True)
         variants = {

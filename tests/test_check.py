@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from elta.data.annotations import read_annotations
 from elta.data.check import CheckReport, check_dataset, check_images, write_problems
-from elta.data.readers import read_annotations
 
 AVA_LINES = [
     "1 101 0 0 0 0 1 0 0 0 0 0 1 0 1",  # MOS 5
@@ -36,7 +36,7 @@ def dataset(tmp_path):
 
 
 def test_check_images_deep_finds_missing_and_truncated_files(dataset, tmp_path):
-    problems = check_images(dataset, deep=True)
+    problems = check_images(dataset.frame, deep=True)
     missing = str(tmp_path / "images" / "103.jpg")
     assert [(p["file"], p["row"], p["image_id"]) for p in problems] == [
         ("AVA.txt", 2, "102"),
@@ -48,7 +48,7 @@ def test_check_images_deep_finds_missing_and_truncated_files(dataset, tmp_path):
 
 
 def test_check_images_shallow_only_reads_headers(dataset):
-    problems = check_images(dataset, deep=False, progress=True)
+    problems = check_images(dataset.frame, deep=False, progress=True)
     assert [p["image_id"] for p in problems] == ["103"]  # the truncated file has an intact header
 
 

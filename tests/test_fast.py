@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,9 +19,9 @@ import elta
 from conftest import tiny_train_args
 from elta.cli import main
 from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.data.annotations import read_annotations
 from elta.data.cache import CACHE_MARKER, build_cache, check_cache_fits
 from elta.data.images import load_image
-from elta.data.readers import read_annotations
 from elta.data.transforms import ImageTransform
 from elta.engine.trainer import train
 from elta.models.checkpoint import load_checkpoint
@@ -79,26 +80,27 @@ def test_cache_serves_training_and_evaluation_through_images(demo_data, tmp_path
 def test_cache_lists_unreadable_images_and_updates_only_changed_sources(demo_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
-    df = read_annotations(data / "AVA.txt")
+    annotations = read_annotations(data / "AVA.txt")
+    df = annotations.frame
     broken, changed = df["path"].iloc[3], df["path"].iloc[5]
     with open(broken, "r+b") as fh:  # a truncated JPEG
         fh.truncate(200)
     cache = tmp_path / "cache"
-    first = build_cache(df, cache, size=32, workers=2)
+    first = build_cache(annotations, cache, size=32, workers=2)
     assert (first["images"], first["written"], first["bad"]) == (89, 89, 1)
     bad = pd.read_csv(cache / "bad_images.csv")
     assert bad["path"].tolist() == [broken] and bad["row"].tolist() == [int(df["row"].iloc[3])]
     assert "unreadable" in bad["reason"].iloc[0]
 
-    again = build_cache(df, cache, size=32)
+    again = build_cache(annotations, cache, size=32)
     assert (again["written"], again["reused"]) == (0, 89)
     _photo(80, 60).save(changed)
     os.utime(changed, ns=(10**18, 10**18))
-    updated = build_cache(df, cache, size=32)
+    updated = build_cache(annotations, cache, size=32)
     assert (updated["written"], updated["reused"]) == (1, 88)
     with Image.open(cache / os.path.relpath(changed, data / "images")) as img:
         assert img.size == (32, 32)
-    resized = build_cache(df, cache, size=24)  # other settings: everything is rebuilt
+    resized = build_cache(annotations, cache, size=24)  # other settings: everything is rebuilt
     assert resized["written"] == 89
 
 
@@ -110,36 +112,37 @@ def test_short_mode_keeps_the_aspect_and_the_relative_paths(tmp_path):
     _photo(64, 64).save(images / "square.jpg", quality=95)
     csv = tmp_path / "scores.csv"
     csv.write_text("image,mos\nsub/wide.jpg,3.5\nsmall.png,2.0\nsquare.jpg,4.0\n")
-    df = read_annotations(csv, "csv", images)
-    summary = build_cache(df, tmp_path / "cache", size=40, mode="short")
+    annotations = read_annotations(csv, "csv", images)
+    summary = build_cache(annotations, tmp_path / "cache", size=40, mode="short")
     assert summary["images"] == 3
     with Image.open(tmp_path / "cache" / "sub" / "wide.jpg") as img:
         assert (img.format, img.size) == ("JPEG", (60, 40))
     with Image.open(tmp_path / "cache" / "small.png") as img:  # never enlarged; PNG stays PNG
         assert (img.format, img.size) == ("PNG", (30, 50))
-    cached = read_annotations(csv, "csv", tmp_path / "cache")
+    cached = read_annotations(csv, "csv", tmp_path / "cache").frame
     assert all(os.path.isfile(p) for p in cached["path"])
 
 
 def test_cache_refuses_to_write_into_a_foreign_folder_or_from_a_cache(demo_data, tmp_path):
-    df = read_annotations(demo_data / "AVA.txt")
+    annotations = read_annotations(demo_data / "AVA.txt")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not an elta cache"):
-        build_cache(df, foreign)
+        build_cache(annotations, foreign)
     with pytest.raises(ValueError, match="image folder itself"):
-        build_cache(df, demo_data / "images")
+        build_cache(annotations, demo_data / "images")
     with pytest.raises(ValueError, match="mode"):
-        build_cache(df, tmp_path / "c", mode="letterbox")
-    build_cache(df.head(4), tmp_path / "c", size=16)
+        build_cache(annotations, tmp_path / "c", mode="letterbox")
+    build_cache(replace(annotations, frame=annotations.frame.head(4)), tmp_path / "c", size=16)
     cached = read_annotations(demo_data / "AVA.txt", images=tmp_path / "c")
     with pytest.raises(ValueError, match="already an elta cache"):
         build_cache(cached, tmp_path / "c2")
 
 
 def test_a_cache_smaller_than_the_run_needs_is_reported(demo_data, tmp_path, caplog):
-    build_cache(read_annotations(demo_data / "AVA.txt").head(4), tmp_path / "c", size=32)
+    annotations = read_annotations(demo_data / "AVA.txt")
+    build_cache(replace(annotations, frame=annotations.frame.head(4)), tmp_path / "c", size=32)
     with caplog.at_level(logging.INFO, logger="elta"):
         assert check_cache_fits(tmp_path / "c", 56).size == 32
     assert "upsampled" in caplog.text and "--size 56" in caplog.text

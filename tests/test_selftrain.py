@@ -241,7 +241,7 @@ def test_grid_search_runs_on_the_teachers_validation_split(teacher, pool, demo_d
     assert summary["chosen_by"] == f"grid on {demo_data / 'AVA.txt'} split val"
     # the chosen cell's MAE is the teacher's error on the labelled val images
     cfg = RunConfig(data=DataConfig(data=str(demo_data / "AVA.txt")))
-    val = read_dataset(cfg).query("split == 'val'")
+    val = read_dataset(cfg).frame.query("split == 'val'")
     scores = elta.load(teacher, device="cpu").score(list(val["path"]))
     assert summary["grid"][0]["mae"] == pytest.approx(np.abs(scores["score"] - val["mos"].to_numpy()).mean())
     assert summary["apds_center"]["calibration"] == pytest.approx(scores["score"].mean())

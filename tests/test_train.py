@@ -178,7 +178,7 @@ def test_one_loader_serves_every_epoch_with_that_epochs_augmentation(demo_data):
     from elta.engine.prepare import read_dataset
     from elta.engine.runtime import Runtime
 
-    frame = read_dataset(tiny_config(demo_data)).head(6).reset_index(drop=True)
+    frame = read_dataset(tiny_config(demo_data)).frame.head(6).reset_index(drop=True)
     transform = ImageTransform(48, 56, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=True)
     dataset = AnnotationDataset(frame, transform, seed=5)
     sampler = EpochBatchSampler()

@@ -1,14 +1,19 @@
-"""Datasets as they are distributed: readers, image loading, checks, demo data."""
+"""Datasets as they are distributed: formats, annotations, image loading, checks, demo data."""
 
+from elta.data.annotations import Annotations, DatasetInfo, read_annotations
 from elta.data.check import CheckReport, check_dataset, check_images
+from elta.data.formats import FORMATS, CsvColumns, Format, detect_format, register_format
 from elta.data.images import list_images, load_image, resolve_image_path
-from elta.data.readers import AnnotationError, CsvColumns, detect_format, read_annotations
-from elta.errors import ImageLoadError
+from elta.errors import AnnotationError, ImageLoadError
 
 __all__ = [
+    "FORMATS",
     "AnnotationError",
+    "Annotations",
     "CheckReport",
     "CsvColumns",
+    "DatasetInfo",
+    "Format",
     "ImageLoadError",
     "check_dataset",
     "check_images",
@@ -16,5 +21,6 @@ __all__ = [
     "list_images",
     "load_image",
     "read_annotations",
+    "register_format",
     "resolve_image_path",
 ]

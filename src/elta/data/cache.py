@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from elta.data.annotations import Annotations
 from elta.data.check import write_problems
 from elta.data.images import ImageLoadError, load_image
 from elta.utils import atomic_write_text
@@ -215,7 +216,7 @@ def _plan(
 
 
 def build_cache(
-    df: pd.DataFrame,
+    annotations: Annotations,
     out: str | Path,
     size: int = 300,
     mode: str = "square",
@@ -224,11 +225,11 @@ def build_cache(
     *,
     workers: int = 0,
 ) -> dict:
-    """Decode and resize every image of annotation table ``df`` (all splits) once into folder ``out``.
+    """Decode and resize every image of ``annotations`` (what ``read_annotations`` returns; all splits) once
+    into folder ``out``, at their paths relative to ``annotations.info.images_root``.
 
-    ``df`` is what :func:`elta.data.readers.read_annotations` returns (``path``, ``image_id``, ``source``,
-    ``row``; ``attrs["images_root"]``). ``workers`` > 0 decodes in that many processes. Unreadable sources
-    are listed in ``out/bad_images.csv``, never fatal. Returns a summary: cache, images, written, reused,
+    ``workers`` > 0 decodes in that many processes. Unreadable sources are listed in ``out/bad_images.csv``,
+    never fatal. Returns a summary: cache, images, written, reused,
     bad, bad_list (path or None), bytes (cached files), size, mode, quality.
     """
     if mode not in MODES:
@@ -237,9 +238,7 @@ def build_cache(
         raise ValueError(f"cache size must be ≥ 1 px; got {size}")
     if not 1 <= quality <= 100:
         raise ValueError(f"cache quality must be in 1..100; got {quality}")
-    root = Path(df.attrs.get("images_root", "")).absolute()
-    if not df.attrs.get("images_root"):
-        raise ValueError("the annotation table has no attrs['images_root']; read it with read_annotations")
+    df, root = annotations.frame, Path(annotations.info.images_root).absolute()
     out = Path(out).absolute()
     _check_out(out, root)
     info = CacheInfo(size=size, mode=mode, quality=quality, source_root=str(root))

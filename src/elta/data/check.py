@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from elta.data.annotations import Annotations
 from elta.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_size
 from elta.errors import ImageLoadError
 from elta.utils import atomic_write_text
@@ -111,9 +112,9 @@ def _split_counts(split: pd.Series) -> dict[str, int]:
     return {name: int(counts[name]) for name in order if name in counts}
 
 
-def check_dataset(df: pd.DataFrame, deep: bool = True, progress: bool = False) -> CheckReport:
-    """Annotation problems (df.attrs["problems"]) plus image problems, and MOS statistics of the ok rows."""
-    annotation_problems = list(df.attrs.get("problems", []))
+def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = False) -> CheckReport:
+    """Annotation problems plus image problems, and MOS statistics of the ok rows."""
+    df, annotation_problems = annotations.frame, list(annotations.problems)
     image_problems = check_images(df, deep=deep, progress=progress)
     bad = {(p["file"], p["row"]) for p in image_problems}
     ok = df[[(s, r) not in bad for s, r in zip(df["source"], df["row"], strict=True)]]
@@ -126,7 +127,7 @@ def check_dataset(df: pd.DataFrame, deep: bool = True, progress: bool = False) -
         "max": float(mos.max()) if mos.size else float("nan"),
         "splits": _split_counts(ok["split"]),
     }
-    n_rows = int(df.attrs.get("rows_read", len(df) + len(annotation_problems)))
+    n_rows = annotations.info.rows_read
     if image_problems:
         logger.warning("%d image problem(s), first: %s", len(image_problems), image_problems[0]["reason"])
     return CheckReport(

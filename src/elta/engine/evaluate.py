@@ -119,11 +119,11 @@ def evaluate_checkpoint(
         checkpoint = load_checkpoint(checkpoint)
     predictor = Predictor.from_checkpoint(checkpoint, runtime, calibrated=calibrated)
     spec = predictor.spec
-    df = read_dataset(cfg)
-    if df.attrs.get("problems"):
-        log.warning("%d annotation rows could not be used (see `elta data check`)", len(df.attrs["problems"]))
-    frame = select_split(df, split)
-    check_cache_fits(df.attrs["images_root"], spec.image_size)
+    annotations = read_dataset(cfg)
+    if annotations.problems:
+        log.warning("%d annotation rows could not be used (see `elta data check`)", len(annotations.problems))
+    frame = select_split(annotations.frame, split)
+    check_cache_fits(annotations.info.images_root, spec.image_size)
     preds = predictor.predict_frame(frame)
     metrics = score_metrics(frame, preds, spec)
     if preds.uncalibrated is not None:

@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 
 from elta.config import RunConfig
+from elta.data.annotations import Annotations, DatasetInfo, read_annotations
 from elta.data.check import check_images, write_problems
 from elta.data.dataset import dist_columns
-from elta.data.readers import AnnotationError, CsvColumns, read_annotations
+from elta.data.formats import CsvColumns
+from elta.errors import AnnotationError
 from elta.utils import atomic_write_text, derive_seed
 
 __all__ = ["PreparedData", "read_dataset", "prepare_data", "read_pseudo_labels", "hold_out_validation"]
@@ -24,11 +26,11 @@ log = logging.getLogger(__name__)
 class PreparedData:
     train: pd.DataFrame  # labelled (and pseudo-labelled) training rows; column `weight` = loss weight
     val: pd.DataFrame
-    attrs: dict  # the reader's attrs: centers, score_range, has_distribution, acc_threshold, format ...
+    info: DatasetInfo  # centers, score_range, has_distribution, acc_threshold, format, images_root ...
     problems: list[dict]  # every row that was skipped, as written to bad_rows.csv
 
 
-def read_dataset(cfg: RunConfig) -> pd.DataFrame:
+def read_dataset(cfg: RunConfig) -> Annotations:
     """``read_annotations`` with the run's data settings."""
     d = cfg.data
     if d.data is None:
@@ -97,8 +99,8 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False, write: b
 
     With ``write=False`` (the other processes of a distributed run) nothing is written.
     """
-    df = read_dataset(cfg)
-    problems = list(df.attrs.get("problems", []))
+    annotations = read_dataset(cfg)
+    df, info, problems = annotations.frame, annotations.info, list(annotations.problems)
     image_problems = check_images(df, deep=False, progress=progress)
     problems += image_problems
     if problems:
@@ -112,13 +114,11 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False, write: b
     df = df[~df["path"].isin({p.get("path") for p in image_problems})].assign(weight=1.0)
     train_df, val_df = df[df["split"] == "train"], df[df["split"] == "val"]
     if train_df.empty:
-        raise AnnotationError(
-            f"{cfg.data.data}: no usable training rows ({df.attrs.get('split_source', '')})"
-        )
+        raise AnnotationError(f"{cfg.data.data}: no usable training rows ({info.split_source})")
     if val_df.empty:
         train_df, val_df = hold_out_validation(train_df, cfg)
     if cfg.data.pseudo_labels:
-        num_bins = len(df.attrs["centers"]) if df.attrs["has_distribution"] else 0
+        num_bins = info.num_bins
         pseudo = read_pseudo_labels(cfg.data.pseudo_labels, num_bins, cfg.data.pseudo_weight)
         overlap = set(pseudo["path"]) & (set(val_df["path"]) | set(train_df["path"]))
         if overlap:
@@ -133,6 +133,4 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False, write: b
     ]
     if write:
         atomic_write_text(run_dir / "split.csv", split_table.to_csv(index=False))
-    return PreparedData(
-        train_df.reset_index(drop=True), val_df.reset_index(drop=True), dict(df.attrs), problems
-    )
+    return PreparedData(train_df.reset_index(drop=True), val_df.reset_index(drop=True), info, problems)

@@ -27,7 +27,6 @@ from elta.config import RunConfig
 from elta.data.cache import check_cache_fits
 from elta.data.check import write_problems
 from elta.data.dataset import AnnotationDataset, Batch, EpochBatchSampler, dist_columns
-from elta.data.readers import AnnotationError
 from elta.data.transforms import ImageTransform
 from elta.engine.distributed import SINGLE, Processes, start_processes, stop_processes
 from elta.engine.features import load_or_compute_features
@@ -36,7 +35,7 @@ from elta.engine.predictor import Predictor
 from elta.engine.prepare import PreparedData, prepare_data
 from elta.engine.runtime import Runtime
 from elta.enhancers import StepState, TrainingContext, build_enhancers, scalar_head_users
-from elta.errors import RunExistsError, TrainingDivergedError
+from elta.errors import AnnotationError, RunExistsError, TrainingDivergedError
 from elta.metrics import evaluate
 from elta.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from elta.models.heads import ModelOutput, resolve_loss
@@ -227,12 +226,6 @@ def _runtime(cfg: RunConfig, device: torch.device | None, processes: Processes, 
         compile=t.compile,
         processes=processes,
     )
-
-
-def _dataset_facts(data: PreparedData) -> dict:
-    """What the trainer needs to know about the dataset: bins, scale, accuracy threshold, format, images."""
-    keys = ("centers", "score_range", "acc_threshold", "format", "has_distribution", "images_root")
-    return {k: data.attrs.get(k) for k in keys}
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -504,10 +497,10 @@ def setup(
     if processes.is_main:
         cfg.to_yaml(run_dir / "config.yaml")
     data = prepare_data(cfg, run_dir, progress=progress, write=processes.is_main)
-    facts = _dataset_facts(data)
-    loss = resolve_loss(t.loss, facts["has_distribution"], scalar_head_users(cfg.enhancers))
+    info = data.info
+    loss = resolve_loss(t.loss, info.has_distribution, scalar_head_users(cfg.enhancers))
     saved = load_checkpoint(run_dir / "last.pt") if resume else None
-    model = precision.prepare(_initial_model(cfg, data, facts, loss, saved).to(device))
+    model = precision.prepare(_initial_model(cfg, data, loss, saved).to(device))
     processes.sync_batch_norm(model, device)
     enhancers = build_enhancers(cfg.enhancers)
     context = TrainingContext(
@@ -527,7 +520,7 @@ def setup(
             sample_weights = own.double() if sample_weights is None else sample_weights * own.double()
     enhancers.to(device)
     if not t.cache_features:
-        check_cache_fits(facts["images_root"], model.spec.resize)
+        check_cache_fits(info.images_root, model.spec.resize)
     train_set, val_set = _datasets(cfg, run_dir, model, data, runtime)
     if runtime.compile and t.cache_features:
         log.info("--compile: nothing to compile, the backbone's features are cached")
@@ -583,14 +576,13 @@ def _scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig, steps_per_epoch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _initial_model(
-    cfg: RunConfig, data: PreparedData, facts: dict, loss: str, saved: Checkpoint | None
-) -> AestheticModel:
+def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpoint | None) -> AestheticModel:
     """The model before training: fresh (with cfg.model.weights), from --init-from, or the run's own last.pt.
 
     When starting from a checkpoint (``saved`` or --init-from), its architecture and input pipeline
     (backbone, input size, resize, normalisation, interpolation) are kept.
     """
+    info = data.info
     groups = data.train["group"].astype(str)
     group_counts = {g: int(c) for g, c in groups[groups != ""].value_counts().items()}
     m = cfg.model
@@ -608,15 +600,15 @@ def _initial_model(
     model = build_model(
         backbone,
         "distribution" if loss == "emd" else "scalar",
-        facts["centers"],
-        facts["score_range"],
+        info.centers,
+        info.score_range,
         weights="none" if start is not None else m.weights,
         image_size=image_size,
         resize=resize,
         neck_dim=m.neck_dim,
         dropout=m.dropout,
-        acc_threshold=facts["acc_threshold"],
-        dataset_format=facts["format"] or "",
+        acc_threshold=info.acc_threshold,
+        dataset_format=info.format,
         group_counts=group_counts,
         loss=loss,
     )

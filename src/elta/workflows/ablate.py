@@ -116,7 +116,7 @@ def _folder_name(variant: str) -> str:
 
 
 def _eval_split(cfg: RunConfig) -> str:
-    splits = set(read_dataset(cfg)["split"])
+    splits = set(read_dataset(cfg).frame["split"])
     if "test" in splits:
         return "test"
     log.warning("%s has no test split: the ablation compares validation metrics", cfg.data.data)
@@ -147,7 +147,7 @@ def _evaluate_run(
     runtime = Runtime.create(cfg.train.device, batch_size=cfg.train.batch_size, progress=progress)
     predictor = Predictor.from_checkpoint(run_dir / "best.pt", runtime)
     spec = predictor.spec
-    df = read_dataset(cfg)
+    df = read_dataset(cfg).frame
     frame = select_split(df, split)
     preds = _predict_split(predictor, cfg, frame, split, cache_path)
     if calibration is not None:

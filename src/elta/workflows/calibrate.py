@@ -56,7 +56,7 @@ def calibrate_checkpoint(
             f"{checkpoint.path}: a checkpoint of the original release: give --out for the elta checkpoint"
         )
     predictor = Predictor.from_checkpoint(checkpoint, runtime, calibrated=False)
-    df = read_dataset(cfg)
+    df = read_dataset(cfg).frame
     frame = select_split(df, split)
     preds = predictor.predict_frame(frame, desc="calibrating")
     ok = preds.ok

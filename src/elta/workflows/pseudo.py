@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from elta.config import RunConfig
+from elta.data.annotations import Annotations
 from elta.data.images import list_images
 from elta.engine.predictor import Predictions, Predictor
 from elta.engine.prepare import hold_out_validation, read_dataset
@@ -263,7 +264,7 @@ def _write_unreadable(path: Path, paths: list[Path], preds: Predictions) -> Path
     return atomic_write_text(path, pd.DataFrame(bad, columns=["path", "reason"]).to_csv(index=False))
 
 
-def _read_labelled(cfg: RunConfig | None, required: bool) -> pd.DataFrame | None:
+def _read_labelled(cfg: RunConfig | None, required: bool) -> Annotations | None:
     """The labelled dataset; with β and t given, the teacher's own dataset may be gone (then None)."""
     if cfg is None:
         return None
@@ -329,15 +330,15 @@ def pseudo_label(
     search = {"grid": None, "center": None, "n": 0, "min_selected": None}
     how = "given"
     if labelled is not None:
-        predictor.check_scale(labelled.attrs["score_range"], str(cfg.data.data))
+        predictor.check_scale(labelled.info.score_range, str(cfg.data.data))
     if beta is None:
-        rows = _calibration_rows(cfg, labelled, calibrate_split)
+        rows = _calibration_rows(cfg, labelled.frame, calibrate_split)
         search = _search(predictor, rows, betas, thresholds, min_selected)
         beta, threshold = search["beta"], search["threshold"]
         how = f"grid on {cfg.data.data} split {calibrate_split}"
         log.info("APDS β=%g, t=%g chosen on %d calibration images (%s)", beta, threshold, search["n"], how)
 
-    known = set(labelled["path"].map(os.path.abspath)) if labelled is not None else set()
+    known = set(labelled.frame["path"].map(os.path.abspath)) if labelled is not None else set()
     candidates = [p for p in pool if str(p) not in known]
     if len(candidates) < len(pool):
         log.info("leaving out %d images that are labelled in %s", len(pool) - len(candidates), cfg.data.data)

@@ -52,10 +52,10 @@ def _check_config(cfg: RunConfig) -> None:
         raise ValueError(
             "self-train makes its own pseudo-labels; drop --pseudo-labels (or use `elta train` with it)"
         )
-    attrs = read_dataset(cfg).attrs
+    info = read_dataset(cfg).info
     users = scalar_head_users(cfg.enhancers)
     try:
-        loss = resolve_loss(cfg.train.loss, attrs["has_distribution"], users)
+        loss = resolve_loss(cfg.train.loss, info.has_distribution, users)
     except ValueError as exc:
         raise APDSUnavailableError(f"{cfg.data.data}: {exc}") from exc
     if loss != "emd":
