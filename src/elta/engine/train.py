@@ -287,7 +287,7 @@ def train(
     :mod:`elta.engine.distributed`); rank 0 writes the run folder.
     """
     run_dir = Path(run_dir)
-    processes, device, started = start_processes(cfg.train.device)
+    processes, device, started = start_processes(cfg.runtime.device)
     try:
         last_path = run_dir / "last.pt"
         if last_path.exists() and not resume:
@@ -414,18 +414,20 @@ class _Trainer:
         self.progress = progress
         self.on_epoch = on_epoch
         self.processes = processes
-        self.device = device  # None: from cfg.train.device
+        self.device = device  # None: from cfg.runtime.device
         self.last_path, self.best_path = run_dir / "last.pt", run_dir / "best.pt"
 
     def fit(self, resume: bool) -> dict:
         cfg, t, processes = self.cfg, self.cfg.train, self.processes
-        device = self.device or resolve_device(t.device)
+        device = self.device or resolve_device(cfg.runtime.device)
         if processes.distributed and t.batch_size < processes.world_size:
             raise ValueError(
                 f"--batch-size {t.batch_size} is the global batch, shared by {processes.world_size} "
                 f"processes: give at least {processes.world_size}"
             )
-        precision = Precision.create(t.amp, device, t.channels_last and not t.cache_features)
+        precision = Precision.create(
+            cfg.runtime.amp, device, cfg.runtime.channels_last and not t.cache_features
+        )
         if processes.is_main:
             cfg.to_yaml(self.run_dir / "config.yaml")
         data = prepare_data(cfg, self.run_dir, progress=self.progress, write=processes.is_main)
@@ -448,13 +450,13 @@ class _Trainer:
             enhancer.setup(context)
         enhancers.to(device)
         sample_weights = _sample_weights(enhancers, context)
-        workers = default_workers(device) if cfg.data.workers is None else cfg.data.workers
+        workers = default_workers(device) if cfg.runtime.workers is None else cfg.runtime.workers
         if not t.cache_features:
             check_cache_fits(data.attrs["images_root"], model.spec.resize)
         train_set, val_set = self._datasets(model, data, device, workers)
-        if t.compile and t.cache_features:
+        if cfg.runtime.compile and t.cache_features:
             log.info("--compile: nothing to compile, the backbone's features are cached")
-        elif t.compile:
+        elif cfg.runtime.compile:
             compile_backbone(model)
         scaler = precision.grad_scaler()
         steps_per_epoch = len(epoch_batches(len(train_set), t.batch_size, t.seed, 0))

@@ -8,6 +8,7 @@ from elta.enhancers.base import (
     StepState,
     TrainingContext,
     build_enhancers,
+    check_enhancers,
     parse_enhancer,
     register_enhancer,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "StepState",
     "TrainingContext",
     "build_enhancers",
+    "check_enhancers",
     "parse_enhancer",
     "register_enhancer",
 ]

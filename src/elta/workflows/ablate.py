@@ -165,7 +165,7 @@ def _evaluate_run(
     out = run_dir / ("eval" if calibration is None else f"eval_calibration_{calibration['method']}")
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"), resolve_device(cfg.train.device))
+    model = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"), resolve_device(cfg.runtime.device))
     df = read_dataset(cfg)
     frame = select_split(df, split)
     preds = _predict_split(model, cfg, frame, split, cache_path, progress)

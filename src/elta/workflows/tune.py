@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.config import SECTIONS, RunConfig
 from elta.utils import atomic_write_text
 
 __all__ = [
@@ -44,9 +44,8 @@ DEFAULT_SPACE: dict[str, dict[str, list]] = {
 }
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 # Settings that do not change a trial's result: a resumed search may differ in them.
-_VOLATILE = {"train.device", "train.feature_cache", "data.workers"}
+_VOLATILE = {"runtime.device", "runtime.workers", "runtime.batch_size", "train.feature_cache"}
 # PyYAML reads 1e-5 (no dot) as a string; such choices and bounds are meant as numbers.
 _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -65,8 +64,8 @@ def _import_optuna():
 def _setting_type(name: str, source: str) -> str:
     """The annotation of the setting ``name`` ("float", "int | None", ...); unknown names are errors."""
     parts = name.split(".")
-    if parts[0] in _SECTIONS and len(parts) == 2:
-        fields = {f.name: str(f.type) for f in dataclasses.fields(_SECTIONS[parts[0]])}
+    if parts[0] in SECTIONS and len(parts) == 2:
+        fields = {f.name: str(f.type) for f in dataclasses.fields(SECTIONS[parts[0]])}
         if parts[1] not in fields:
             raise ValueError(
                 f"{source}: unknown setting {name!r}; {parts[0]} keys: {', '.join(sorted(fields))}"
@@ -183,7 +182,10 @@ def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
             spec[parts[2]] = value
         else:
             raw[parts[0]][parts[1]] = value
-    return RunConfig.from_dict(raw, source="parameters")
+    from elta.enhancers import check_enhancers
+
+    cfg = RunConfig.from_dict(raw, source="parameters")
+    return dataclasses.replace(cfg, enhancers=check_enhancers(cfg.enhancers))
 
 
 def load_search(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
