@@ -35,6 +35,7 @@ from elta.engine.prepare import read_dataset
 from elta.engine.runtime import resolve_device
 from elta.engine.train import train
 from elta.enhancers import parse_enhancer
+from elta.errors import ConfigError
 from elta.utils import atomic_write_text
 from elta.workflows.selftrain import self_train
 
@@ -80,7 +81,7 @@ def calibration_settings(name: str) -> dict | None:
         return None
     settings = {"method": "affine", **{k: v for k, v in found[0].items() if k != "name"}}
     if set(settings) != {"method"} or settings["method"] not in CALIBRATION_METHODS:
-        raise ValueError(f"variant {name}: calibration takes method={'|'.join(CALIBRATION_METHODS)}")
+        raise ConfigError(f"variant {name}: calibration takes method={'|'.join(CALIBRATION_METHODS)}")
     return settings
 
 
@@ -104,7 +105,9 @@ def apds_settings(name: str) -> dict | None:
     settings = {k: v for k, v in found[0].items() if k != "name"}
     unknown = set(settings) - set(APDS_SETTINGS)
     if unknown:
-        raise ValueError(f"variant {name}: unknown apds setting(s) {sorted(unknown)}; known: {APDS_SETTINGS}")
+        raise ConfigError(
+            f"variant {name}: unknown apds setting(s) {sorted(unknown)}; known: {APDS_SETTINGS}"
+        )
     for key in ("betas", "thresholds"):  # grids are written with ';' inside a variant: thresholds=0.3;0.4
         if key in settings:
             settings[key] = [float(v) for v in str(settings[key]).split(";")]
@@ -173,7 +176,7 @@ def _evaluate_run(
     if calibration is not None:
         val = select_split(df, "val") if (df["split"] == "val").any() else None
         if val is None:
-            raise ValueError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
+            raise ConfigError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
         val_preds = _predict_split(model, cfg, val, "val", cache_path, progress)
         ok = val_preds.ok
         train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
@@ -217,7 +220,7 @@ def run_ablation(
     """
     out = Path(out)
     if any(apds_settings(v) is not None for v in variants) and not unlabeled:
-        raise ValueError("the apds variant self-trains on unlabelled images: give --unlabeled PATH…")
+        raise ConfigError("the apds variant self-trains on unlabelled images: give --unlabeled PATH…")
     out.mkdir(parents=True, exist_ok=True)
     specs = {v: parse_variant(v) for v in variants}  # bad names fail before any training
     for enhancers in specs.values():

@@ -26,7 +26,7 @@ import pandas as pd
 from elta.config import RunConfig
 from elta.engine.prepare import read_dataset
 from elta.engine.train import resolve_loss, train
-from elta.errors import StaleStageError
+from elta.errors import ConfigError, StaleStageError
 from elta.utils import atomic_write_text
 from elta.workflows.pseudo import (
     DEFAULT_BETAS,
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def _check_config(cfg: RunConfig) -> None:
     """Refuse before any training: own pseudo-labels given, or runs that would have a scalar head."""
     if cfg.data.pseudo_labels:
-        raise ValueError(
+        raise ConfigError(
             "self-train makes its own pseudo-labels; drop --pseudo-labels (or use `elta train` with it)"
         )
     attrs = read_dataset(cfg).attrs
@@ -151,9 +151,9 @@ def self_train(
     ``out/self_train.json``: the stages (teacher, round1 …) with run folders and best validation metrics.
     """
     if rounds < 1:
-        raise ValueError(f"--rounds must be ≥ 1; got {rounds}")
+        raise ConfigError(f"--rounds must be ≥ 1; got {rounds}")
     if (beta is None) != (threshold is None):
-        raise ValueError("give --beta and --threshold together (or neither, to search the grid)")
+        raise ConfigError("give --beta and --threshold together (or neither, to search the grid)")
     _check_config(cfg)
     out = Path(out).absolute()  # the students' config.yaml names their pseudo-label CSV by this path
     pool = read_unlabeled(unlabeled)  # fails early on a wrong path, before hours of training
