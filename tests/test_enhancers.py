@@ -12,7 +12,7 @@ import yaml
 
 from conftest import tiny_train_args
 from elta.cli import main
-from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from elta.engine.trainer import train
 from elta.enhancers import StepState, build_enhancers, parse_enhancer
 from elta.functional import flsa_loss
@@ -22,9 +22,10 @@ from elta.workflows.ablate import apds_settings, parse_variant, run_ablation
 
 def tiny(data_root, **model_kw) -> RunConfig:
     return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt"), workers=0),
+        data=DataConfig(data=str(data_root / "AVA.txt")),
         model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56, **model_kw),
-        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, device="cpu"),
+        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3),
+        runtime=RuntimeConfig(device="cpu", workers=0),
     )
 
 

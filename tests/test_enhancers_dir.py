@@ -12,7 +12,7 @@ import elta.engine.trainer as train_module
 import elta.enhancers.fds  # noqa: F401  (registers fds)
 import elta.enhancers.lds  # noqa: F401  (registers lds)
 import elta.enhancers.sampler  # noqa: F401  (registers tail-sampler)
-from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.enhancers.fds import fds_calibrate, smooth_bins
 from elta.enhancers.lds import bin_edges, lds_kernel, lds_weights, smoothed_density
@@ -51,9 +51,10 @@ def state(features, scores, epoch, indices=None) -> StepState:
 
 def tiny_run(data_root, enhancers) -> RunConfig:
     return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt"), workers=0),
+        data=DataConfig(data=str(data_root / "AVA.txt")),
         model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56),
-        train=TrainConfig(epochs=2, batch_size=16, lr=1e-3, device="cpu"),
+        train=TrainConfig(epochs=2, batch_size=16, lr=1e-3),
+        runtime=RuntimeConfig(device="cpu", workers=0),
         enhancers=enhancers,
     )
 

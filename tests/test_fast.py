@@ -18,7 +18,7 @@ from PIL import Image
 import elta
 from conftest import tiny_train_args
 from elta.cli import main
-from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from elta.data.annotations import read_annotations
 from elta.data.cache import CACHE_MARKER, build_cache, check_cache_fits
 from elta.data.images import load_image
@@ -33,11 +33,12 @@ def _photo(width: int, height: int) -> Image.Image:
     return Image.fromarray(data.astronaut()).resize((width, height), Image.Resampling.BICUBIC)
 
 
-def _tiny_config(data_root, epochs=1, images=None, **train_kw) -> RunConfig:
+def _tiny_config(data_root, epochs=1, images=None, **runtime_kw) -> RunConfig:
     return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt"), images=images, workers=0),
+        data=DataConfig(data=str(data_root / "AVA.txt"), images=images),
         model=ModelConfig(backbone="test_convnext", weights="none", image_size=32, resize=36),
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, device="cpu", **train_kw),
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3),
+        runtime=RuntimeConfig(device="cpu", workers=0, **runtime_kw),
     )
 
 
@@ -221,15 +222,16 @@ def test_fp16_on_the_cpu_is_refused_with_the_fix(demo_data, tmp_path, capsys):
 
 
 def test_switches_are_validated_and_read_from_the_command_line(demo_data, tmp_path):
-    with pytest.raises(ValueError, match="train.amp must be one of auto, bf16, fp16, off"):
-        TrainConfig(amp="fp8")
-    assert TrainConfig().amp == "auto" and not TrainConfig().compile and not TrainConfig().channels_last
-    cfg = RunConfig.from_dict({"train": {"amp": "bf16", "compile": True, "channels_last": True}})
-    assert (cfg.train.amp, cfg.train.compile, cfg.train.channels_last) == ("bf16", True, True)
-    from elta.cli import _apply_options, build_parser
+    with pytest.raises(ValueError, match=r"runtime.amp \(--amp\) must be one of auto, bf16, fp16, off"):
+        RuntimeConfig(amp="fp8")
+    assert RuntimeConfig().amp == "auto" and not RuntimeConfig().compile and not RuntimeConfig().channels_last
+    cfg = RunConfig.from_dict({"runtime": {"amp": "bf16", "compile": True, "channels_last": True}})
+    assert (cfg.runtime.amp, cfg.runtime.compile, cfg.runtime.channels_last) == ("bf16", True, True)
+    from elta.cli import build_parser
+    from elta.cli.options import apply_options
 
     args = build_parser().parse_args([*tiny_train_args(demo_data, tmp_path), "--compile", "--channels-last"])
-    parsed = _apply_options(RunConfig(), args).train
+    parsed = apply_options(RunConfig(), args).runtime
     assert (parsed.compile, parsed.channels_last, parsed.amp) == (True, True, "auto")
 
 

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from conftest import tiny_train_args
-from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 from elta.engine import trainer as train_module
 from elta.engine.trainer import RunExistsError, TrainingDivergedError, train
 from elta.models.checkpoint import load_checkpoint
@@ -22,9 +22,10 @@ from elta.models.checkpoint import load_checkpoint
 
 def tiny_config(data_root, epochs=2, **train_kw) -> RunConfig:
     return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt"), workers=0),
+        data=DataConfig(data=str(data_root / "AVA.txt")),
         model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56),
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, device="cpu", **train_kw),
+        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, **train_kw),
+        runtime=RuntimeConfig(device="cpu", workers=0),
     )
 
 
@@ -165,7 +166,7 @@ def test_loader_workers_change_nothing_but_speed(demo_data, tmp_path):
     """Two worker processes that live across epochs augment each epoch as in-process loading does."""
     train(tiny_config(demo_data, epochs=2), tmp_path / "in_process")
     cfg = tiny_config(demo_data, epochs=2)
-    cfg.data.workers = 2
+    cfg.runtime.workers = 2
     train(cfg, tmp_path / "workers")
     a, b = _state(tmp_path / "in_process" / "last.pt"), _state(tmp_path / "workers" / "last.pt")
     for key in a:

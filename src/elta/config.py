@@ -1,15 +1,37 @@
-"""Run configuration: nested dataclasses, validated on creation, loadable from and saved as YAML."""
+"""Run configuration: nested dataclasses, checked on creation, loadable from and saved as YAML.
+
+Every field carries its help text (and, for enum-like settings, its ``choices``) in ``field(metadata=...)``;
+the command line is generated from them (:mod:`elta.cli.options`). Values are coerced to the field's
+annotation when a section is built, so YAML's ``lr: 1e-5`` (a string to PyYAML) and ``--lr 1e-5`` both
+become the float 1e-5; a value that cannot be read is a :class:`~elta.errors.ConfigError` naming
+``section.key`` and its flag. This module imports neither torch nor the enhancers.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "PAPER_BACKBONE"]
+from elta.errors import ConfigError
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "TrainConfig",
+    "RuntimeConfig",
+    "RunConfig",
+    "SECTIONS",
+    "PAPER_BACKBONE",
+    "coerce_value",
+    "flag_for",
+    "setting_name",
+]
 
 PAPER_BACKBONE = "swinv2_base_window8_256"
 LOSSES = ("auto", "emd", "mse", "l1")
@@ -19,171 +41,337 @@ SCHEDULES = ("constant", "cosine")
 FORMATS = ("auto", "ava", "elta-csv", "csv", "koniq", "para", "aadb")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 
+# Keys that older configs kept in data/train and that now live in runtime. Saved run folders
+# (RUN_DIR/config.yaml, read by --resume) and `elta tune` base configs still carry them there.
+LEGACY_RUNTIME_KEYS = {"train": ("device", "amp", "channels_last", "compile"), "data": ("workers",)}
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NULL = ("null", "none", "~", "")
 
 
-def _check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'≥' if allow_zero else '>'} 0; got {value!r}")
+def flag_for(key: str) -> str:
+    """The command-line flag of a setting: ``val_fraction`` -> ``--val-fraction``."""
+    return "--" + key.replace("_", "-")
+
+
+def setting_name(section: str, key: str) -> str:
+    """How errors name a setting: ``train.lr (--lr)``."""
+    return f"{section}.{key} ({flag_for(key)})"
+
+
+def _expected(annotation: Any) -> str:
+    if annotation is bool:
+        return "true or false"
+    if annotation is int:
+        return "an integer"
+    if annotation is float:
+        return "a number"
+    if annotation is str:
+        return "text"
+    if typing.get_origin(annotation) is tuple:
+        return f"{len(typing.get_args(annotation))} numbers"
+    return str(annotation)
+
+
+def coerce_value(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` as the type ``annotation`` describes (bool, int, float, str, ``X | None``, ``tuple[...]``).
+
+    Strings are read as numbers or booleans where the annotation asks for one; an int is accepted for a
+    float, an integral float for an int. Anything else raises :class:`ConfigError` naming ``where``.
+    """
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (
+            str not in options and isinstance(value, str) and value.strip().lower() in _NULL
+        ):
+            return None
+        if len(options) != 1:
+            raise TypeError(f"{where}: unsupported annotation {annotation}")
+        annotation, origin = options[0], typing.get_origin(options[0])
+
+    def fail() -> typing.NoReturn:
+        raise ConfigError(f"{where}: expected {_expected(annotation)}, got {value!r}")
+
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        fail()
+    if annotation in (int, float):
+        if isinstance(value, bool) or value is None:
+            fail()
+        if isinstance(value, str):
+            try:
+                value_num = float(value.strip()) if annotation is float else _int_text(value)
+            except ValueError:
+                fail()
+            return value_num
+        if annotation is float and isinstance(value, (int, float)):
+            return float(value)
+        if annotation is int and isinstance(value, int):
+            return value
+        if annotation is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        fail()
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        fail()
+    if origin is tuple:
+        items = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = value.replace(",", " ").split()
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            fail()
+        return tuple(coerce_value(v, t, where) for v, t in zip(value, items, strict=True))
+    return value
+
+
+def _int_text(text: str) -> int:
+    number = float(text.strip())  # also "1e3"
+    if not number.is_integer():
+        raise ValueError(text)
+    return int(number)
+
+
+def setting(default: Any = None, help: str = "", *, choices: tuple | None = None, **kw: Any) -> Any:
+    """A config field with its help text (and choices) in the field's metadata."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return field(default=default, metadata=metadata, **kw)
+
+
+class _Section:
+    """Shared checks of the config sections: coercion to the annotations, then ``choices``."""
+
+    section: typing.ClassVar[str] = ""
+
+    def _coerce(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            where = setting_name(self.section, f.name)
+            value = coerce_value(getattr(self, f.name), hints[f.name], where)
+            choices = f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            setattr(self, f.name, value)
+
+    def _positive(self, key: str, allow_zero: bool = False) -> None:
+        value = getattr(self, key)
+        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+            where = setting_name(self.section, key)
+            raise ConfigError(f"{where} must be {'≥' if allow_zero else '>'} 0; got {value!r}")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where the annotations and images are, and how to read them."""
 
-    data: str | None = None  # annotation file, or a folder holding the dataset's files
-    images: str | None = None  # image root; None = the format's usual folder next to the annotations
-    format: str = "auto"
-    splits: str | None = None  # folder with train.txt / val.txt / test.txt (AVA)
-    val_fraction: float = 0.1  # held out of train when the dataset has no validation split
-    strict: bool = False  # any bad row is an error instead of a reported skip
-    image_column: str | None = None  # generic CSV column names (None = recognise common names)
-    mos_column: str | None = None
-    split_column: str | None = None
-    group_column: str | None = None
-    score_range: tuple[float, float] | None = None  # generic CSV without a known scale
-    workers: int | None = None  # data-loading processes; None = chosen from the CPU count
-    pseudo_labels: str | None = None  # CSV from `elta pseudo-label`, added to the training rows
-    pseudo_weight: float = 1.0  # loss weight of pseudo-labelled rows (a row's own `weight` column wins)
+    section: typing.ClassVar[str] = "data"
+
+    data: str | None = setting(
+        None, "annotation file or dataset folder (AVA.txt, ELTA CSV folder, KonIQ, PARA, AADB, CSV)"
+    )
+    images: str | None = setting(
+        None, "image root folder (default: the format's usual folder next to --data)"
+    )
+    format: str = setting(
+        "auto", "annotation format (default auto: recognised from the files)", choices=FORMATS
+    )
+    splits: str | None = setting(None, "folder with train.txt / val.txt / test.txt split lists (AVA)")
+    val_fraction: float = setting(0.1, "fraction of train held out when the dataset has no val split")
+    strict: bool = setting(False, "any bad row is an error instead of a reported skip")
+    image_column: str | None = setting(None, "generic CSV: image column name (default: common names)")
+    mos_column: str | None = setting(None, "generic CSV: MOS column name")
+    split_column: str | None = setting(None, "generic CSV: split column name")
+    group_column: str | None = setting(None, "generic CSV: group / tag column name")
+    score_range: tuple[float, float] | None = setting(None, "generic CSV: the rating scale's ends (LOW HIGH)")
+    pseudo_labels: str | None = setting(
+        None, "pseudo-label CSV (elta pseudo-label) added to the training rows"
+    )
+    pseudo_weight: float = setting(
+        1.0, "loss weight of pseudo-labelled rows (a row's own weight column wins; default 1)"
+    )
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, FORMATS)
+        self._coerce()
         if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1); got {self.val_fraction}")
-        if self.score_range is not None:
-            lo, hi = (float(v) for v in self.score_range)
-            if not lo < hi:
-                raise ValueError(
-                    f"data.score_range must be [low, high] with low < high; got {self.score_range}"
-                )
-            self.score_range = (lo, hi)
-        if self.workers is not None:
-            _check_positive("data.workers", self.workers, allow_zero=True)
-        _check_positive("data.pseudo_weight", self.pseudo_weight, allow_zero=True)
+            where = setting_name("data", "val_fraction")
+            raise ConfigError(f"{where} must be in (0, 1); got {self.val_fraction}")
+        if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
+            where = setting_name("data", "score_range")
+            raise ConfigError(f"{where} must be [low, high] with low < high; got {list(self.score_range)}")
+        self._positive("pseudo_weight", allow_zero=True)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """Backbone, input geometry and head."""
 
-    backbone: str = PAPER_BACKBONE
-    weights: str = "imagenet"  # imagenet | none | path to a weights file
-    image_size: int | None = None  # None = the backbone's pretrained input size
-    resize: int | None = None  # square resize before the random crop; None = image_size · 300/256
-    neck_dim: int = 0  # > 0 adds Linear(D, neck_dim) + ReLU before the head
-    dropout: float = 0.75  # before the scalar head (the original's "mse" mode)
-    init_from: str | None = None  # start from this checkpoint's weights (elta or original ELTA release)
-    freeze_backbone: bool = False  # train only the neck and head (regressor retraining)
-    reset_head: bool = False  # re-initialise the head after --init-from
+    section: typing.ClassVar[str] = "model"
+
+    backbone: str = setting(PAPER_BACKBONE, f"timm model name (default {PAPER_BACKBONE}, the paper's)")
+    weights: str = setting("imagenet", "imagenet | none | PATH to a backbone weights file")
+    image_size: int | None = setting(None, "input size in px (default: the backbone's pretrained size)")
+    resize: int | None = setting(None, "square resize before the random crop (default image_size·300/256)")
+    neck_dim: int = setting(0, "> 0 adds a Linear + ReLU neck of this width before the head")
+    dropout: float = setting(0.75, "dropout before the scalar head (default 0.75)")
+    init_from: str | None = setting(None, "start from this checkpoint (elta's or the original release's)")
+    freeze_backbone: bool = setting(False, "train only the neck and head (regressor retraining)")
+    reset_head: bool = setting(False, "re-initialise the head after --init-from")
 
     def __post_init__(self) -> None:
-        if self.image_size is not None:
-            _check_positive("model.image_size", self.image_size)
-        if self.resize is not None:
-            _check_positive("model.resize", self.resize)
-            if self.image_size is not None and self.resize < self.image_size:
-                raise ValueError(
-                    f"model.resize ({self.resize}) must be ≥ model.image_size ({self.image_size})"
-                )
-        _check_positive("model.neck_dim", self.neck_dim, allow_zero=True)
+        self._coerce()
+        self._positive("image_size")
+        self._positive("resize")
+        if self.resize is not None and self.image_size is not None and self.resize < self.image_size:
+            raise ConfigError(
+                f"{setting_name('model', 'resize')} ({self.resize}) must be ≥ model.image_size "
+                f"({self.image_size})"
+            )
+        self._positive("neck_dim", allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout}")
+            raise ConfigError(f"{setting_name('model', 'dropout')} must be in [0, 1); got {self.dropout}")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation. Defaults are the paper's: Adam, lr 1e-5, batch 48, 20 epochs, constant lr."""
 
-    epochs: int = 20
-    batch_size: int = 48
-    lr: float = 1e-5
-    optimizer: str = "adam"
-    weight_decay: float = 0.0
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    loss: str = "auto"  # auto = emd when the dataset has vote distributions, else mse
-    metric: str = "srcc"  # validation metric that picks best.pt
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 0  # also write last.pt every N steps inside an epoch; 0 = at epoch ends only
-    cache_features: bool = False  # frozen backbone: compute pooled features once, train the head on them
-    feature_cache: str | None = None  # cache file; None = RUN_DIR/feature_cache.pt
-    amp: str = "auto"  # autocast of the model forward: auto = bf16 on CUDA GPUs that support it, else off
-    channels_last: bool = False  # model and images in torch.channels_last memory format
-    compile: bool = False  # torch.compile the backbone
+    section: typing.ClassVar[str] = "train"
+
+    epochs: int = setting(20, "epochs (default 20)")
+    batch_size: int = setting(48, "training batch size (default 48)")
+    lr: float = setting(1e-5, "learning rate (default 1e-5)")
+    optimizer: str = setting("adam", "optimizer (default adam)", choices=OPTIMIZERS)
+    weight_decay: float = setting(0.0, "weight decay (default 0)")
+    schedule: str = setting("constant", "learning-rate schedule (default constant)", choices=SCHEDULES)
+    warmup_epochs: float = setting(0.0, "linear warm-up length in epochs (default 0)")
+    grad_clip: float = setting(0.0, "clip the gradient norm to this value (0 = off)")
+    loss: str = setting(
+        "auto", "loss: auto = emd when the dataset has vote distributions, else mse", choices=LOSSES
+    )
+    metric: str = setting("srcc", "validation metric that picks best.pt (default srcc)", choices=METRICS)
+    seed: int = setting(0, "random seed (default 0)")
+    checkpoint_every: int = setting(0, "also write last.pt every N steps in an epoch (0 = at epoch ends)")
+    cache_features: bool = setting(False, "frozen backbone: compute pooled features once, reuse them")
+    feature_cache: str | None = setting(None, "feature cache file (default RUN_DIR/feature_cache.pt)")
 
     def __post_init__(self) -> None:
-        _check_positive("train.epochs", self.epochs)
-        _check_positive("train.batch_size", self.batch_size)
+        self._coerce()
+        self._positive("epochs")
+        self._positive("batch_size")
         if self.batch_size < 2:
-            raise ValueError("train.batch_size must be ≥ 2 (batch statistics need two samples)")
-        _check_positive("train.lr", self.lr)
-        _check_positive("train.weight_decay", self.weight_decay, allow_zero=True)
-        _check_positive("train.warmup_epochs", self.warmup_epochs, allow_zero=True)
-        _check_positive("train.grad_clip", self.grad_clip, allow_zero=True)
-        _check_positive("train.checkpoint_every", self.checkpoint_every, allow_zero=True)
-        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("train.schedule", self.schedule, SCHEDULES)
-        _check_choice("train.loss", self.loss, LOSSES)
-        _check_choice("train.metric", self.metric, METRICS)
-        _check_choice("train.amp", self.amp, AMP_MODES)
+            where = setting_name("train", "batch_size")
+            raise ConfigError(
+                f"{where} must be ≥ 2 (batch statistics need two samples); got {self.batch_size}"
+            )
+        self._positive("lr")
+        for key in ("weight_decay", "warmup_epochs", "grad_clip", "checkpoint_every"):
+            self._positive(key, allow_zero=True)
+
+
+@dataclass
+class RuntimeConfig(_Section):
+    """Where and how a command runs: device, data-loading processes, inference batch, precision."""
+
+    section: typing.ClassVar[str] = "runtime"
+
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps (default auto)")
+    workers: int | None = setting(None, "data-loading processes (default: from the CPU count)")
+    batch_size: int = setting(32, "inference batch size (default 32; training uses train.batch_size)")
+    amp: str = setting(
+        "auto",
+        "mixed precision of the model forward: auto = bf16 on CUDA GPUs that support it, else off",
+        choices=AMP_MODES,
+    )
+    channels_last: bool = setting(False, "model and images in channels-last memory format")
+    compile: bool = setting(
+        False, "torch.compile the backbone (slow first steps; needs a C++ compiler on CPU)"
+    )
+
+    def __post_init__(self) -> None:
+        self._coerce()
+        self._positive("workers", allow_zero=True)
+        self._positive("batch_size")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "runtime": RuntimeConfig,
+}
 
 
 @dataclass
 class RunConfig:
-    """Everything a training run needs; written to ``RUN_DIR/config.yaml``."""
+    """Everything a run needs; written to ``RUN_DIR/config.yaml``.
+
+    ``enhancers`` holds plain specs (``[{"name": "tfa", "tau1": 0.5}]``); their names and settings are
+    checked by :func:`elta.enhancers.check_enhancers` where a run starts, not here.
+    """
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    enhancers: list[dict[str, Any]] = field(default_factory=list)  # e.g. [{"name": "tfa", "tau1": 0.5}]
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    enhancers: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from elta.enhancers import build_enhancers
-
-        build_enhancers(self.enhancers)  # unknown names or settings fail here, not mid-run
+        if not isinstance(self.enhancers, list) or not all(
+            isinstance(e, dict) and "name" in e for e in self.enhancers
+        ):
+            raise ConfigError("enhancers must be a list of mappings with a 'name'")
         if self.train.cache_features and not self.model.freeze_backbone:
-            raise ValueError(
+            raise ConfigError(
                 "train.cache_features needs model.freeze_backbone (features change while it trains)"
             )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
         """Build from a nested dict; unknown sections or keys are errors, not silent defaults."""
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = set(raw) - set(sections)
+        known_sections = [*SECTIONS, "enhancers"]
+        unknown = set(raw) - set(known_sections)
         if unknown:
-            raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; expected {sorted(sections)}")
-        enhancers = raw.get("enhancers") or []
-        if not isinstance(enhancers, list) or not all(isinstance(e, dict) and "name" in e for e in enhancers):
-            raise ValueError(f"{source}: 'enhancers' must be a list of mappings with a 'name'")
-        kwargs: dict[str, Any] = {"enhancers": [dict(e) for e in enhancers]}
-        for name, section_cls in (("data", DataConfig), ("model", ModelConfig), ("train", TrainConfig)):
+            raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {known_sections}")
+        sections: dict[str, dict[str, Any]] = {}
+        for name in SECTIONS:
             values = raw.get(name) or {}
             if not isinstance(values, dict):
-                raise ValueError(f"{source}: section '{name}' must be a mapping")
+                raise ConfigError(f"{source}: section '{name}' must be a mapping")
+            sections[name] = dict(values)
+        for name, keys in LEGACY_RUNTIME_KEYS.items():  # older configs: see LEGACY_RUNTIME_KEYS
+            for key in keys:
+                if key in sections[name]:
+                    sections["runtime"].setdefault(key, sections[name].pop(key))
+        kwargs: dict[str, Any] = {}
+        for name, section_cls in SECTIONS.items():
             known = {f.name for f in dataclasses.fields(section_cls)}
-            bad = set(values) - known
+            bad = set(sections[name]) - known
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"{source}: unknown key(s) in '{name}': {sorted(bad)}; known: {sorted(known)}"
                 )
-            if values.get("score_range") is not None:
-                values = {**values, "score_range": tuple(values["score_range"])}
-            kwargs[name] = section_cls(**values)
-        return cls(**kwargs)
+            kwargs[name] = section_cls(**sections[name])
+        enhancers = raw.get("enhancers") or []
+        if not isinstance(enhancers, list) or not all(isinstance(e, dict) and "name" in e for e in enhancers):
+            raise ConfigError(f"{source}: 'enhancers' must be a list of mappings with a 'name'")
+        return cls(**kwargs, enhancers=[dict(e) for e in enhancers])
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
         path = Path(path)
         with path.open(encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh) or {}
+            try:
+                raw = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping with sections data/model/train/enhancers")
+            raise ConfigError(f"{path}: expected a mapping with sections {', '.join(SECTIONS)}, enhancers")
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,13 +380,17 @@ class RunConfig:
             raw["data"]["score_range"] = list(raw["data"]["score_range"])
         return raw
 
+    def yaml_text(self) -> str:
+        """The resolved config as YAML (sections data, model, train, runtime, enhancers)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def to_yaml(self, path: str | Path) -> Path:
         from elta.utils import atomic_write_text
 
-        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return atomic_write_text(path, self.yaml_text())
 
     def override(self, section: str, **values: Any) -> RunConfig:
-        """A copy with the non-None ``values`` replaced in ``section`` (re-validated)."""
+        """A copy with the non-None ``values`` replaced in ``section`` (re-checked)."""
         current = getattr(self, section)
         changes = {k: v for k, v in values.items() if v is not None}
         return dataclasses.replace(self, **{section: dataclasses.replace(current, **changes)})

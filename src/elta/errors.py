@@ -20,6 +20,7 @@ __all__ = [
     "APDSUnavailableError",
     "CalibrationError",
     "StaleStageError",
+    "UnavailableError",
 ]
 
 
@@ -74,3 +75,8 @@ class CalibrationError(EltaError, ValueError):
 
 class StaleStageError(EltaError, RuntimeError):
     """A finished self-training stage no longer matches its inputs."""
+
+
+class UnavailableError(EltaError, RuntimeError):
+    """What a setting asks for is not available here: a CUDA device, the compiler stack, an optional package,
+    or a folder that another process holds."""

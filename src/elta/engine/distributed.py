@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from elta import launch
+from elta.errors import ConfigError, UnavailableError
 
 __all__ = ["Processes", "SINGLE", "start_processes", "stop_processes"]
 
@@ -179,12 +180,14 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device | None, b
         return SINGLE, None, False
     use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if device_name not in ("auto", "cuda", "cpu"):
-        raise ValueError(
+        raise ConfigError(
             f"--device {device_name}: under torchrun each process takes its GPU from LOCAL_RANK; "
             "use --device auto, cuda or cpu"
         )
     if device_name == "cuda" and not use_cuda:
-        raise RuntimeError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+        raise UnavailableError(
+            "--device cuda: CUDA is not available on this machine (use --device cpu or auto)"
+        )
     device = torch.device("cuda", launch.local_rank()) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from elta.errors import ConfigError, UnavailableError
 from elta.models.model import AestheticModel, ModelOutput
 
 __all__ = ["Precision", "resolve_amp", "compile_backbone"]
@@ -30,15 +31,15 @@ def resolve_amp(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if name not in _DTYPES:
-        raise ValueError(f"--amp must be one of auto, bf16, fp16, off; got {name!r}")
+        raise ConfigError(f"--amp must be one of auto, bf16, fp16, off; got {name!r}")
     if name == "fp16" and device.type != "cuda":
-        raise ValueError(
+        raise ConfigError(
             f"--amp fp16 needs a CUDA GPU (fp16 autocast is for GPUs); on {device.type} use --amp bf16 or off"
         )
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--amp bf16: this GPU does not support bfloat16; use --amp fp16 or off")
+        raise ConfigError("--amp bf16: this GPU does not support bfloat16; use --amp fp16 or off")
     if name == "bf16" and device.type not in ("cuda", "cpu"):
-        raise ValueError(f"--amp bf16 runs on CUDA GPUs and the CPU, not on {device.type}; use --amp off")
+        raise ConfigError(f"--amp bf16 runs on CUDA GPUs and the CPU, not on {device.type}; use --amp off")
     return _DTYPES[name]
 
 
@@ -92,7 +93,7 @@ def compile_backbone(model: AestheticModel) -> None:
     except AttributeError:  # a PyTorch without the compiler stack
         supported = False
     if not supported:
-        raise RuntimeError(
+        raise UnavailableError(
             f"--compile: torch.compile is not available with PyTorch {torch.__version__} on this Python; "
             "drop --compile"
         )

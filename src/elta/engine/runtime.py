@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from elta.data.dataset import collate
 from elta.engine.distributed import SINGLE, Processes
 from elta.engine.precision import Precision
+from elta.errors import ConfigError, UnavailableError
 from elta.launch import local_world_size
 
 __all__ = ["Runtime", "resolve_device"]
@@ -33,9 +34,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {name}: not a device; use auto, cpu, cuda, cuda:N or mps") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise UnavailableError(
             f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)"
         )
     return device

@@ -214,17 +214,15 @@ class TrainState:
 
 
 def _runtime(cfg: RunConfig, device: torch.device | None, processes: Processes, progress: bool) -> Runtime:
-    """The run's runtime: the config's device (or torchrun's), precision, loader processes, compile."""
-    t = cfg.train
-    return Runtime.create(
-        device or t.device,
-        amp=t.amp,
-        channels_last=t.channels_last and not t.cache_features,  # cached features are not images
-        batch_size=t.batch_size,
-        workers=cfg.data.workers,
+    """The run's runtime (the config's, on torchrun's device in a distributed run), batches of train.batch_size."""
+    return Runtime.from_config(
+        cfg.runtime,
         progress=progress,
-        compile=t.compile,
         processes=processes,
+        batch_size=cfg.train.batch_size,
+        channels_last=cfg.runtime.channels_last
+        and not cfg.train.cache_features,  # cached features: no images
+        **({"device": device} if device is not None else {}),
     )
 
 
@@ -247,7 +245,7 @@ def train(
     Under torchrun (``torchrun --nproc-per-node N -m elta train …``) the processes train together.
     """
     run_dir = Path(run_dir)
-    processes, device, started = start_processes(cfg.train.device)
+    processes, device, started = start_processes(cfg.runtime.device)
     handler = None
     try:
         if (run_dir / "last.pt").exists() and not resume:

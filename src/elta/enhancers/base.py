@@ -14,6 +14,7 @@ run's config stores them.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,12 +22,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from elta.config import coerce_value
+from elta.errors import ConfigError
+
 __all__ = [
     "StepState",
     "TrainingContext",
     "Enhancer",
     "register_enhancer",
     "build_enhancers",
+    "check_enhancers",
     "ENHANCERS",
     "parse_enhancer",
     "scalar_head_users",
@@ -126,42 +131,80 @@ def register_enhancer(cls: type[Enhancer]) -> type[Enhancer]:
     return cls
 
 
+def _settings_class(name: Any) -> type:
+    if name not in ENHANCERS:
+        raise ConfigError(f"unknown enhancer {name!r}; known: {', '.join(sorted(ENHANCERS))}")
+    return ENHANCERS[name].Settings
+
+
+def _coerce_settings(name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` read as the types of enhancer ``name``'s ``Settings`` (``"1e-5"`` -> 1e-5 for a float)."""
+    settings_cls = _settings_class(name)
+    hints = typing.get_type_hints(settings_cls)
+    known = {f.name for f in dataclasses.fields(settings_cls)}
+    bad = set(values) - known
+    if bad:
+        raise ConfigError(f"enhancer {name}: unknown setting(s) {sorted(bad)}; known: {sorted(known)}")
+    return {k: coerce_value(v, hints[k], f"enhancer {name}, setting {k}") for k, v in values.items()}
+
+
+def check_enhancers(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The specs with their settings coerced to each enhancer's types, checked as :func:`build_enhancers`
+    would (unknown names or settings, values out of range, an enhancer given twice): a
+    :class:`~elta.errors.ConfigError` before any work starts rather than mid-run."""
+    checked = []
+    for spec in specs:
+        values = dict(spec)
+        name = values.pop("name", None)
+        values = _coerce_settings(name, values)
+        try:
+            ENHANCERS[name].Settings(**values)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc)) from exc
+        checked.append({"name": name, **values})
+    names = [spec["name"] for spec in checked]
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        raise ConfigError(f"enhancer(s) given twice: {sorted(duplicated)}")
+    return checked
+
+
 def build_enhancers(specs: list[dict[str, Any]]) -> nn.ModuleList:
     """Instantiate enhancers from ``[{"name": ..., setting: value, ...}, ...]``, sorted by ``order``.
 
-    Unknown names and unknown settings are errors that list what is known.
+    Unknown names and unknown settings are errors that list what is known (see :func:`check_enhancers`).
     """
     built = []
-    for spec in specs:
-        spec = dict(spec)
-        name = spec.pop("name", None)
-        if name not in ENHANCERS:
-            raise ValueError(f"unknown enhancer {name!r}; known: {', '.join(sorted(ENHANCERS))}")
-        cls = ENHANCERS[name]
-        known = {f.name for f in dataclasses.fields(cls.Settings)}
-        bad = set(spec) - known
-        if bad:
-            raise ValueError(f"enhancer {name}: unknown setting(s) {sorted(bad)}; known: {sorted(known)}")
-        built.append(cls(cls.Settings(**spec)))
-    names = [e.name for e in built]
-    duplicated = {n for n in names if names.count(n) > 1}
-    if duplicated:
-        raise ValueError(f"enhancer(s) given twice: {sorted(duplicated)}")
+    for spec in check_enhancers(specs):
+        values = dict(spec)
+        cls = ENHANCERS[values.pop("name")]
+        built.append(cls(cls.Settings(**values)))
     return nn.ModuleList(sorted(built, key=lambda e: e.order))
 
 
 def parse_enhancer(text: str) -> dict[str, Any]:
-    """``"tfa:tau1=0.3,pairs=2"`` -> ``{"name": "tfa", "tau1": 0.3, "pairs": 2}`` (numbers parsed, YAML-style)."""
+    """``"tfa:tau1=0.3,pairs=2"`` -> ``{"name": "tfa", "tau1": 0.3, "pairs": 2}``.
+
+    Values are read as the enhancer's settings are typed (``tau1=1e-5`` is the float 1e-5); an unknown
+    setting or a value of the wrong type is a one-line :class:`~elta.errors.ConfigError`. A name that is
+    not a registered enhancer (an ablation token such as ``apds:beta=1.2``) keeps YAML-read values; as an
+    enhancer it is refused by :func:`check_enhancers`.
+    """
     import yaml
 
     name, _, rest = text.partition(":")
-    spec: dict[str, Any] = {"name": name.strip()}
+    name = name.strip()
+    values: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--enhancer {text}: expected key=value, got {item!r}")
-        spec[key.strip()] = yaml.safe_load(value)
-    return spec
+            raise ConfigError(f"--enhancer {text}: expected key=value, got {item!r}")
+        values[key.strip()] = value.strip()
+    if name not in ENHANCERS:
+        return {"name": name, **{k: yaml.safe_load(v) for k, v in values.items()}}
+    return {"name": name, **_coerce_settings(name, values)}
 
 
 def scalar_head_users(specs: list[dict[str, Any]]) -> list[str]:

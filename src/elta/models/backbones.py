@@ -14,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from elta.errors import WeightsUnavailableError
+from elta.errors import ConfigError, WeightsUnavailableError
 
 __all__ = ["create_backbone", "backbone_data_config", "WeightsUnavailableError"]
 
@@ -60,7 +60,7 @@ def _lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
 
 def _load_weights_file(model: nn.Module, path: Path) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"--weights {path}: no such file (use imagenet, none, or a weights file)")
+        raise ConfigError(f"--weights {path}: no such file (use imagenet, none, or a weights file)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -72,12 +72,12 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
                 state = state[key]
                 break
     if not isinstance(state, dict):
-        raise ValueError(f"--weights {path}: expected a state dict of tensors")
+        raise ConfigError(f"--weights {path}: expected a state dict of tensors")
     model_keys = set(model.state_dict())
     state = {k: v for k, v in state.items() if k in model_keys}
     missing = model_keys - set(state)
     if not state or len(missing) > len(model_keys) // 2:
-        raise ValueError(
+        raise ConfigError(
             f"--weights {path}: only {len(state)} of {len(model_keys)} backbone tensors match by name; "
             "is it a weights file for this --backbone?"
         )
@@ -95,7 +95,7 @@ def create_backbone(name: str, weights: str = "imagenet", image_size: int | None
         model = timm.create_model(name, pretrained=False, **kwargs)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise ValueError(f"--backbone {name}: not a timm model (see timm.list_models())") from exc
+            raise ConfigError(f"--backbone {name}: not a timm model (see timm.list_models())") from exc
         raise
     if weights == "none":
         return model

@@ -33,6 +33,7 @@ from elta.engine.prepare import read_dataset
 from elta.engine.runtime import Runtime
 from elta.engine.trainer import train
 from elta.enhancers import parse_enhancer, scalar_head_users
+from elta.errors import ConfigError
 from elta.utils import atomic_write_text
 from elta.workflows.selftrain import self_train
 
@@ -78,7 +79,7 @@ def calibration_settings(name: str) -> dict | None:
         return None
     settings = {"method": "affine", **{k: v for k, v in found[0].items() if k != "name"}}
     if set(settings) != {"method"} or settings["method"] not in CALIBRATION_METHODS:
-        raise ValueError(f"variant {name}: calibration takes method={'|'.join(CALIBRATION_METHODS)}")
+        raise ConfigError(f"variant {name}: calibration takes method={'|'.join(CALIBRATION_METHODS)}")
     return settings
 
 
@@ -104,7 +105,9 @@ def apds_settings(name: str) -> dict | None:
     settings = {k: v for k, v in found[0].items() if k != "name"}
     unknown = set(settings) - set(APDS_SETTINGS)
     if unknown:
-        raise ValueError(f"variant {name}: unknown apds setting(s) {sorted(unknown)}; known: {APDS_SETTINGS}")
+        raise ConfigError(
+            f"variant {name}: unknown apds setting(s) {sorted(unknown)}; known: {APDS_SETTINGS}"
+        )
     for key in ("betas", "thresholds"):  # grids are written with ';' inside a variant: thresholds=0.3;0.4
         if key in settings:
             settings[key] = [float(v) for v in str(settings[key]).split(";")]
@@ -144,7 +147,7 @@ def _evaluate_run(
     out = run_dir / ("eval" if calibration is None else f"eval_calibration_{calibration['method']}")
     if (out / "metrics.json").is_file():
         return json.loads((out / "metrics.json").read_text())
-    runtime = Runtime.create(cfg.train.device, batch_size=cfg.train.batch_size, progress=progress)
+    runtime = Runtime.from_config(cfg.runtime, progress=progress)
     predictor = Predictor.from_checkpoint(run_dir / "best.pt", runtime)
     spec = predictor.spec
     df = read_dataset(cfg).frame
@@ -153,7 +156,7 @@ def _evaluate_run(
     if calibration is not None:
         val = select_split(df, "val") if (df["split"] == "val").any() else None
         if val is None:
-            raise ValueError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
+            raise ConfigError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
         val_preds = _predict_split(predictor, cfg, val, "val", cache_path)
         ok = val_preds.ok
         train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
@@ -188,7 +191,7 @@ def run_ablation(
     """
     out = Path(out)
     if any(apds_settings(v) is not None for v in variants) and not unlabeled:
-        raise ValueError("the apds variant self-trains on unlabelled images: give --unlabeled PATH…")
+        raise ConfigError("the apds variant self-trains on unlabelled images: give --unlabeled PATH…")
     out.mkdir(parents=True, exist_ok=True)
     specs = {v: parse_variant(v) for v in variants}  # bad names fail before any training
     for enhancers in specs.values():

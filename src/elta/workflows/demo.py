@@ -6,7 +6,7 @@ import logging
 import time
 from pathlib import Path
 
-from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
 
 __all__ = ["demo_config", "run_demo"]
 
@@ -27,8 +27,8 @@ def demo_config(data_dir: str | Path, device: str = "auto") -> RunConfig:
             schedule="cosine",
             warmup_epochs=0.5,
             grad_clip=5.0,
-            device=device,
         ),
+        runtime=RuntimeConfig(device=device),
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from elta import launch
 from elta.config import RunConfig
+from elta.errors import UnavailableError
 
 __all__ = ["ORIGINAL_NAMES", "under_nni", "nni_parameters", "nni_callback", "report_final", "nni_wrap"]
 
@@ -41,7 +42,7 @@ def _nni():
     try:
         import nni
     except ImportError as exc:
-        raise RuntimeError(
+        raise UnavailableError(
             f"running as an NNI trial (NNI_PLATFORM={os.environ.get('NNI_PLATFORM')!r}) but the nni package "
             "is not importable in this environment: pip install nni"
         ) from exc

@@ -28,7 +28,7 @@ from elta.engine.prepare import read_dataset
 from elta.engine.runtime import Runtime
 from elta.engine.trainer import train
 from elta.enhancers import scalar_head_users
-from elta.errors import StaleStageError
+from elta.errors import ConfigError, StaleStageError
 from elta.models.heads import resolve_loss
 from elta.utils import atomic_write_text
 from elta.workflows.pseudo import (
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 def _check_config(cfg: RunConfig) -> None:
     """Refuse before any training: own pseudo-labels given, or runs that would have a scalar head."""
     if cfg.data.pseudo_labels:
-        raise ValueError(
+        raise ConfigError(
             "self-train makes its own pseudo-labels; drop --pseudo-labels (or use `elta train` with it)"
         )
     info = read_dataset(cfg).info
@@ -115,9 +115,7 @@ def _pseudo_stage(
         teacher_best,
         unlabeled,
         csv,
-        Runtime.create(
-            cfg.train.device, batch_size=cfg.train.batch_size, workers=cfg.data.workers, progress=progress
-        ),
+        Runtime.from_config(cfg.runtime, progress=progress),
         calibration=cfg,
         calibrate_split="val",
         weight=cfg.data.pseudo_weight,
@@ -151,9 +149,9 @@ def self_train(
     ``out/self_train.json``: the stages (teacher, round1 …) with run folders and best validation metrics.
     """
     if rounds < 1:
-        raise ValueError(f"--rounds must be ≥ 1; got {rounds}")
+        raise ConfigError(f"--rounds must be ≥ 1; got {rounds}")
     if (beta is None) != (threshold is None):
-        raise ValueError("give --beta and --threshold together (or neither, to search the grid)")
+        raise ConfigError("give --beta and --threshold together (or neither, to search the grid)")
     _check_config(cfg)
     out = Path(out).absolute()  # the students' config.yaml names their pseudo-label CSV by this path
     pool = read_unlabeled(unlabeled)  # fails early on a wrong path, before hours of training

@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from elta.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from elta.config import SECTIONS, RunConfig
+from elta.errors import ConfigError, RunExistsError, UnavailableError
 from elta.utils import atomic_write_text
 
 __all__ = [
@@ -44,9 +45,8 @@ DEFAULT_SPACE: dict[str, dict[str, list]] = {
 }
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 # Settings that do not change a trial's result: a resumed search may differ in them.
-_VOLATILE = {"train.device", "train.feature_cache", "data.workers"}
+_VOLATILE = {"runtime.device", "runtime.workers", "runtime.batch_size", "train.feature_cache"}
 # PyYAML reads 1e-5 (no dot) as a string; such choices and bounds are meant as numbers.
 _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -55,7 +55,7 @@ def _import_optuna():
     try:
         import optuna
     except ImportError as exc:
-        raise RuntimeError('elta tune needs Optuna: pip install "elta[tune]"') from exc
+        raise UnavailableError('elta tune needs Optuna: pip install "elta[tune]"') from exc
     return optuna
 
 
@@ -65,10 +65,10 @@ def _import_optuna():
 def _setting_type(name: str, source: str) -> str:
     """The annotation of the setting ``name`` ("float", "int | None", ...); unknown names are errors."""
     parts = name.split(".")
-    if parts[0] in _SECTIONS and len(parts) == 2:
-        fields = {f.name: str(f.type) for f in dataclasses.fields(_SECTIONS[parts[0]])}
+    if parts[0] in SECTIONS and len(parts) == 2:
+        fields = {f.name: str(f.type) for f in dataclasses.fields(SECTIONS[parts[0]])}
         if parts[1] not in fields:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: unknown setting {name!r}; {parts[0]} keys: {', '.join(sorted(fields))}"
             )
         return fields[parts[1]]
@@ -76,14 +76,16 @@ def _setting_type(name: str, source: str) -> str:
         from elta.enhancers import ENHANCERS
 
         if parts[1] not in ENHANCERS:
-            raise ValueError(f"{source}: unknown enhancer in {name!r}; known: {', '.join(sorted(ENHANCERS))}")
+            raise ConfigError(
+                f"{source}: unknown enhancer in {name!r}; known: {', '.join(sorted(ENHANCERS))}"
+            )
         fields = {f.name: str(f.type) for f in dataclasses.fields(ENHANCERS[parts[1]].Settings)}
         if parts[2] not in fields:
-            raise ValueError(
+            raise ConfigError(
                 f"{source}: unknown setting {name!r}; {parts[1]} settings: {', '.join(sorted(fields))}"
             )
         return fields[parts[2]]
-    raise ValueError(
+    raise ConfigError(
         f"{source}: {name!r} is not a setting name; use data.KEY, model.KEY, train.KEY or "
         "enhancers.NAME.SETTING (e.g. train.lr, enhancers.tfa.tau1)"
     )
@@ -130,42 +132,42 @@ def _parse_param(name: str, spec: Any, source: str) -> Param:
     where = f"{source}: space.{name}"
     kind = _setting_type(name, source)
     if not isinstance(spec, dict):
-        raise ValueError(f"{where} must be a mapping: {{choices: [...]}} or {{low: A, high: B}}")
+        raise ConfigError(f"{where} must be a mapping: {{choices: [...]}} or {{low: A, high: B}}")
     unknown = set(spec) - {"choices", "low", "high", "step", "log"}
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; use choices, or low/high/step/log")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; use choices, or low/high/step/log")
     if "choices" in spec:
         if len(spec) > 1:
-            raise ValueError(f"{where}: give either choices or low/high, not both")
+            raise ConfigError(f"{where}: give either choices or low/high, not both")
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
-            raise ValueError(f"{where}: choices must be a non-empty list")
+            raise ConfigError(f"{where}: choices must be a non-empty list")
         choices = [_number(v) for v in choices]
         bad = [v for v in choices if v is not None and not isinstance(v, (bool, int, float, str))]
         if bad:
-            raise ValueError(f"{where}: choices must be numbers, strings, booleans or null; got {bad[0]!r}")
+            raise ConfigError(f"{where}: choices must be numbers, strings, booleans or null; got {bad[0]!r}")
         return Param(name, choices=tuple(choices))
     if "low" not in spec or "high" not in spec:
-        raise ValueError(f"{where}: a range needs low and high (or give choices: [...])")
+        raise ConfigError(f"{where}: a range needs low and high (or give choices: [...])")
     low, high, step = _number(spec["low"]), _number(spec["high"]), _number(spec.get("step"))
     if not all(_is_real(v) for v in (low, high)) or (step is not None and not _is_real(step)):
-        raise ValueError(f"{where}: low, high and step must be numbers")
+        raise ConfigError(f"{where}: low, high and step must be numbers")
     if not low < high:
-        raise ValueError(f"{where}: low ({low}) must be < high ({high})")
+        raise ConfigError(f"{where}: low ({low}) must be < high ({high})")
     log_scale = bool(spec.get("log", False))
     if log_scale and (step is not None or low <= 0):
-        raise ValueError(f"{where}: a log range needs low > 0 and no step")
+        raise ConfigError(f"{where}: a log range needs low > 0 and no step")
     ints = all(_is_int(v) for v in (low, high, step) if v is not None)
     integer = kind.startswith("int") or (ints and not kind.startswith("float"))
     if integer and not ints:
-        raise ValueError(f"{where}: {name} is an integer setting; give integer low, high and step")
+        raise ConfigError(f"{where}: {name} is an integer setting; give integer low, high and step")
     return Param(name, low=low, high=high, step=step, log=log_scale, integer=integer)
 
 
 def parse_space(space: dict[str, Any], source: str = "search space") -> dict[str, Param]:
     """Check a search space (setting name -> spec) and return its parameters by name."""
     if not isinstance(space, dict) or not space:
-        raise ValueError(f"{source}: the space must be a non-empty mapping of setting names to specs")
+        raise ConfigError(f"{source}: the space must be a non-empty mapping of setting names to specs")
     return {name: _parse_param(name, spec, source) for name, spec in space.items()}
 
 
@@ -183,7 +185,10 @@ def apply_params(base: RunConfig, params: dict[str, Any]) -> RunConfig:
             spec[parts[2]] = value
         else:
             raw[parts[0]][parts[1]] = value
-    return RunConfig.from_dict(raw, source="parameters")
+    from elta.enhancers import check_enhancers
+
+    cfg = RunConfig.from_dict(raw, source="parameters")
+    return dataclasses.replace(cfg, enhancers=check_enhancers(cfg.enhancers))
 
 
 def load_search(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -194,16 +199,16 @@ def load_search(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raw = yaml.safe_load(fh) or {}
     if not isinstance(raw, dict) or set(raw) - {"base", "space"}:
         extra = sorted(set(raw) - {"base", "space"}) if isinstance(raw, dict) else raw
-        raise ValueError(f"{path}: expected the sections base and space; got {extra}")
+        raise ConfigError(f"{path}: expected the sections base and space; got {extra}")
     base = raw.get("base") or {}
     if isinstance(base, str):
         base_path = path.parent / base
         if not base_path.is_file():
-            raise FileNotFoundError(f"{path}: base config {base_path} does not exist")
+            raise ConfigError(f"{path}: base config {base_path} does not exist")
         with base_path.open(encoding="utf-8") as fh:
             base = yaml.safe_load(fh) or {}
     if not isinstance(base, dict):
-        raise ValueError(f"{path}: base must be a mapping (data/model/train/enhancers) or a YAML path")
+        raise ConfigError(f"{path}: base must be a mapping (data/model/train/enhancers) or a YAML path")
     space = raw.get("space")
     if space is None:
         return base, {k: dict(v) for k, v in DEFAULT_SPACE.items()}
@@ -230,7 +235,7 @@ def _exclusive(out: Path):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            raise RuntimeError(
+            raise UnavailableError(
                 f"{out}: another elta tune is running on this folder; wait for it or use another --out"
             ) from exc
         yield
@@ -259,7 +264,7 @@ def _sampler(optuna, name: str, params: dict[str, Param], seed: int, trials: int
 def _grid(params: dict[str, Param]) -> dict[str, list]:
     ranges = [p.name for p in params.values() if p.choices is None]
     if ranges:
-        raise ValueError(
+        raise ConfigError(
             f"--sampler grid needs every setting as {{choices: [...]}}; {', '.join(ranges)} "
             "is a range (list its values, or use --sampler tpe)"
         )
@@ -304,7 +309,7 @@ def _check_same_search(study, record: str, where: str) -> None:
         for k in set(old[part]) | set(new[part])
         if old[part].get(k) != new[part].get(k)
     )
-    raise ValueError(
+    raise ConfigError(
         f"{where} holds a search with other settings ({', '.join(changed[:5])} differ): rerun with the "
         "same config and options to continue it, or use another --out / --study-name for a new search"
     )
@@ -375,7 +380,7 @@ class _Objective:
     def _check_folder(run_dir: Path, cfg: RunConfig) -> None:
         saved = run_dir / "config.yaml"
         if saved.is_file() and RunConfig.from_yaml(saved).to_dict() != cfg.to_dict():
-            raise RuntimeError(
+            raise RunExistsError(
                 f"{run_dir} holds a run of other settings than trial {run_dir.name} (was the study "
                 "database replaced?): move the trials/ folder away or use another --out"
             )
@@ -401,13 +406,13 @@ def run_tune(
     optuna = _import_optuna()
     params = parse_space(space)
     if trials < 1:
-        raise ValueError(f"--trials must be ≥ 1; got {trials}")
+        raise ConfigError(f"--trials must be ≥ 1; got {trials}")
     if sampler not in SAMPLERS or pruner not in PRUNERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS} and pruner one of {PRUNERS}")
+        raise ConfigError(f"sampler must be one of {SAMPLERS} and pruner one of {PRUNERS}")
     if sampler == "grid":
         _grid(params)
     if not base.data.data:
-        raise ValueError("no dataset: give --data, or data.data in the search file's base")
+        raise ConfigError("no dataset: give --data, or data.data in the search file's base")
     out = Path(out)
     if base.train.cache_features and not base.train.feature_cache:  # one backbone pass for all trials
         base = base.override("train", feature_cache=str(out / "feature_cache.pt"))
@@ -416,7 +421,9 @@ def run_tune(
             try:
                 apply_params(base, {p.name: value})
             except ValueError as exc:
-                raise ValueError(f"search space: {p.name} = {value!r} is not a valid setting: {exc}") from exc
+                raise ConfigError(
+                    f"search space: {p.name} = {value!r} is not a valid setting: {exc}"
+                ) from exc
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
         study = optuna.create_study(
