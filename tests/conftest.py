@@ -19,6 +19,39 @@ def demo_data(tmp_path_factory):
     return root
 
 
+def tiny_config(
+    data_root,
+    *,
+    epochs: int = 1,
+    image_size: int = 48,
+    enhancers: list[dict] | None = None,
+    data: dict | None = None,
+    model: dict | None = None,
+    train: dict | None = None,
+    runtime: dict | None = None,
+):
+    """The small CPU run every training test starts from: the demo data's AVA.txt, ``test_convnext`` without
+    pretrained weights at ``image_size`` px (resize + 8), batch 16, lr 1e-3; ``data`` / ``model`` / ``train`` /
+    ``runtime`` override fields of their section."""
+    from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
+
+    return RunConfig(
+        data=DataConfig(**{"data": str(data_root / "AVA.txt"), **(data or {})}),
+        model=ModelConfig(
+            **{
+                "backbone": "test_convnext",
+                "weights": "none",
+                "image_size": image_size,
+                "resize": image_size + 8,
+            }
+            | (model or {})
+        ),
+        train=TrainConfig(**{"epochs": epochs, "batch_size": 16, "lr": 1e-3, **(train or {})}),
+        runtime=RuntimeConfig(**{"device": "cpu", "workers": 0, **(runtime or {})}),
+        enhancers=list(enhancers or []),
+    )
+
+
 def tiny_train_args(data_root, out, *, backbone="test_convnext", epochs=1) -> list[str]:
     """`elta train` arguments for a small CPU run on a demo dataset (48 px, batch 16, no pretrained weights)."""
     return [

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import elta
+from conftest import tiny_config
 from elta.cli import main
-from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
+from elta.config import DataConfig, RunConfig
 from elta.data.demo import make_demo_dataset
 from elta.engine.prepare import read_dataset, read_pseudo_labels
 from elta.engine.runtime import Runtime
@@ -267,12 +268,7 @@ def test_cli_prints_the_grid_when_no_cell_qualifies(teacher, pool, tmp_path, cap
 
 
 def test_scalar_head_teacher_is_refused(demo_data, pool, tmp_path):
-    cfg = RunConfig(
-        data=DataConfig(data=str(demo_data / "AVA.txt")),
-        model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56),
-        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, loss="mse"),
-        runtime=RuntimeConfig(device="cpu", workers=0),
-    )
+    cfg = tiny_config(demo_data, train={"loss": "mse"})
     best = train(cfg, tmp_path / "scalar")["best"]
     with pytest.raises(APDSUnavailableError, match="scalar head .* --loss emd"):
         pseudo_label(best, [pool], tmp_path / "p.csv", CPU, beta=1.0, threshold=0.5)

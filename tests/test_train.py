@@ -13,26 +13,19 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_train_args
-from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
+from conftest import tiny_config, tiny_train_args
+from elta.config import RunConfig
 from elta.engine import trainer as train_module
 from elta.engine.trainer import RunExistsError, TrainingDivergedError, train
 from elta.models.checkpoint import load_checkpoint
 
 
-def tiny_config(data_root, epochs=2, **train_kw) -> RunConfig:
-    return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt")),
-        model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56),
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, **train_kw),
-        runtime=RuntimeConfig(device="cpu", workers=0),
-    )
-
-
 def test_training_writes_a_complete_run_directory(demo_data, tmp_path):
     seen = []
     summary = train(
-        tiny_config(demo_data), tmp_path / "run", on_epoch=lambda e, row: seen.append((e, row["val_srcc"]))
+        tiny_config(demo_data, epochs=2),
+        tmp_path / "run",
+        on_epoch=lambda e, row: seen.append((e, row["val_srcc"])),
     )
     run = tmp_path / "run"
     for name in ("config.yaml", "metrics.csv", "last.pt", "best.pt", "train.log", "split.csv"):
@@ -44,7 +37,7 @@ def test_training_writes_a_complete_run_directory(demo_data, tmp_path):
     assert metrics["train_loss"].notna().all()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["backbone"] == "test_convnext"
-    assert RunConfig.from_yaml(run / "config.yaml") == tiny_config(demo_data)
+    assert RunConfig.from_yaml(run / "config.yaml") == tiny_config(demo_data, epochs=2)
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt.spec.centers == [float(c) for c in range(1, 11)]
     assert ckpt.spec.acc_threshold == 5.0
@@ -197,7 +190,7 @@ def test_best_checkpoint_holds_only_weights_and_evaluates(demo_data, tmp_path):
     from elta.cli import main
 
     run = tmp_path / "run"
-    train(tiny_config(demo_data, epochs=1, optimizer="adam"), run)
+    train(tiny_config(demo_data, train={"optimizer": "adam"}), run)
     best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
     assert not {"optimizer", "scheduler", "scaler", "enhancers"} & set(best.training)
     assert {"optimizer", "scheduler", "scaler", "enhancers", "step"} <= set(last.training)

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import tiny_train_args
+from conftest import tiny_config, tiny_train_args
 from elta.cli import main
-from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
+from elta.config import RunConfig
 from elta.engine.trainer import train
 from elta.workflows.nni_report import nni_wrap, under_nni
 from elta.workflows.tune import DEFAULT_SPACE, apply_params, load_search, run_tune
@@ -29,13 +29,8 @@ FINISHED = ("COMPLETE", "PRUNED")
 
 def tiny(data_root, epochs=2) -> RunConfig:
     """A frozen tiny backbone trained on cached features: a trial takes a fraction of a second."""
-    return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt")),
-        model=ModelConfig(
-            backbone="test_convnext", weights="none", image_size=48, resize=56, freeze_backbone=True
-        ),
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3, cache_features=True),
-        runtime=RuntimeConfig(device="cpu", workers=0),
+    return tiny_config(
+        data_root, epochs=epochs, model={"freeze_backbone": True}, train={"cache_features": True}
     )
 
 

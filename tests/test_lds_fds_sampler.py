@@ -12,7 +12,7 @@ import elta.engine.trainer as train_module
 import elta.enhancers.fds  # noqa: F401  (registers fds)
 import elta.enhancers.lds  # noqa: F401  (registers lds)
 import elta.enhancers.sampler  # noqa: F401  (registers tail-sampler)
-from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
+from conftest import tiny_config
 from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.enhancers.fds import fds_calibrate, smooth_bins
 from elta.enhancers.lds import bin_edges, lds_kernel, lds_weights, smoothed_density
@@ -46,16 +46,6 @@ def state(features, scores, epoch, indices=None) -> StepState:
         score_range=(0.0, 2.0),
         indices=torch.arange(n) if indices is None else indices,
         epoch=epoch,
-    )
-
-
-def tiny_run(data_root, enhancers) -> RunConfig:
-    return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt")),
-        model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56),
-        train=TrainConfig(epochs=2, batch_size=16, lr=1e-3),
-        runtime=RuntimeConfig(device="cpu", workers=0),
-        enhancers=enhancers,
     )
 
 
@@ -301,14 +291,16 @@ def test_registry_builds_each_by_name_and_rejects_bad_settings():
 
 
 def test_training_with_lds(demo_data, tmp_path, drawn):
-    train_module.train(tiny_run(demo_data, [{"name": "lds", "bin_width": 0.5}]), tmp_path / "run")
+    train_module.train(
+        tiny_config(demo_data, epochs=2, enhancers=[{"name": "lds", "bin_width": 0.5}]), tmp_path / "run"
+    )
     weights = load_checkpoint(tmp_path / "run" / "last.pt").training["enhancers"]["0.row_weights"]
     assert len(weights) == drawn[-1][0]  # one weight per training row
     assert weights.mean().item() == pytest.approx(1.0) and weights.max() > 1.5 * weights.min()
 
 
 def test_training_with_fds(demo_data, tmp_path, drawn):
-    train_module.train(tiny_run(demo_data, [{"name": "fds"}]), tmp_path / "run")
+    train_module.train(tiny_config(demo_data, epochs=2, enhancers=[{"name": "fds"}]), tmp_path / "run")
     saved = load_checkpoint(tmp_path / "run" / "last.pt").training["enhancers"]
     n_train = drawn[-1][0]
     assert saved["0.tracked"].sum().item() == 2 * n_train  # every real row of both epochs entered the stats
@@ -317,7 +309,9 @@ def test_training_with_fds(demo_data, tmp_path, drawn):
 
 
 def test_training_with_tail_sampler_draws_tail_rows_more_often(demo_data, tmp_path, drawn):
-    train_module.train(tiny_run(demo_data, [{"name": "tail-sampler"}]), tmp_path / "run")
+    train_module.train(
+        tiny_config(demo_data, epochs=2, enhancers=[{"name": "tail-sampler"}]), tmp_path / "run"
+    )
     epochs = [(n, w, batches) for n, w, batches in drawn if w is not None]
     assert len(epochs) == 2
     n, weights, _ = epochs[0]

@@ -15,7 +15,7 @@ import elta.enhancers.bmc  # noqa: F401  (registers bmc)
 import elta.enhancers.cmixup  # noqa: F401  (registers cmixup)
 import elta.enhancers.conr  # noqa: F401  (registers conr)
 import elta.enhancers.ranksim  # noqa: F401  (registers ranksim)
-from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
+from conftest import tiny_config
 from elta.engine.trainer import train
 from elta.enhancers import StepState, TrainingContext, build_enhancers
 from elta.enhancers.bmc import bmc_loss
@@ -319,13 +319,7 @@ def test_registry_builds_each_by_name_in_order_and_rejects_bad_settings():
     ],
 )
 def test_training_one_epoch_logs_the_enhancer_term(demo_data, tmp_path, name, loss, term):
-    cfg = RunConfig(
-        data=DataConfig(data=str(demo_data / "AVA.txt")),
-        model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56),
-        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3, loss=loss),
-        runtime=RuntimeConfig(device="cpu", workers=0),
-        enhancers=[{"name": name}],
-    )
+    cfg = tiny_config(demo_data, train={"loss": loss}, enhancers=[{"name": name}])
     train(cfg, tmp_path / "run")
     row = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[0]
     assert math.isfinite(row[f"train_{term}"])

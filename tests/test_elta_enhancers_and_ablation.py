@@ -10,23 +10,14 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_train_args
+from conftest import tiny_config, tiny_train_args
 from elta.cli import main
-from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
+from elta.config import RunConfig
 from elta.engine.trainer import train
 from elta.enhancers import StepState, build_enhancers, parse_enhancer
 from elta.functional import flsa_loss
 from elta.models.checkpoint import load_checkpoint
 from elta.workflows.ablate import apds_settings, parse_variant, run_ablation
-
-
-def tiny(data_root, **model_kw) -> RunConfig:
-    return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt")),
-        model=ModelConfig(backbone="test_convnext", weights="none", image_size=48, resize=56, **model_kw),
-        train=TrainConfig(epochs=1, batch_size=16, lr=1e-3),
-        runtime=RuntimeConfig(device="cpu", workers=0),
-    )
 
 
 def step_state(n=6, k=4):
@@ -106,10 +97,16 @@ def test_training_with_tfa_and_flsa_logs_each_loss_term(demo_data, tmp_path):
 
 def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
     teacher = tmp_path / "stage1"
-    train(tiny(demo_data).override("model", backbone="test_resnet"), teacher)  # not the config's backbone
-    cfg = tiny(
-        demo_data, init_from=str(teacher / "best.pt"), freeze_backbone=True, reset_head=True, neck_dim=16
-    )
+    train(
+        tiny_config(demo_data).override("model", backbone="test_resnet"), teacher
+    )  # not the config's backbone
+    model = {
+        "init_from": str(teacher / "best.pt"),
+        "freeze_backbone": True,
+        "reset_head": True,
+        "neck_dim": 16,
+    }
+    cfg = tiny_config(demo_data, model=model)
     cfg = dataclasses.replace(cfg, enhancers=[{"name": "flsa", "weight": 1.0}])
     cfg = cfg.override("train", cache_features=True, epochs=2)
     train(cfg, tmp_path / "rrt")
@@ -135,11 +132,16 @@ def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
     with pytest.raises(ValueError, match="cache_features needs model.freeze_backbone"):
         cfg.override("model", freeze_backbone=False)
     with pytest.raises(ValueError, match="--reset-head"):
-        train(tiny(demo_data, init_from=str(teacher / "best.pt"), neck_dim=16), tmp_path / "bad")
+        train(
+            tiny_config(demo_data, model={"init_from": str(teacher / "best.pt"), "neck_dim": 16}),
+            tmp_path / "bad",
+        )
 
 
 def test_ablation_table_over_variants_and_seeds(demo_data, tmp_path):
-    base = tiny(demo_data, freeze_backbone=True).override("train", cache_features=True, epochs=2, lr=3e-3)
+    base = tiny_config(demo_data, model={"freeze_backbone": True}).override(
+        "train", cache_features=True, epochs=2, lr=3e-3
+    )
     table = run_ablation(base, ["baseline", "tfa", "tfa+flsa"], seeds=2, out=tmp_path / "abl")
     assert len(table) == 6 and set(table["variant"]) == {"baseline", "tfa", "tfa+flsa"}
     assert table[["srcc", "mae_low", "bias_low", "spread"]].notna().all().all()
@@ -158,7 +160,7 @@ def test_ablation_apds_variant_self_trains_on_unlabelled_images(demo_data, tmp_p
 
     pool = tmp_path / "pool"
     make_demo_dataset(pool, n=40, seed=11, image_size=64)
-    base = tiny(demo_data)
+    base = tiny_config(demo_data)
     with pytest.raises(ValueError, match="--unlabeled"):
         run_ablation(base, ["baseline", "apds"], seeds=1, out=tmp_path / "no-pool")
     variant = "apds:beta=1.25,threshold=0.2"
@@ -186,7 +188,9 @@ def test_variant_tokens_for_calibration_and_scalar_heads():
 
 
 def test_ablation_calibration_variant_reuses_the_runs_and_keeps_srcc(demo_data, tmp_path):
-    base = tiny(demo_data, freeze_backbone=True).override("train", cache_features=True, epochs=2, lr=3e-3)
+    base = tiny_config(demo_data, model={"freeze_backbone": True}).override(
+        "train", cache_features=True, epochs=2, lr=3e-3
+    )
     table = run_ablation(base, ["baseline", "baseline+calibration"], seeds=1, out=tmp_path / "abl")
     assert not (tmp_path / "abl" / "runs" / "baseline+calibration").exists()  # same training run
     plain, calibrated = table.iloc[0], table.iloc[1]

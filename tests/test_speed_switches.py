@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 import elta
-from conftest import tiny_train_args
+from conftest import tiny_config, tiny_train_args
 from elta.cli import main
-from elta.config import DataConfig, ModelConfig, RunConfig, RuntimeConfig, TrainConfig
+from elta.config import RunConfig, RuntimeConfig
 from elta.data.annotations import read_annotations
 from elta.data.cache import CACHE_MARKER, build_cache, check_cache_fits
 from elta.data.images import load_image
@@ -31,15 +31,6 @@ def _photo(width: int, height: int) -> Image.Image:
     from skimage import data
 
     return Image.fromarray(data.astronaut()).resize((width, height), Image.Resampling.BICUBIC)
-
-
-def _tiny_config(data_root, epochs=1, images=None, **runtime_kw) -> RunConfig:
-    return RunConfig(
-        data=DataConfig(data=str(data_root / "AVA.txt"), images=images),
-        model=ModelConfig(backbone="test_convnext", weights="none", image_size=32, resize=36),
-        train=TrainConfig(epochs=epochs, batch_size=16, lr=1e-3),
-        runtime=RuntimeConfig(device="cpu", workers=0, **runtime_kw),
-    )
 
 
 # ------------------------------------------------------------------------------------------- image cache
@@ -180,7 +171,10 @@ def test_images_under_twice_the_target_decode_unchanged(tmp_path):
 
 @pytest.mark.parametrize(("amp", "channels_last"), [("bf16", False), ("off", True), ("bf16", True)])
 def test_bf16_and_channels_last_train_with_finite_losses(demo_data, tmp_path, amp, channels_last):
-    train(_tiny_config(demo_data, amp=amp, channels_last=channels_last), tmp_path / "run")
+    train(
+        tiny_config(demo_data, image_size=32, runtime={"amp": amp, "channels_last": channels_last}),
+        tmp_path / "run",
+    )
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert all(math.isfinite(metrics[c].iloc[0]) for c in ("train_loss", "val_loss", "val_srcc"))
     saved = load_checkpoint(tmp_path / "run" / "last.pt")
@@ -191,7 +185,7 @@ def test_bf16_and_channels_last_train_with_finite_losses(demo_data, tmp_path, am
 
 
 def test_bf16_run_stopped_after_an_epoch_resumes_to_the_same_weights(demo_data, tmp_path):
-    cfg = _tiny_config(demo_data, epochs=2, amp="bf16")
+    cfg = tiny_config(demo_data, epochs=2, image_size=32, runtime={"amp": "bf16"})
     train(cfg, tmp_path / "reference")
 
     def stop(epoch, _row):
@@ -207,7 +201,7 @@ def test_bf16_run_stopped_after_an_epoch_resumes_to_the_same_weights(demo_data, 
 
 
 def test_bf16_scoring_is_close_to_float32(demo_data, tmp_path):
-    train(_tiny_config(demo_data), tmp_path / "run")
+    train(tiny_config(demo_data, image_size=32), tmp_path / "run")
     photos = sorted((demo_data / "images").iterdir())[:8]
     exact = elta.load(tmp_path / "run", device="cpu", workers=0).score(photos)
     fast = elta.load(tmp_path / "run", device="cpu", workers=0, amp="bf16").score(photos)
@@ -239,4 +233,4 @@ def test_compile_without_a_compiler_stack_fails_clearly(demo_data, tmp_path, mon
     # Compiling even the tiny backbone takes minutes on a 2-core CPU, so only the refusal is tested here.
     monkeypatch.setattr(torch._dynamo, "is_dynamo_supported", lambda: False)
     with pytest.raises(RuntimeError, match="--compile: torch.compile is not available"):
-        train(_tiny_config(demo_data, compile=True), tmp_path / "run")
+        train(tiny_config(demo_data, image_size=32, runtime={"compile": True}), tmp_path / "run")
