@@ -1,5 +1,6 @@
 """Every registered enhancer trains for an epoch with its default settings: a finite loss that is the sum of its
 logged terms, finite validation metrics, the head it needs, and the config that names it.
+
 Parametrised over the registry, so a new enhancer is tested as soon as it is registered.
 """
 
