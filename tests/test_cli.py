@@ -147,7 +147,7 @@ def test_python_api_scores_paths_pil_images_and_tensors(trained_run, demo_data):
     image = Image.open(demo_data / "images" / "1.jpg")
     by_path = scorer.score(demo_data / "images" / "1.jpg")
     by_pil = scorer.score([image])
-    by_tensor = scorer.score(scorer.transform(image.convert("RGB"))[None])
+    by_tensor = scorer.score(scorer.transform(image.convert("RGB"))[None], normalized=True)
     assert by_path["score"].iloc[0] == pytest.approx(by_pil["score"].iloc[0], abs=1e-5)
     assert by_tensor["score"].iloc[0] == pytest.approx(by_pil["score"].iloc[0], abs=1e-5)
 

@@ -11,8 +11,8 @@ import math
 import pandas as pd
 import pytest
 import yaml
-from conftest import tiny_config
 
+from conftest import tiny_config
 from elta.engine.trainer import train
 from elta.enhancers import ENHANCERS
 from elta.models.checkpoint import load_checkpoint

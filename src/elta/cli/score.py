@@ -79,8 +79,10 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def predict(args: argparse.Namespace) -> int:
-    from elta.engine.predictor import Predictor, write_scores
+    from elta.engine.predictor import Predictor, score_format, write_scores
 
+    if args.out:
+        score_format(args.out)  # an unknown suffix fails before any scoring
     runtime = build_runtime(apply_options(RunConfig(), args).runtime)
     predictor = Predictor.from_checkpoint(args.checkpoint, runtime, calibrated=not args.no_calibration)
     frame = predictor.score(args.paths)
@@ -174,7 +176,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="score photos with a checkpoint")
     p.add_argument("paths", nargs="+", help="image files, folders (recursive) or .txt lists of paths")
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    p.add_argument("--out", help="scores.csv or scores.json (default: CSV on standard output)")
+    p.add_argument(
+        "--out", help="scores file: .csv, .json, .jsonl or .parquet (default: CSV on standard output)"
+    )
     p.add_argument("--no-calibration", **no_calibration)
     add_config_options(p, INFERENCE_RUNTIME)
     p.set_defaults(func=predict)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from elta.data.images import DEFAULT_MAX_PIXELS, load_image
@@ -19,7 +20,15 @@ from elta.data.transforms import ImageTransform
 from elta.errors import ImageLoadError
 from elta.utils import derive_seed
 
-__all__ = ["AnnotationDataset", "EpochBatchSampler", "ImageListDataset", "Batch", "collate", "dist_columns"]
+__all__ = [
+    "AnnotationDataset",
+    "EpochBatchSampler",
+    "ImageListDataset",
+    "Batch",
+    "collate",
+    "dist_columns",
+    "pixels_to_image",
+]
 
 
 def dist_columns(df: pd.DataFrame) -> list[str]:
@@ -136,30 +145,66 @@ class EpochBatchSampler(Sampler):
 
 
 class ImageListDataset(Dataset):
-    """Plain images for scoring: paths, PIL images or ready tensors [3, H, W] (already normalised)."""
+    """Images to score, in order: paths, encoded bytes, PIL images, arrays [H, W(, C)] or tensors [3, H, W].
+
+    Arrays and tensors hold pixels as uint8 (0..255) or as floats in [0, 1]; they go through the same resize and
+    normalisation as a file. With ``normalized`` the tensors are model inputs already (resized and normalised
+    as ``transform`` does) and are passed through. An item that cannot be used yields its reason.
+    """
 
     def __init__(
-        self, items: Sequence, transform: ImageTransform, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        items: Sequence,
+        transform: ImageTransform,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        normalized: bool = False,
     ) -> None:
         self.items = list(items)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.normalized = normalized
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         item = self.items[index]
-        if isinstance(item, torch.Tensor):
+        if self.normalized and isinstance(item, torch.Tensor):
             return {"ok": True, "index": index, "image": item.float()}
         try:
-            if hasattr(item, "convert"):
-                image = item.convert("RGB")
-            else:
-                image = load_image(item, self.max_pixels, target=self.transform.needed_size)
+            image = self._image(item, index)
         except ImageLoadError as exc:
             return {"ok": False, "index": index, "reason": str(exc)}
         return {"ok": True, "index": index, "image": self.transform(image)}
+
+    def _image(self, item, index: int) -> Image.Image:
+        if hasattr(item, "convert"):
+            return item.convert("RGB")
+        if isinstance(item, (torch.Tensor, np.ndarray)):
+            return pixels_to_image(item, f"image[{index}]")
+        return load_image(item, self.max_pixels, target=self.transform.needed_size)
+
+
+def pixels_to_image(pixels: np.ndarray | torch.Tensor, name: str) -> Image.Image:
+    """An RGB image from pixels: an array [H, W], [H, W, 3|4] or a tensor [3, H, W], as uint8 or floats in [0, 1]."""
+    if isinstance(pixels, torch.Tensor):
+        if pixels.dim() != 3 or pixels.shape[0] != 3:
+            raise ImageLoadError(name, f"a tensor image must be [3, H, W]; got {list(pixels.shape)}")
+        pixels = pixels.detach().cpu().permute(1, 2, 0).numpy()
+    values = np.asarray(pixels)
+    if values.ndim not in (2, 3) or (values.ndim == 3 and values.shape[2] not in (3, 4)):
+        raise ImageLoadError(name, f"an array image must be [H, W] or [H, W, 3|4]; got shape {values.shape}")
+    if values.dtype != np.uint8:
+        if not np.issubdtype(values.dtype, np.floating):
+            raise ImageLoadError(name, f"pixels must be uint8 or floats in [0, 1]; got {values.dtype}")
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ImageLoadError(
+                name,
+                f"float pixels must lie in [0, 1] (got {np.nanmin(values):.3g} … {np.nanmax(values):.3g}); "
+                "for model inputs already normalised, pass normalized=True",
+            )
+        values = np.round(values * 255.0).astype(np.uint8)
+    return Image.fromarray(values).convert("RGB")
 
 
 def collate(samples: list[dict]) -> Batch:

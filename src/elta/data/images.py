@@ -8,6 +8,7 @@ scale by libjpeg (draft mode), which is several times faster and never smaller t
 
 from __future__ import annotations
 
+import io
 import logging
 import ntpath
 import os
@@ -26,6 +27,7 @@ from elta.errors import ImageLoadError
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
+    "LIST_SUFFIXES",
     "list_images",
     "load_image",
     "read_image_size",
@@ -36,14 +38,14 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_PIXELS = 100_000_000
-LIST_EXTENSIONS = frozenset({".txt", ".lst"})
+LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _INT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _DRIVE = re.compile(r"[A-Za-z]:")
 
 
-def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
+def _check_size(path: str | Path, size: tuple[int, int], max_pixels: int) -> None:
     width, height = size
     if width * height > max_pixels:
         raise ImageLoadError(
@@ -53,7 +55,7 @@ def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
         )
 
 
-def _open_error(path: Path, err: Exception) -> ImageLoadError:
+def _open_error(path: str | Path, err: Exception) -> ImageLoadError:
     """Translate what PIL raises on open/decode into an ImageLoadError with a readable reason."""
     if isinstance(err, FileNotFoundError):
         return ImageLoadError(path, "file not found")
@@ -68,29 +70,30 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBo
 
 
 @contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
-    """``Image.open`` of an existing file; whatever PIL raises in the block becomes an ImageLoadError.
+def _opened(source: Path | bytes, name: str | Path) -> Iterator[Image.Image]:
+    """``Image.open`` of an existing file or of encoded bytes; whatever PIL raises in the block becomes an
+    ImageLoadError naming ``name``.
 
     PIL's DecompressionBombWarning is silenced: callers apply their own ``max_pixels`` check, and PIL's hard
     limit still raises and is translated.
     """
-    if not path.is_file():
-        raise ImageLoadError(path, "file not found" if not path.exists() else "not a file")
+    if isinstance(source, Path) and not source.is_file():
+        raise ImageLoadError(name, "file not found" if not source.exists() else "not a file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as img:
+            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
                 yield img
         except ImageLoadError:
             raise
         except _PIL_ERRORS as err:
-            raise _open_error(path, err) from err
+            raise _open_error(name, err) from err
 
 
 def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) in pixels from the file header only, without decoding; ImageLoadError when unusable."""
     path = Path(path)
-    with _opened(path) as img:
+    with _opened(path, path) as img:
         size = img.size
     _check_size(path, size, max_pixels)
     return size
@@ -122,7 +125,7 @@ def _float_to_uint8(img: Image.Image) -> np.ndarray:
     return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
 
 
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+def _to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     """Any PIL mode as 8-bit RGB; transparency is composited onto white."""
     mode = img.mode
     if "transparency" in img.info and mode in {"P", "L", "RGB"}:
@@ -143,7 +146,7 @@ def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
         raise ImageLoadError(path, f"unsupported image mode {mode!r} ({err})") from err
 
 
-def _exif_transpose(img: Image.Image, path: Path) -> Image.Image:
+def _exif_transpose(img: Image.Image, path: str | Path) -> Image.Image:
     """A copy of `img` with the EXIF orientation applied; a malformed EXIF block keeps the stored pixels."""
     try:
         return ImageOps.exif_transpose(img)
@@ -162,24 +165,25 @@ def _draft(img: Image.Image, target: int) -> None:
 
 
 def load_image(
-    path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None
+    source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, target: int | None = None
 ) -> Image.Image:
-    """Decode an image file to 8-bit RGB, EXIF orientation applied.
+    """Decode an image file (or its encoded bytes, e.g. an upload) to 8-bit RGB, EXIF orientation applied.
 
     Images larger than `max_pixels` (width * height) are refused before decoding. Every failure (missing
     file, not an image, truncated or corrupt data, too large) raises ImageLoadError naming the path.
     `target` (px) is the smallest side the caller needs: a JPEG whose shorter side is ≥ 2 × `target` may
     come back reduced by 2, 4 or 8, never below `target` on either side; None decodes at full size.
     """
-    path = Path(path)
+    source = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source)
+    name = source if isinstance(source, Path) else f"<{len(source)} bytes>"
     if target is not None and target < 1:
-        raise ValueError(f"load_image({path}): target must be ≥ 1 pixel or None; got {target}")
-    with _opened(path) as img:
-        _check_size(path, img.size, max_pixels)
+        raise ValueError(f"load_image({name}): target must be ≥ 1 pixel or None; got {target}")
+    with _opened(source, name) as img:
+        _check_size(name, img.size, max_pixels)
         if target is not None:
             _draft(img, target)
         img.load()
-        return _to_rgb(_exif_transpose(img, path), path)
+        return _to_rgb(_exif_transpose(img, name), name)
 
 
 def resolve_image_path(root: str | Path, image_id: str) -> Path:
@@ -255,7 +259,7 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             expanded = _images_below(path)
-        elif path.suffix.lower() in LIST_EXTENSIONS:
+        elif path.suffix.lower() in LIST_SUFFIXES:
             if not path.is_file():
                 raise ValueError(f"{path}: list file not found")
             expanded = _images_in_list(path)

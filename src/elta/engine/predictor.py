@@ -22,15 +22,15 @@ from tqdm.auto import tqdm
 
 from elta.calibration import calibrated_scores
 from elta.data.dataset import AnnotationDataset, ImageListDataset, dist_columns
-from elta.data.images import list_images
+from elta.data.images import LIST_SUFFIXES, list_images
 from elta.data.transforms import ImageTransform
 from elta.engine.runtime import Runtime
-from elta.errors import IncompatibleDataError
+from elta.errors import ConfigError, IncompatibleDataError, UnavailableError
 from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.models.model import AestheticModel, ModelOutput, ModelSpec
-from elta.utils import atomic_write_text
+from elta.utils import atomic_write, atomic_write_text
 
-__all__ = ["Predictions", "Predictor", "load", "write_scores"]
+__all__ = ["Predictions", "Predictor", "load", "score_format", "write_scores"]
 
 
 @dataclass
@@ -108,9 +108,9 @@ class Predictor:
         self._check_bins(frame)
         return self.predict(AnnotationDataset(frame, self.transform), desc=desc)
 
-    def predict_images(self, items: Sequence, desc: str = "scoring") -> Predictions:
-        """Image paths, PIL images, or tensors [3, H, W] already transformed as :attr:`transform` does."""
-        return self.predict(ImageListDataset(list(items), self.transform), desc=desc)
+    def predict_images(self, items: Sequence, desc: str = "scoring", normalized: bool = False) -> Predictions:
+        """Image paths, encoded bytes, PIL images, arrays or tensors (see :class:`ImageListDataset`)."""
+        return self.predict(ImageListDataset(list(items), self.transform, normalized=normalized), desc=desc)
 
     def predict_features(
         self, frame: pd.DataFrame, features: torch.Tensor, failed: dict[int, str], desc: str = "scoring"
@@ -149,29 +149,31 @@ class Predictor:
             features[torch.from_numpy(idx)] = out.cpu()
         return features, {i: e for i, e in enumerate(errors) if e}
 
-    def score(self, images: str | Path | Sequence | torch.Tensor) -> pd.DataFrame:
-        """Score paths (files, folders, list files), PIL images, or a tensor batch [B, 3, H, W].
+    def score(self, images, normalized: bool = False) -> pd.DataFrame:
+        """Score images: paths (files; folders and .txt/.lst lists are expanded), encoded bytes, PIL images,
+        arrays [H, W(, 3)] and tensors [3, H, W] (uint8, or floats in [0, 1]), or a batch [B, 3, H, W].
 
-        Tensors must already be resized and normalised as :attr:`transform` does. Unreadable files get their
-        reason in the ``error`` column; the others are scored. Columns: path, score, std, p1..pK,
+        With ``normalized`` the tensors are model inputs already (resized and normalised as :attr:`transform`
+        does). An image that cannot be used (a missing file, a broken one, pixels out of range) gets its reason
+        in the ``error`` column and the others are scored. Columns: path, score, std, p1..pK,
         score_uncalibrated (with a calibration map), error.
         """
-        if isinstance(images, torch.Tensor):
-            items: list = list(images) if images.dim() == 4 else [images]
-            names = [f"tensor[{i}]" for i in range(len(items))]
-        else:
-            if isinstance(images, (str, Path)) or hasattr(images, "convert"):
-                images = [images]
-            items, names = [], []
-            for entry in images:
-                if isinstance(entry, (str, Path)):
-                    found = list_images([entry])
-                    items += found
-                    names += [str(p) for p in found]
-                else:
-                    names.append(f"image[{len(items)}]")
-                    items.append(entry)
-        preds = self.predict_images(items)
+        if isinstance(images, torch.Tensor) and images.dim() == 4:
+            images = list(images)
+        elif isinstance(images, (str, Path, bytes, np.ndarray, torch.Tensor)) or hasattr(images, "convert"):
+            images = [images]
+        items, names = [], []
+        for entry in images:
+            if isinstance(entry, (str, Path)) and (
+                Path(entry).is_dir() or Path(entry).suffix in LIST_SUFFIXES
+            ):
+                found = list_images([entry])
+                items += found
+                names += [str(p) for p in found]
+            else:  # a missing file is reported in its row, not for the whole call
+                names.append(str(entry) if isinstance(entry, (str, Path)) else f"image[{len(items)}]")
+                items.append(entry)
+        preds = self.predict_images(items, normalized=normalized)
         frame = pd.DataFrame({"path": names, "score": preds.score, "std": preds.std})
         if preds.dist is not None:
             for k in range(preds.dist.shape[1]):
@@ -182,6 +184,17 @@ class Predictor:
             frame["score_uncalibrated"] = preds.uncalibrated
         frame["error"] = preds.errors
         return frame
+
+    @property
+    def score_range(self) -> tuple[float, float]:
+        """The rating scale scores come back on (the training dataset's)."""
+        lo, hi = self.spec.score_range
+        return float(lo), float(hi)
+
+    @property
+    def num_bins(self) -> int:
+        """Rating bins of the predicted distribution (0 for a scalar head)."""
+        return self.spec.num_bins
 
     def check_scale(self, score_range: Sequence[float], source: str) -> None:
         """Errors unless ``source`` is rated on the model's scale (metrics and calibration need the same one)."""
@@ -287,10 +300,33 @@ def load(
     return Predictor.from_checkpoint(checkpoint, runtime, calibrated=calibrated)
 
 
+SCORE_FORMATS = (".csv", ".json", ".jsonl", ".parquet")
+
+
+def score_format(out: str | Path) -> str:
+    """The format of a scores file by its suffix; an unknown one, or Parquet without pyarrow, is an error."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in SCORE_FORMATS:
+        raise ConfigError(
+            f"{out}: scores are written as {', '.join(SCORE_FORMATS)}; not {suffix or 'no suffix'}"
+        )
+    if suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError as exc:
+            raise UnavailableError(f"{out}: Parquet needs pyarrow (pip install pyarrow)") from exc
+    return suffix
+
+
 def write_scores(frame: pd.DataFrame, out: str | Path) -> Path:
-    """Write scores as CSV, or as JSON when ``out`` ends in .json (NaN becomes null)."""
-    out = Path(out)
-    if out.suffix.lower() == ".json":
-        records = frame.replace({np.nan: None}).to_dict("records")
+    """Write scores by the suffix of ``out``: .csv, .json (a list; NaN becomes null), .jsonl (a record a line) or
+    .parquet (needs pyarrow). Floats keep full precision."""
+    suffix = score_format(out)
+    if suffix == ".parquet":
+        return atomic_write(out, lambda fh: frame.to_parquet(fh, index=False))
+    if suffix == ".csv":
+        return atomic_write_text(out, frame.to_csv(index=False, float_format="%.17g"))
+    records = frame.replace({np.nan: None}).to_dict("records")
+    if suffix == ".json":
         return atomic_write_text(out, json.dumps(records, indent=1))
-    return atomic_write_text(out, frame.to_csv(index=False, float_format="%.6g"))
+    return atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
