@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 import warnings
 import zlib
@@ -196,16 +197,44 @@ def test_resolve_image_path_joins_safe_ids_without_resolving_the_root(tmp_path):
     assert resolve_image_path("imgs", "x..y.jpg") == Path("imgs/x..y.jpg")
 
 
-def test_list_images_expands_folders_recursively_and_sorted(tmp_path):
-    for name in ["b.jpg", "a.PNG", "sub/c.webp", "sub/deeper/d.tiff", "notes.txt", "e.gif", ".hidden.jpg"]:
+def test_list_images_expands_folders_recursively_and_sorted(tmp_path, caplog):
+    names = [
+        "b.jpg",
+        "a.PNG",
+        "sub/c.webp",
+        "sub/deeper/d.tiff",
+        "notes.txt",
+        "e.gif",
+        "f.avif",
+        ".hidden.jpg",
+    ]
+    for name in [*names, "sub/readme.md"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    assert list_images([tmp_path]) == [
+    with caplog.at_level(logging.WARNING, logger="elta.data.images"):
+        found = list_images([tmp_path])
+    assert found == [
         tmp_path / "a.PNG",
         tmp_path / "b.jpg",
+        tmp_path / "e.gif",
+        tmp_path / "f.avif",
         tmp_path / "sub" / "c.webp",
         tmp_path / "sub" / "deeper" / "d.tiff",
     ]
+    assert "left out 2 files that are not images (1 .txt, 1 .md)" in caplog.text
+
+
+def test_gif_and_avif_photos_decode_and_heic_names_its_package(tmp_path):
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    for suffix in (".gif", ".avif"):
+        photo.save(tmp_path / f"p{suffix}")
+        assert load_image(tmp_path / f"p{suffix}").size == (60, 40)
+    try:
+        import pillow_heif  # noqa: F401
+    except ImportError:
+        (tmp_path / "p.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+        with pytest.raises(ImageLoadError, match="pip install pillow-heif"):
+            load_image(tmp_path / "p.heic")
 
 
 def test_list_images_reads_list_files_and_keeps_order_without_duplicates(tmp_path):

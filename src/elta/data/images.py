@@ -15,6 +15,7 @@ import os
 import posixpath
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +37,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".avif", ".heic", ".heif"}
+)
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})  # decoded through the optional pillow-heif package
 DEFAULT_MAX_PIXELS = 100_000_000
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
@@ -178,6 +182,8 @@ def load_image(
     name = source if isinstance(source, Path) else f"<{len(source)} bytes>"
     if target is not None and target < 1:
         raise ValueError(f"load_image({name}): target must be ≥ 1 pixel or None; got {target}")
+    if isinstance(source, Path) and source.suffix.lower() in HEIF_EXTENSIONS and not _heif_opener():
+        raise ImageLoadError(name, "HEIC/HEIF images need the pillow-heif package: pip install pillow-heif")
     with _opened(source, name) as img:
         _check_size(name, img.size, max_pixels)
         if target is not None:
@@ -215,13 +221,39 @@ def _is_image(path: Path) -> bool:
 
 
 def _images_below(folder: Path) -> list[Path]:
-    """Image files below `folder`, recursively, sorted; hidden files and folders (".name") are skipped."""
-    found = []
+    """Image files below `folder`, recursively, sorted; hidden files and folders (".name") are left out, and
+    the number of other files left out is logged by suffix."""
+    found, others = [], Counter()
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         base = Path(dirpath)
-        found.extend(base / name for name in filenames if not name.startswith(".") and _is_image(Path(name)))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            if _is_image(Path(name)):
+                found.append(base / name)
+            else:
+                others[Path(name).suffix.lower() or "(no suffix)"] += 1
+    if others:
+        kinds = ", ".join(f"{n} {suffix}" for suffix, n in others.most_common())
+        logger.warning(
+            "%s: left out %d files that are not images (%s); images are %s",
+            folder,
+            sum(others.values()),
+            kinds,
+            " ".join(sorted(IMAGE_EXTENSIONS)),
+        )
     return sorted(found)
+
+
+def _heif_opener() -> bool:
+    """Register pillow-heif's HEIC/HEIF decoder with PIL; False when the package is not installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
 
 
 def _images_in_list(list_file: Path) -> list[Path]:
