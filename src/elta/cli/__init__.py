@@ -21,20 +21,44 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elta", description="Long-tail-aware image aesthetics assessment.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    _add_verbosity(parser, default=0)
     parser.add_argument("--version", action="version", version=f"elta {__import__('elta').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train.add_commands(sub)
     score.add_commands(sub)
     data.add_commands(sub)
+    for command in _subparsers(parser):
+        _add_verbosity(command, default=argparse.SUPPRESS)  # -q / -v after the command name too
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q", "--quiet", dest="verbosity", action="store_const", const=-1, default=default,
+        help="only warnings and errors (no progress)",
+    )  # fmt: skip
+    group.add_argument(
+        "-v", "--verbose", dest="verbosity", action="store_const", const=1, default=default,
+        help="debug messages too",
+    )  # fmt: skip
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every subcommand's parser, nested ones (``data check``) included."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                found += [command, *_subparsers(command)]
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    quiet = args.quiet or launch.rank() > 0  # under torchrun rank 0 reports progress
-    logging.getLogger("elta").setLevel(logging.WARNING if quiet else logging.INFO)
+    verbosity = -1 if launch.rank() > 0 else args.verbosity  # under torchrun rank 0 reports progress
+    logging.getLogger("elta").setLevel({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity])
     try:
         if launch.launched_by_torchrun() and args.command != "train":
             raise ConfigError(

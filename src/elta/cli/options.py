@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
+import logging
 import typing
 from typing import Any
 
@@ -167,5 +167,5 @@ def build_runtime(runtime: RuntimeConfig):
 
 
 def progress() -> bool:
-    """Progress bars only when standard error is a terminal."""
-    return sys.stderr.isatty()
+    """Whether a command reports progress: a bar on a terminal, else a log line every half minute; not with -q."""
+    return logging.getLogger("elta").isEnabledFor(logging.INFO)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-from tqdm.auto import tqdm
 
 from elta.data.annotations import Annotations
 from elta.data.check import write_problems
 from elta.data.images import ImageLoadError, load_image
+from elta.progress import progress_bar
 from elta.utils import atomic_write_text
 
 __all__ = ["CACHE_MARKER", "CacheInfo", "build_cache", "read_cache_info", "check_cache_fits"]
@@ -249,7 +249,7 @@ def build_cache(
     index, problems, jobs = _plan(df, root, out, reusable, (size, mode, quality))
     reused = len(index)
 
-    bar = tqdm(total=len(jobs), desc="caching images", unit="img", disable=not progress)
+    bar = progress_bar(desc="caching images", total=len(jobs), unit="img", enabled=progress)
     if workers > 0 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = pool.map(_cache_one, [job for _, _, job in jobs], chunksize=16)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from elta.data.annotations import Annotations
 from elta.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_size
 from elta.errors import ImageLoadError
+from elta.progress import progress_bar
 from elta.utils import atomic_write_text
 
 __all__ = ["CheckReport", "check_dataset", "check_images", "write_problems"]
@@ -90,7 +90,7 @@ def check_images(df: pd.DataFrame, deep: bool = True, progress: bool = False) ->
     decode (without `deep`, only the header is read: fast, but misses truncated data)."""
     problems = []
     rows = df[["source", "row", "image_id", "path"]].itertuples(index=False, name=None)
-    for row in tqdm(rows, total=len(df), desc="checking images", unit="img", disable=not progress):
+    for row in progress_bar(rows, desc="checking images", total=len(df), unit="img", enabled=progress):
         path = Path(row[3])
         if not path.is_file():
             problems.append(_image_problem(row, f"image not found: {path}"))

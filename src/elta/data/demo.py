@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
-from tqdm import tqdm
 
+from elta.progress import progress_bar
 from elta.utils import atomic_write_text
 
 __all__ = ["make_demo_dataset", "demo_dataset_exists", "severity_of_mos"]
@@ -208,7 +208,9 @@ def make_demo_dataset(
     severity = severity_of_mos(mos)  # from the recorded MOS, so label and pixels agree exactly
     splits = _split_ids(rng, n)
 
-    for i, image_rng in enumerate(tqdm(rng.spawn(n), desc="demo images", disable=not progress)):
+    for i, image_rng in enumerate(
+        progress_bar(rng.spawn(n), desc="demo images", unit="img", enabled=progress)
+    ):
         recipe = _recipe(image_rng, photos[sources[i]], int(sources[i]), float(severity[i]), image_size)
         img = _render(photos[sources[i]], recipe, image_size, image_rng)
         img.save(images / f"{i + 1}.jpg", format="JPEG", quality=SAVE_QUALITY)

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from elta.calibration import calibrated_scores
 from elta.data.dataset import AnnotationDataset, ImageListDataset, dist_columns
@@ -28,6 +27,7 @@ from elta.engine.runtime import Runtime
 from elta.errors import ConfigError, IncompatibleDataError, UnavailableError
 from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.models.model import AestheticModel, ModelOutput, ModelSpec
+from elta.progress import progress_bar
 from elta.utils import atomic_write, atomic_write_text
 
 __all__ = ["Predictions", "Predictor", "load", "score_format", "write_scores"]
@@ -229,7 +229,7 @@ class Predictor:
         """(dataset indices, ``forward(inputs)``) batch by batch; failures are written into ``errors``."""
         device = self.runtime.device
         loader = self.runtime.loader(dataset, shuffle=False)
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
             for index, reason in batch.failures:
                 errors[index] = reason
             if len(batch):

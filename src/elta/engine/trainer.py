@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from elta.config import RunConfig
 from elta.data.cache import check_cache_fits
@@ -40,6 +39,7 @@ from elta.metrics import evaluate
 from elta.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from elta.models.heads import ModelOutput, resolve_loss
 from elta.models.model import AestheticModel, build_model
+from elta.progress import progress_bar
 from elta.utils import atomic_write_text, derive_seed
 
 __all__ = [
@@ -276,7 +276,8 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
     # one loader for the whole run: its worker processes outlive the epochs
     sampler = EpochBatchSampler()
     loader = state.runtime.loader(state.train_set, persistent=True, batch_sampler=sampler)
-    for epoch in tqdm(range(state.epoch, t.epochs), desc="epochs", unit="epoch", disable=not state.progress):
+    epochs = range(state.epoch, t.epochs)
+    for epoch in progress_bar(epochs, desc="epochs", unit="epoch", enabled=state.progress):
         started = time.perf_counter()
         state.model.train()
         if cfg.model.freeze_backbone:
@@ -284,8 +285,8 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
         batches = epoch_batches(len(state.train_set), t.batch_size, t.seed, epoch, state.sample_weights)
         # each process's share of every batch (the whole batch in a single process)
         sampler.set_epoch(epoch, [state.processes.share(b) for b in batches[state.step :]])
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", total=len(batches), initial=state.step, unit="batch",
-                   leave=False, disable=not state.progress)  # fmt: skip
+        bar = progress_bar(loader, desc=f"epoch {epoch + 1}", total=len(batches), initial=state.step, unit="batch",
+                           enabled=state.progress)  # fmt: skip
         for batch in bar:
             values = step(state, batch)
             state.step += 1
