@@ -202,6 +202,23 @@ def test_imported_base_checkpoint_rebuilds_and_scores(tmp_path):
     torch.testing.assert_close(out.score, torch.tensor([5.0]))  # all-zero weights: 10 * sigmoid(0)
 
 
+def test_import_checkpoint_command_writes_a_checkpoint_that_predict_reads(tmp_path, capsys):
+    from elta.cli import main
+
+    state = base_original_state()
+    source = tmp_path / "ckpt.pth"
+    torch.save({"state_dict": state, "optimizer": adam_state_for(state, "emd")}, source)
+    assert main(["import-checkpoint", str(source), str(tmp_path / "elta.pt")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    converted = load_checkpoint(tmp_path / "elta.pt")
+    assert converted.spec.head == "distribution" and converted.imported_from["path"] == str(source)
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((300, 300, 3), dtype=np.uint8)).save(photo)
+    assert main(["predict", "--checkpoint", str(tmp_path / "elta.pt"), str(photo), "--device", "cpu"]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split(",")
+    assert float(row[1]) == pytest.approx(5.5)  # all-zero weights: a uniform distribution over 1..10
+
+
 def test_load_checkpoint_converts_original_ones_in_memory(tmp_path, caplog):
     state = base_original_state()
     source = tmp_path / "bare_state_dict.pth"

@@ -66,7 +66,7 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def import_checkpoint(args: argparse.Namespace) -> int:
-    from elta.models.original import import_original_checkpoint
+    from elta.models.checkpoint import import_original_checkpoint
 
     out = import_original_checkpoint(
         args.source, args.out, head=args.head, backbone=args.backbone, image_size=args.image_size

@@ -36,6 +36,7 @@ def run_demo(out: str | Path = "elta-demo", progress: bool = False, device: str 
     """Everything under ``out``: data/, run/, eval/. Re-running reuses finished steps."""
     from elta.data.demo import demo_dataset_exists, make_demo_dataset
     from elta.engine.evaluate import evaluate_checkpoint
+    from elta.engine.runtime import Runtime
     from elta.engine.trainer import train
     from elta.metrics import format_metrics
 
@@ -49,14 +50,18 @@ def run_demo(out: str | Path = "elta-demo", progress: bool = False, device: str 
         make_demo_dataset(data_dir, progress=progress)
     cfg = demo_config(data_dir, device=device)
     train(cfg, run_dir, resume=True, progress=progress)
-    metrics = evaluate_checkpoint(
-        run_dir / "best.pt", cfg, eval_dir, split="test", device=device, progress=progress
-    )
+    runtime = Runtime.from_config(cfg.runtime, progress=progress)
+    metrics = evaluate_checkpoint(run_dir / "best.pt", cfg, eval_dir, runtime, split="test")
     minutes = (time.perf_counter() - started) / 60
     print(format_metrics(metrics, title="elta demo: test split"))
     print(f"\nfinished in {minutes:.1f} min")
     print(f"checkpoint:  {run_dir / 'best.pt'}")
     print(f"predictions: {eval_dir / 'predictions.csv'}")
     print(f"report:      {eval_dir / 'report.png'}")
-    print(f"score your photos: elta predict --checkpoint {run_dir / 'best.pt'} PHOTOS/ --out scores.csv")
+    print(
+        "\nThis model learned the demo data's labels: how strongly blur, noise and JPEG artefacts degrade crops\n"
+        "of five photos. It is a working example of the pipeline, not a model of aesthetics; train on AVA,\n"
+        "PARA, TAD66K, AADB or KonIQ (see the README) for that. Scoring works the same way:\n"
+        f"  elta predict --checkpoint {run_dir / 'best.pt'} PHOTOS/ --out scores.csv"
+    )
     return metrics
