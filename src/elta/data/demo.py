@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from elta.errors import UnavailableError
 from elta.progress import progress_bar
 from elta.utils import atomic_write_text
 
@@ -68,7 +69,10 @@ def _source_photos() -> list[Image.Image]:
     try:
         from skimage import data
     except ImportError as exc:
-        raise ImportError("the demo dataset needs scikit-image: pip install 'elta[demo]'") from exc
+        raise UnavailableError(
+            "the demo dataset needs scikit-image: pip install scikit-image "
+            "(or, in the elta checkout, pip install -e '.[demo]')"
+        ) from exc
     arrays = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.stereo_motorcycle()[0]]
     return [Image.fromarray(a[..., :3]).convert("RGB") for a in arrays]
 

@@ -55,7 +55,9 @@ def _import_optuna():
     try:
         import optuna
     except ImportError as exc:
-        raise UnavailableError('elta tune needs Optuna: pip install "elta[tune]"') from exc
+        raise UnavailableError(
+            'elta tune needs Optuna: pip install optuna (or, in the elta checkout, pip install -e ".[tune]")'
+        ) from exc
     return optuna
 
 
