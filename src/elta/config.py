@@ -40,6 +40,7 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("constant", "cosine")
 FORMATS = ("auto", "ava", "elta-csv", "csv", "koniq", "para", "aadb")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+LOG_TARGETS = ("none", "tensorboard")
 
 # Keys that older configs kept in data/train and that now live in runtime. Saved run folders
 # (RUN_DIR/config.yaml, read by --resume) and `elta tune` base configs still carry them there.
@@ -259,6 +260,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = setting(0, "also write last.pt every N steps in an epoch (0 = at epoch ends)")
     cache_features: bool = setting(False, "frozen backbone: compute pooled features once, reuse them")
     feature_cache: str | None = setting(None, "feature cache file (default RUN_DIR/feature_cache.pt)")
+    log_to: str = setting(
+        "none",
+        "also log the per-epoch scalars of metrics.csv to TensorBoard (RUN_DIR/tensorboard; needs tensorboard)",
+        choices=LOG_TARGETS,
+    )
 
     def __post_init__(self) -> None:
         self._coerce()

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -34,7 +35,7 @@ from elta.engine.predictor import Predictor
 from elta.engine.prepare import PreparedData, prepare_data
 from elta.engine.runtime import Runtime
 from elta.enhancers import StepState, TrainingContext, build_enhancers, scalar_head_users
-from elta.errors import AnnotationError, RunExistsError, TrainingDivergedError
+from elta.errors import AnnotationError, RunExistsError, TrainingDivergedError, UnavailableError
 from elta.metrics import evaluate
 from elta.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from elta.models.heads import ModelOutput, resolve_loss
@@ -181,6 +182,7 @@ class TrainState:
     epoch_loss_sums: dict[str, float] = field(default_factory=dict)  # loss × samples, this epoch so far
     epoch_samples: int = 0
     rows: list[dict] = field(default_factory=list)  # metrics.csv, one row an epoch
+    board: Any = None  # a TensorBoard SummaryWriter with --log-to tensorboard (rank 0)
     problems: list[dict] = field(default_factory=list)  # bad_rows.csv
 
     @property
@@ -309,6 +311,11 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
         state.rows.append(row)
         if state.processes.is_main:
             atomic_write_text(state.run_dir / "metrics.csv", pd.DataFrame(state.rows).to_csv(index=False))
+        if state.board is not None:
+            for key, value in row.items():
+                if key != "epoch" and math.isfinite(value):
+                    state.board.add_scalar(key, value, epoch + 1)
+            state.board.flush()
         state.epoch, state.step, state.epoch_loss_sums, state.epoch_samples = epoch + 1, 0, {}, 0
         save(state, state.last_path)
         if improved:
@@ -325,6 +332,8 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
             on_epoch(epoch + 1, row)
     if state.best_epoch == 0:
         save(state, state.best_path, full=False)  # every validation metric was NaN: keep the last weights
+    if state.board is not None:
+        state.board.close()
     return {
         "run_dir": str(state.run_dir),
         "best_metric": state.best_metric,
@@ -536,6 +545,8 @@ def setup(
     state.forward = processes.wrap(StepForward(model, enhancers, state.features, processes), device)
     if saved is not None:
         _restore(state, saved)
+    if t.log_to == "tensorboard" and processes.is_main:
+        state.board = _tensorboard(run_dir, first_epoch=state.epoch + 1)
     log.info(
         "training %s (%s head, %s loss%s) on %d images, validating on %d; %d steps an epoch on %s (%s)%s",
         model.spec.backbone, model.spec.head, loss, "".join(f", {e.name}" for e in enhancers),
@@ -659,6 +670,17 @@ def _datasets(cfg: RunConfig, run_dir: Path, model: AestheticModel, data: Prepar
         AnnotationDataset(frame, None, features=caches[name].features, failed=caches[name].failed)
         for name, frame in (("train", data.train), ("val", data.val))
     )
+
+
+def _tensorboard(run_dir: Path, first_epoch: int):
+    """A SummaryWriter in RUN_DIR/tensorboard; events from ``first_epoch`` on (left by a killed run) are purged."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise UnavailableError(
+            "--log-to tensorboard needs the tensorboard package: pip install tensorboard"
+        ) from exc
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=first_epoch)
 
 
 def _attach_log_file(run_dir: Path) -> logging.Handler:

@@ -46,7 +46,7 @@ DEFAULT_SPACE: dict[str, dict[str, list]] = {
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
 # Settings that do not change a trial's result: a resumed search may differ in them.
-_VOLATILE = {"runtime.device", "runtime.workers", "runtime.batch_size", "train.feature_cache"}
+_VOLATILE = {"runtime.device", "runtime.workers", "runtime.batch_size", "train.feature_cache", "train.log_to"}
 # PyYAML reads 1e-5 (no dot) as a string; such choices and bounds are meant as numbers.
 _EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
