@@ -9,6 +9,7 @@ from elta.functional import (
     TFAMix,
     apds_select,
     apds_sharpen,
+    ava_units,
     flsa_loss,
     tfa_anchor_probs,
     tfa_mix,
@@ -254,6 +255,149 @@ def test_tfa_mix_keeps_feature_dtype():
     out = tfa_mix(features.bfloat16(), targets, scores, 0.5, 2.0, num_pairs=2)
     assert out.features.dtype == torch.bfloat16
     assert out.targets.dtype == torch.float32
+
+
+def test_tfa_mix_lambda_equals_the_probability_ratio():
+    # lambda = sigmoid((d_a - d_p) / tau1) is P(a) / (P(a) + P(p)) wherever the probabilities are finite.
+    features, targets, scores = _batch()
+    g = torch.Generator().manual_seed(4)
+    for tau1 in TAU1_GRID:
+        p = tfa_anchor_probs(scores.double(), tau1)
+        out = tfa_mix(features, targets, scores.double(), tau1, 2.0, num_pairs=6, generator=g)
+        a, j = out.anchors, out.partners
+        assert out.lam.tolist() == pytest.approx((p[a] / (p[a] + p[j])).tolist(), rel=1e-12, abs=1e-300)
+
+
+@pytest.mark.parametrize(
+    ("scores", "tau1", "pairs"),
+    [
+        # 0-100 scores read as AVA units, tau1 = 0.05, 3 pairs: most rows' float32 P(i) underflow to 0
+        ([10.0, 35.0, 50.0, 55.0, 70.0, 95.0], 0.05, 3),
+        # an AVA batch with tau1 = 0.02 and pairs = batch size
+        ([5.1, 5.3, 4.9, 5.6, 6.8, 3.2, 5.0, 5.4, 7.9, 2.5, 5.2, 5.5], 0.02, 12),
+    ],
+)
+def test_tfa_mix_many_pairs_with_tiny_tau1_stays_finite(scores, tau1, pairs):
+    scores = torch.tensor(scores)
+    assert (tfa_anchor_probs(scores, tau1) == 0).sum() > len(scores) - pairs  # the case that gave NaN
+    features = torch.randn(len(scores), 4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        out = tfa_mix(features, scores, scores, tau1, 2.0, num_pairs=pairs, generator=g)
+        assert torch.isfinite(out.lam).all() and ((out.lam >= 0) & (out.lam <= 1)).all()
+        assert torch.isfinite(out.features).all() and torch.isfinite(out.targets).all()
+        assert len(set(out.anchors.tolist())) == pairs
+        assert (out.partners != out.anchors).all()
+
+
+def test_tfa_mix_anchors_come_from_the_dominant_tail():
+    # mean 5.0625: the two tail rows are 4.06 and 4.44 away, the six others 0.0625. With tau1 = 0.02 the
+    # tail's probability exceeds the others' by e^190: two pairs always anchor on the tail rows, and with a
+    # third pair the extra anchor comes from the middle while the tail rows keep their place.
+    scores = torch.tensor([5.0] * 6 + [1.0, 9.5])
+    features = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(2)
+    for _ in range(50):
+        out = tfa_mix(features, scores, scores, 0.02, 2.0, num_pairs=2, generator=g)
+        assert sorted(out.anchors.tolist()) == [6, 7]
+        out = tfa_mix(features, scores, scores, 0.02, 2.0, num_pairs=3, generator=g)
+        assert sorted(out.anchors.tolist()[:2]) == [6, 7] and out.anchors[2] < 6
+        assert torch.isfinite(out.lam).all()
+        # a middle anchor mixed with a tail partner weighs ~0, a tail anchor with a middle partner ~1
+        for a, j, lam in zip(out.anchors.tolist(), out.partners.tolist(), out.lam.tolist(), strict=True):
+            if (a < 6) != (j < 6):
+                assert lam == pytest.approx(1.0 if a >= 6 else 0.0, abs=1e-6)
+
+
+def test_tfa_mix_two_anchors_follow_sampling_without_replacement():
+    # P(i) = [0.2760043, 0.1674051, 0.1015363, 0.4550542] (see above); an unordered pair {i, j} is drawn
+    # with probability P(i) P(j) / (1 - P(i)) + P(j) P(i) / (1 - P(j)).
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    p = tfa_anchor_probs(scores.double(), 2.0)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    expected_p = torch.tensor([p[i] * p[j] * (1 / (1 - p[i]) + 1 / (1 - p[j])) for i, j in pairs])
+    assert expected_p.sum().item() == pytest.approx(1.0)
+    n = 3000
+    g = torch.Generator().manual_seed(8)
+    counts = torch.zeros(len(pairs), dtype=torch.float64)
+    for _ in range(n):
+        out = tfa_mix(torch.zeros(4, 1), scores, scores, 2.0, 0.5, num_pairs=2, generator=g)
+        counts[pairs.index(tuple(sorted(out.anchors.tolist())))] += 1
+    expected = n * expected_p
+    # 6 cells, 5 degrees of freedom: the 99.9 % quantile is 20.52
+    assert ((counts - expected) ** 2 / expected).sum().item() < 20.52
+
+
+# --- score units: tau1, tau2, eps and beta act on AVA-equivalent distances ----------------------------------
+
+AVA_SCORES = torch.tensor([1.0, 2.5, 4.0, 5.5, 5.5, 6.0, 7.5, 9.5], dtype=torch.float64)
+OTHER_SCALES = [(0.0, 1.0), (0.0, 100.0), (1.0, 5.0)]
+
+
+def _from_ava(scores: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """AVA 1-10 scores mapped linearly onto [lo, hi]."""
+    return lo + (scores - 1) * (hi - lo) / 9
+
+
+def test_ava_units():
+    assert ava_units((1, 10)) == 1.0 and ava_units(None) == 1.0
+    assert ava_units([0.0, 1.0]) == 9.0 and ava_units((0, 100)) == pytest.approx(0.09)
+    with pytest.raises(ValueError, match="hi > lo"):
+        ava_units((5.0, 5.0))
+
+
+def test_ava_scale_gives_the_values_in_given_units():
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    assert torch.equal(tfa_anchor_probs(scores, 0.5, (1, 10)), tfa_anchor_probs(scores, 0.5))
+    assert torch.equal(
+        tfa_partner_probs(scores, 1, 1.0, score_range=(1, 10)), tfa_partner_probs(scores, 1, 1.0)
+    )
+    q = apds_sharpen(APDS_LOGITS, APDS_SCORES, BETA, score_range=(1.0, 10.0))
+    assert torch.equal(q, apds_sharpen(APDS_LOGITS, APDS_SCORES, BETA))
+
+
+@pytest.mark.parametrize(("lo", "hi"), OTHER_SCALES)
+def test_tfa_probabilities_on_any_scale_equal_those_on_ava(lo, hi):
+    scores = _from_ava(AVA_SCORES, lo, hi)
+    for tau1 in TAU1_GRID:
+        ours = tfa_anchor_probs(scores, tau1, (lo, hi))
+        assert torch.allclose(ours, tfa_anchor_probs(AVA_SCORES, tau1), rtol=1e-9, atol=0)
+    for tau2 in TAU2_GRID:
+        for anchor in range(len(scores)):
+            ours = tfa_partner_probs(scores, anchor, float(tau2), score_range=(lo, hi))
+            ava = tfa_partner_probs(AVA_SCORES, anchor, float(tau2))
+            assert torch.allclose(ours, ava, rtol=1e-9, atol=1e-300)
+    # The same seed draws the same pairs with the same lambda.
+    features = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ours = tfa_mix(features, scores, scores, 0.2, 3.0, 4, torch.Generator().manual_seed(5), (lo, hi))
+    ava = tfa_mix(features, AVA_SCORES, AVA_SCORES, 0.2, 3.0, 4, torch.Generator().manual_seed(5))
+    assert torch.equal(ours.anchors, ava.anchors) and torch.equal(ours.partners, ava.partners)
+    assert torch.allclose(ours.lam, ava.lam, rtol=1e-9)
+    assert torch.allclose(ours.scores, _from_ava(ava.scores, lo, hi), rtol=1e-9)
+
+
+@pytest.mark.parametrize(("lo", "hi"), OTHER_SCALES)
+def test_raw_units_would_flatten_or_sharpen_the_anchor_draw(lo, hi):
+    # Without the unit change, tau1 = 0.5 would be almost uniform on 0-1 and almost deterministic on 0-100.
+    scores = _from_ava(AVA_SCORES, lo, hi)
+    ratio = lambda p: (p.max() / p.min()).item()  # noqa: E731
+    ava = ratio(tfa_anchor_probs(AVA_SCORES, 0.5))
+    assert ratio(tfa_anchor_probs(scores, 0.5, (lo, hi))) == pytest.approx(ava, rel=1e-9)
+    # in raw units the logits scale by (hi - lo) / 9: max/min P is AVA's ratio to that power
+    assert ratio(tfa_anchor_probs(scores, 0.5)) == pytest.approx(ava ** ((hi - lo) / 9), rel=1e-6)
+
+
+@pytest.mark.parametrize(("lo", "hi"), OTHER_SCALES)
+def test_apds_sharpening_on_any_scale_equals_that_on_ava(lo, hi):
+    logits = torch.randn(8, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    scores = _from_ava(AVA_SCORES, lo, hi)
+    for beta in (1.0, 1.25):
+        ava = apds_sharpen(logits, AVA_SCORES, beta)
+        assert torch.allclose(apds_sharpen(logits, scores, beta, score_range=(lo, hi)), ava, rtol=1e-9)
+        ours = apds_sharpen(logits, scores, beta, center=lo + 3 * (hi - lo) / 9, score_range=(lo, hi))
+        assert torch.allclose(ours, apds_sharpen(logits, AVA_SCORES, beta, center=4.0), rtol=1e-9)
+        chosen = apds_select(logits, scores, beta, 0.6, score_range=(lo, hi))
+        assert torch.equal(chosen, apds_select(logits, AVA_SCORES, beta, 0.6))
 
 
 # --- FLSA ----------------------------------------------------------------------------------------------------

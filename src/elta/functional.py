@@ -6,6 +6,7 @@ Every function works on any device, keeps the batch on it, and is differentiable
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "dist_std",
     "emd_loss",
     "TFAMix",
+    "ava_units",
     "tfa_anchor_probs",
     "tfa_partner_probs",
     "tfa_mix",
@@ -79,35 +81,85 @@ class TFAMix(NamedTuple):
     lam: torch.Tensor  # [m], weight of the anchor
 
 
-def tfa_anchor_probs(scores: torch.Tensor, tau1: float) -> torch.Tensor:
+AVA_SPAN = 9.0  # hi − lo of AVA's 1–10 scale, on which τ1, τ2, ε and APDS's β were tuned
+
+
+def ava_units(score_range: Sequence[float] | None) -> float:
+    """Factor that turns a score difference on ``score_range`` = (lo, hi) into AVA-equivalent units.
+
+    ``9 / (hi − lo)``: exactly 1 on AVA's 1–10 scale, 9 on AADB's 0–1, 0.09 on 0–100. ``None`` means the
+    differences are already in AVA units (factor 1).
+    """
+    if score_range is None:
+        return 1.0
+    lo, hi = (float(v) for v in score_range)
+    if not hi > lo:
+        raise ValueError(f"score_range must have hi > lo; got ({lo}, {hi})")
+    return AVA_SPAN / (hi - lo)
+
+
+def _anchor_logits(scores: torch.Tensor, tau1: float, score_range: Sequence[float] | None) -> torch.Tensor:
+    """``|s̄ − s_i| / τ1`` with the distance in AVA units: [B] -> [B], float32 or float64."""
+    s = _at_least_float32(scores)
+    return (s.mean() - s).abs() * ava_units(score_range) / tau1
+
+
+def tfa_anchor_probs(
+    scores: torch.Tensor, tau1: float, score_range: Sequence[float] | None = None
+) -> torch.Tensor:
     """Anchor probabilities ``P(i) = softmax_i(|s̄ − s_i| / τ1)``, s̄ the batch mean.
 
-    scores: [B] MOS on any scale. Returns [B] in float32 (float64 if scores are), computed in log space.
+    scores: [B] MOS; score_range: the dataset's (lo, hi), so that distances are measured in AVA-equivalent
+    units (:func:`ava_units`; ``None``: as given). Returns [B] in float32 (float64 if scores are).
     """
-    s = _at_least_float32(scores)
-    return torch.softmax((s.mean() - s).abs() / tau1, dim=0)
+    return torch.softmax(_anchor_logits(scores, tau1, score_range), dim=0)
 
 
-def _partner_probs(scores: torch.Tensor, anchors: torch.Tensor, tau2: float, eps: float) -> torch.Tensor:
-    """``P(j | a)`` for each anchor ``a``: [B] scores, [m] anchors -> [m, B], zero at ``j = a``."""
+def _partner_logits(
+    scores: torch.Tensor,
+    anchors: torch.Tensor,
+    tau2: float,
+    eps: float,
+    score_range: Sequence[float] | None,
+) -> torch.Tensor:
+    """``τ2 / (|s_a − s_j| + ε)`` for each anchor ``a``: [B] scores, [m] anchors -> [m, B], −inf at ``j = a``."""
     s = _at_least_float32(scores)
-    logits = tau2 / ((s[anchors].unsqueeze(1) - s.unsqueeze(0)).abs() + eps)
-    # Softmax of the logits, never exp(τ2 / ε) itself: that overflows float64 once τ2 > ~7.1 with a tie.
+    gap = (s[anchors].unsqueeze(1) - s.unsqueeze(0)).abs() * ava_units(score_range)
+    # Kept as logits, never exp(τ2 / ε) itself: that overflows float64 once τ2 > ~7.1 with a tie.
     is_anchor = anchors.unsqueeze(1) == torch.arange(s.shape[0], device=s.device).unsqueeze(0)
-    return torch.softmax(logits.masked_fill(is_anchor, float("-inf")), dim=1)
+    return (tau2 / (gap + eps)).masked_fill(is_anchor, float("-inf"))
 
 
-def tfa_partner_probs(scores: torch.Tensor, anchor: int, tau2: float, eps: float = 0.01) -> torch.Tensor:
+def tfa_partner_probs(
+    scores: torch.Tensor,
+    anchor: int,
+    tau2: float,
+    eps: float = 0.01,
+    score_range: Sequence[float] | None = None,
+) -> torch.Tensor:
     """Partner probabilities ``P(j | a) ∝ exp(τ2 / (|s_a − s_j| + ε))`` over ``j ≠ a``; exactly 0 at ``j = a``.
 
-    scores: [B] MOS (B ≥ 2); anchor: index a in [−B, B). Returns [B] in float32 (float64 if scores are),
-    computed in log space, so ties stay finite for any τ2.
+    scores: [B] MOS (B ≥ 2); anchor: index a in [−B, B); score_range as in :func:`tfa_anchor_probs` (ε is in
+    AVA units too). Returns [B] in float32 (float64 if scores are), computed in log space, so ties stay
+    finite for any τ2.
     """
     n = scores.shape[0]
     if not -n <= anchor < n:
         raise IndexError(f"tfa_partner_probs: anchor {anchor} out of range for a batch of {n}")
     anchors = torch.tensor([anchor % n], device=scores.device)
-    return _partner_probs(scores, anchors, tau2, eps)[0]
+    return torch.softmax(_partner_logits(scores, anchors, tau2, eps, score_range)[0], dim=0)
+
+
+def _gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``k`` indices drawn without replacement from ``softmax(logits)`` along the last dim (Gumbel-top-k).
+
+    Works on the logits, so a row whose probability underflows to 0 in a softmax keeps its true (tiny)
+    chance, and a −inf logit is never drawn while a finite one is left. Returns long [..., k].
+    """
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device)
+    # −log(−log u) is Gumbel(0, 1); u = 0 gives −inf, which only puts that row last.
+    keys = logits - torch.log(-torch.log(u))
+    return keys.topk(k, dim=-1).indices
 
 
 def _append_mixed(
@@ -129,16 +181,19 @@ def tfa_mix(
     tau2: float,
     num_pairs: int = 1,
     generator: torch.Generator | None = None,
+    score_range: Sequence[float] | None = None,
 ) -> TFAMix:
     """Tail feature augmentation: mix ``m`` drawn (anchor, partner) pairs and append them to the batch.
 
-    features: [B, D]; targets: [B, K] distributions or [B] scalars; scores: [B] MOS. Anchors are drawn without
-    replacement from :func:`tfa_anchor_probs`, each one's partner from :func:`tfa_partner_probs` (ε = 0.01),
-    and ``λ = P(a) / (P(a) + P(p))`` with both P from the anchor distribution. ``m = min(num_pairs, B)``; a
-    batch of fewer than 2 samples (or ``num_pairs = 0``) comes back unchanged with empty anchors.
-    Everything stays on the input device; this code never copies to the host (``torch.multinomial``'s own
-    input checks may still synchronise, depending on the torch version). ``generator``, if given, must live
-    on that same device (``torch.multinomial`` requires it). Differentiable w.r.t. features (and targets).
+    features: [B, D]; targets: [B, K] distributions or [B] scalars; scores: [B] MOS; score_range: the
+    dataset's (lo, hi), to measure score distances in AVA-equivalent units (see :func:`ava_units`). Anchors
+    are drawn without replacement from :func:`tfa_anchor_probs`, each one's partner from
+    :func:`tfa_partner_probs` (ε = 0.01), both by Gumbel-top-k on the logits, and
+    ``λ = P(a) / (P(a) + P(p)) = sigmoid((d_a − d_p) / τ1)`` with d = |s̄ − s|, which stays finite when the
+    probabilities underflow. ``m = min(num_pairs, B)``; a batch of fewer than 2 samples (or
+    ``num_pairs = 0``) comes back unchanged with empty anchors. Everything stays on the input device without
+    a copy to the host; ``generator``, if given, must live on that same device. Differentiable w.r.t.
+    features (and targets).
     """
     if num_pairs < 0:
         raise ValueError(f"tfa_mix: num_pairs must be >= 0, got {num_pairs}")
@@ -153,11 +208,11 @@ def tfa_mix(
         empty = torch.empty(0, dtype=torch.long, device=scores.device)
         lam = torch.empty(0, dtype=_at_least_float32(scores).dtype, device=scores.device)
         return TFAMix(features, targets, scores, empty, empty, lam)
-    p = tfa_anchor_probs(scores, tau1)
-    anchors = torch.multinomial(p, m, replacement=False, generator=generator)
-    partner_probs = _partner_probs(scores, anchors, tau2, eps=0.01)
-    partners = torch.multinomial(partner_probs, 1, generator=generator).squeeze(1)
-    lam = p[anchors] / (p[anchors] + p[partners])
+    anchor_logits = _anchor_logits(scores, tau1, score_range)
+    anchors = _gumbel_top_k(anchor_logits, m, generator)
+    partner_logits = _partner_logits(scores, anchors, tau2, 0.01, score_range)
+    partners = _gumbel_top_k(partner_logits, 1, generator).squeeze(1)
+    lam = torch.sigmoid(anchor_logits[anchors] - anchor_logits[partners])
     return TFAMix(
         features=_append_mixed(features, anchors, partners, lam),
         targets=_append_mixed(targets, anchors, partners, lam),
@@ -206,16 +261,18 @@ def apds_sharpen(
     scores: torch.Tensor,
     beta: float,
     center: float | torch.Tensor | None = None,
+    score_range: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Sharpened distributions ``q = softmax(z · exp(β · |c − ŝ|))``.
 
-    logits: [B, K]; scores: [B] predicted MOS; center c on the same scale (default: mean of ``scores``).
-    Returns [B, K] in float32 (float64 if the logits are).
+    logits: [B, K]; scores: [B] predicted MOS; center c on the same scale (default: mean of ``scores``);
+    score_range: the scale's (lo, hi), so that |c − ŝ| is measured in AVA-equivalent units
+    (:func:`ava_units`; ``None``: as given). Returns [B, K] in float32 (float64 if the logits are).
     """
     z = _at_least_float32(logits)
     s = scores.to(device=z.device, dtype=z.dtype)
     c = s.mean() if center is None else torch.as_tensor(center, dtype=z.dtype, device=z.device)
-    temperature = torch.exp(beta * (c - s).abs())
+    temperature = torch.exp(beta * (c - s).abs() * ava_units(score_range))
     return torch.softmax(z * temperature.unsqueeze(1), dim=1)
 
 
@@ -225,6 +282,7 @@ def apds_select(
     beta: float,
     threshold: float,
     center: float | torch.Tensor | None = None,
+    score_range: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Which samples to pseudo-label: ``max_k q_k > threshold`` with q from :func:`apds_sharpen`. Bool [B]."""
-    return apds_sharpen(logits, scores, beta, center).amax(dim=1) > threshold
+    return apds_sharpen(logits, scores, beta, center, score_range).amax(dim=1) > threshold

@@ -21,8 +21,10 @@ class TFA(Enhancer):
 
     Anchor i ~ softmax(|s̄ − s_i| / τ1) without replacement, partner j ~ softmax(τ2 / (|s_i − s_j| + ε)),
     λ = P(i) / (P(i) + P(j)); f̃ = λ f_i + (1 − λ) f_j, and the same for targets, scores and weights.
-    Draws use torch's default generator of the features' device, which the trainer seeds every step. In a
-    distributed run each process mixes pairs within its own share of the batch.
+    Score distances are measured in AVA-equivalent units, |Δs| · 9 / (hi − lo) on the dataset's range, so
+    τ1, τ2 and ε mean the same on every scale. Draws use torch's default generator of the features' device,
+    which the trainer seeds every step. In a distributed run each process mixes pairs within its own share
+    of the batch.
     """
 
     name = "tfa"
@@ -42,7 +44,13 @@ class TFA(Enhancer):
 
     def forward(self, state: StepState) -> StepState:
         mixed = tfa_mix(
-            state.features, state.targets, state.scores, self.cfg.tau1, self.cfg.tau2, self.cfg.pairs
+            state.features,
+            state.targets,
+            state.scores,
+            self.cfg.tau1,
+            self.cfg.tau2,
+            self.cfg.pairs,
+            score_range=state.score_range,
         )
         if mixed.anchors.numel():
             lam = mixed.lam.to(state.weights.dtype)

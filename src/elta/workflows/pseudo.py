@@ -102,10 +102,12 @@ def calibrate_apds(
     thresholds: Sequence[float],
     min_selected: int,
     center: float | None = None,
+    score_range: Sequence[float] | None = None,
 ) -> tuple[float, float, list[dict]]:
     """Grid-search β and t on labelled images; returns (beta, threshold, grid).
 
-    logits [N, K], pred_mos / gt_mos [N] on the dataset's scale; center c of APDS (default: mean of pred_mos).
+    logits [N, K], pred_mos / gt_mos [N] on the dataset's scale; center c of APDS (default: mean of pred_mos);
+    score_range: that scale's (lo, hi), so that β acts on AVA-equivalent distances (``None``: as given).
     grid: one dict per (β, t) in grid order with ``count`` (selected images) and ``mae`` of the selected
     predictions (None when nothing is selected). The winner has the lowest MAE among cells with
     count ≥ min_selected; ties go to the larger selection, then to the earlier cell.
@@ -118,7 +120,7 @@ def calibrate_apds(
         raise ValueError(f"calibrate_apds: {len(z)} logits rows, {len(pred)} predictions, {len(err)} labels")
     grid = []
     for beta in betas:
-        confidence = apds_sharpen(z, pred, float(beta), center).amax(dim=1)
+        confidence = apds_sharpen(z, pred, float(beta), center, score_range).amax(dim=1)
         for t in thresholds:
             chosen = confidence > t
             count = int(chosen.sum())
@@ -221,6 +223,7 @@ def _search(
         thresholds,
         min_selected,
         center=center,
+        score_range=predictor.spec.score_range,
     )
     return {
         "beta": beta,
@@ -356,7 +359,11 @@ def pseudo_label(
     good_preds = preds.select(ok)
     center = float(good_preds.score.mean())  # SPEC: c is the mean prediction over the scored set
     q = apds_sharpen(
-        logits_from_distribution(good_preds.dist), torch.as_tensor(good_preds.score), beta, center
+        logits_from_distribution(good_preds.dist),
+        torch.as_tensor(good_preds.score),
+        beta,
+        center,
+        score_range=teacher.spec.score_range,
     )
     confidence = q.amax(dim=1).numpy()
     frame = _pseudo_frame(good, good_preds, confidence, weight)
