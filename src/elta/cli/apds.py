@@ -30,7 +30,9 @@ def float_list(text: str) -> tuple[float, ...]:
 def add_apds_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("APDS selection")
     g.add_argument(
-        "--beta", type=float, help="sharpening strength β; with --threshold, skips the grid search"
+        "--beta",
+        type=float,
+        help="sharpening strength β (per AVA-equivalent score unit); with --threshold, skips the grid search",
     )
     g.add_argument("--threshold", type=float, help="selection threshold t on max_k q_k (with --beta)")
     g.add_argument(

@@ -100,8 +100,16 @@ def add_enhancer_options(parser: argparse.ArgumentParser) -> None:
     """The ELTA shortcuts (--tfa, --tfa-tau1, …, --flsa-weight, --flsa-range) and --enhancer NAME:k=v."""
     group = parser.add_argument_group("enhancers (ELTA)")
     group.add_argument("--tfa", action="store_true", default=None, help="tail feature augmentation (mixup)")
-    group.add_argument("--tfa-tau1", metavar="X", help="TFA anchor temperature τ1 (default 0.5)")
-    group.add_argument("--tfa-tau2", metavar="X", help="TFA partner temperature τ2 (default 2)")
+    group.add_argument(
+        "--tfa-tau1",
+        metavar="X",
+        help="TFA anchor temperature τ1, in AVA-equivalent score units (default 0.5)",
+    )
+    group.add_argument(
+        "--tfa-tau2",
+        metavar="X",
+        help="TFA partner temperature τ2, in AVA-equivalent score units (default 2)",
+    )
     group.add_argument("--tfa-pairs", metavar="N", help="mixed samples appended per batch (default 1)")
     group.add_argument("--flsa-weight", metavar="X", help="feature-label similarity alignment weight w")
     group.add_argument(
