@@ -70,7 +70,8 @@ class APDSUnavailableError(EltaError, ValueError):
 
 
 class CalibrationError(EltaError, ValueError):
-    """No (β, t) cell of the APDS grid selects enough calibration images."""
+    """A calibration cannot be fitted on the data given: no (β, t) cell of the APDS grid selects enough
+    calibration images, or the predictions or labels allow no strictly increasing score map."""
 
 
 class StaleStageError(EltaError, RuntimeError):
