@@ -22,10 +22,10 @@ from tqdm.auto import tqdm
 
 from elta.calibration import calibrated_scores
 from elta.data.dataset import AnnotationDataset, ImageListDataset, dist_columns
-from elta.data.images import list_images
+from elta.data.images import IMAGE_EXTENSIONS, list_images
 from elta.data.transforms import ImageTransform
 from elta.engine.runtime import Runtime
-from elta.errors import IncompatibleDataError
+from elta.errors import ImageLoadError, IncompatibleDataError
 from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.models.model import AestheticModel, ModelOutput, ModelSpec
 from elta.utils import atomic_write_text
@@ -171,6 +171,9 @@ class Predictor:
                 else:
                     names.append(f"image[{len(items)}]")
                     items.append(entry)
+            if not items:
+                given = ", ".join(map(str, images)) or "(nothing given)"
+                raise ImageLoadError(given, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) here")
         preds = self.predict_images(items)
         frame = pd.DataFrame({"path": names, "score": preds.score, "std": preds.std})
         if preds.dist is not None:
