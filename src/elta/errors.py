@@ -13,6 +13,7 @@ __all__ = [
     "AnnotationError",
     "ImageLoadError",
     "CheckpointError",
+    "CacheError",
     "IncompatibleDataError",
     "WeightsUnavailableError",
     "RunExistsError",
@@ -47,6 +48,11 @@ class ImageLoadError(EltaError):
 
 class CheckpointError(EltaError, ValueError):
     """The file is not a checkpoint this version can read."""
+
+
+class CacheError(EltaError, ValueError):
+    """A folder of cached images cannot be used: its marker is unreadable or of another kind, or the
+    original images are asked for and it is a cache."""
 
 
 class IncompatibleDataError(EltaError, ValueError):

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 from tqdm import tqdm
 
+from elta.errors import ConfigError
 from elta.utils import atomic_write_text
 
 __all__ = ["make_demo_dataset", "demo_dataset_exists", "severity_of_mos"]
@@ -192,7 +193,7 @@ def make_demo_dataset(
     Deterministic: the same ``seed``, ``n`` and ``image_size`` give the same files, byte for byte.
     """
     if n < 3:
-        raise ValueError(f"n={n}: the demo dataset needs at least 3 images (one per split)")
+        raise ConfigError(f"--n {n}: the demo dataset needs at least 3 images (one per split)")
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
