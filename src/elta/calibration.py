@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from elta.errors import CalibrationError
 from elta.metrics import OVERALL_ROWS, TAIL_ROWS, as_pair, as_scores, evaluate, format_value
 
 __all__ = [
@@ -154,14 +155,16 @@ def _fit_affine(p: np.ndarray, g: np.ndarray) -> dict[str, float]:
     # Matching mean and sd, not least squares: the least-squares slope r * sd(gt) / sd(pred) leaves the
     # predictions' sd at r * sd(gt), i.e. keeps regressing to the mean whenever the correlation r < 1.
     if np.ptp(g) == 0:
-        raise ValueError("gt is constant: an affine map onto it would have slope 0 and erase the ranking")
+        raise CalibrationError(
+            "gt is constant: an affine map onto it would have slope 0 and erase the ranking"
+        )
     a = float(g.std() / p.std())
     return {"a": a, "b": float(g.mean() - a * p.mean())}
 
 
 def _fit_quantile(p: np.ndarray, train_gt: np.ndarray) -> dict[str, list[float]]:
     if np.ptp(train_gt) == 0:
-        raise ValueError("train_gt is constant: its quantiles cannot give a strictly increasing map")
+        raise CalibrationError("train_gt is constant: its quantiles cannot give a strictly increasing map")
     if p.size <= _QUANTILE_KNOTS:
         probs = np.linspace(0.0, 1.0, p.size)
         x = np.sort(p)
@@ -206,7 +209,7 @@ def _fit_isotonic(p: np.ndarray, g: np.ndarray) -> dict[str, list[float]]:
     y = np.bincount(inverse, weights=g) / counts
     values, weights, sizes = _pav(y, counts.astype(np.float64))
     if values.size < 2:
-        raise ValueError(
+        raise CalibrationError(
             "isotonic fit is a single flat block (gt does not increase with pred on these samples); "
             "check the predictions or use method='affine'"
         )
@@ -240,17 +243,19 @@ def fit_calibration(
 
     Quantile and isotonic continue beyond their first and last knots linearly, with the chord slope
     (last - first knot), so predictions outside the fitted range keep their order. All outputs are clipped
-    to ``score_range`` (lo, hi). Raises ValueError for an unknown method, constant predictions, a map that
-    would not be strictly increasing (constant gt / train_gt, a single isotonic block), or quantile without
-    ``train_gt``.
+    to ``score_range`` (lo, hi). Raises :class:`~elta.errors.CalibrationError` when the data allow no
+    strictly increasing map (constant predictions, constant gt / train_gt, a single isotonic block) and
+    ValueError for an unknown method or quantile without ``train_gt``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r}; choose one of {METHODS}")
     lo_hi = _check_range(score_range)
     p, g = as_pair(pred, gt)
-    if p.size < 2 or np.ptp(p) == 0:
-        raise ValueError(
-            f"predictions are constant ({p.size} sample(s), all {p[0]:g}): no increasing map can spread them"
+    if p.size < 2:
+        raise CalibrationError(f"{p.size} prediction(s): a calibration map needs at least 2 to fit")
+    if np.ptp(p) == 0:
+        raise CalibrationError(
+            f"predictions are constant ({p.size} samples, all {p[0]:g}): no increasing map can spread them"
         )
     if method == "affine":
         params = _fit_affine(p, g)

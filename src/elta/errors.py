@@ -13,6 +13,7 @@ __all__ = [
     "AnnotationError",
     "ImageLoadError",
     "CheckpointError",
+    "CacheError",
     "IncompatibleDataError",
     "WeightsUnavailableError",
     "RunExistsError",
@@ -49,6 +50,11 @@ class CheckpointError(EltaError, ValueError):
     """The file is not a checkpoint this version can read."""
 
 
+class CacheError(EltaError, ValueError):
+    """A folder of cached images cannot be used: its marker is unreadable or of another kind, or the
+    original images are asked for and it is a cache."""
+
+
 class IncompatibleDataError(EltaError, ValueError):
     """A dataset does not fit a model: another number of rating bins or another rating scale."""
 
@@ -70,7 +76,8 @@ class APDSUnavailableError(EltaError, ValueError):
 
 
 class CalibrationError(EltaError, ValueError):
-    """No (β, t) cell of the APDS grid selects enough calibration images."""
+    """A calibration cannot be fitted on the data given: no (β, t) cell of the APDS grid selects enough
+    calibration images, or the predictions or labels allow no strictly increasing score map."""
 
 
 class StaleStageError(EltaError, RuntimeError):

@@ -68,8 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    # ValueError and RuntimeError: modules that do not raise elta.errors yet (engine, data, some
-    # workflows) still report user input that way. This goes once every module raises elta.errors.
-    except (EltaError, OSError, ValueError, RuntimeError) as exc:
+    except (EltaError, OSError) as exc:
         print(f"elta {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ from PIL import Image
 from elta.data.annotations import Annotations
 from elta.data.check import write_problems
 from elta.data.images import ImageLoadError, load_image
+from elta.errors import CacheError, ConfigError
 from elta.progress import progress_bar
 from elta.utils import atomic_write_text
 
@@ -85,11 +86,11 @@ def read_cache_info(root: str | Path) -> CacheInfo | None:
         raw = json.loads(marker.read_text(encoding="utf-8"))
         info = CacheInfo(**raw)
     except (ValueError, TypeError) as exc:
-        raise ValueError(
+        raise CacheError(
             f"{marker}: not a readable elta cache marker ({exc}); rebuild the cache with `elta data cache`"
         ) from exc
     if info.kind != KIND:
-        raise ValueError(
+        raise CacheError(
             f"{marker}: kind {info.kind!r}, expected {KIND!r}; rebuild it with `elta data cache`"
         )
     return info
@@ -174,11 +175,11 @@ def _write_marker(out: Path, info: CacheInfo) -> None:
 
 def _check_out(out: Path, root: Path) -> None:
     if read_cache_info(root) is not None:
-        raise ValueError(f"{root} is already an elta cache; build the cache from the original images")
+        raise CacheError(f"{root} is already an elta cache; build the cache from the original images")
     if out.resolve() == root.resolve():
-        raise ValueError(f"--out {out} is the image folder itself; choose a new folder for the cache")
+        raise ConfigError(f"--out {out} is the image folder itself; choose a new folder for the cache")
     if out.is_dir() and any(out.iterdir()) and not (out / CACHE_MARKER).is_file():
-        raise ValueError(
+        raise ConfigError(
             f"--out {out} exists and is not an elta cache (no {CACHE_MARKER}); choose a new or empty folder"
         )
 
@@ -233,11 +234,11 @@ def build_cache(
     bad, bad_list (path or None), bytes (cached files), size, mode, quality.
     """
     if mode not in MODES:
-        raise ValueError(f"cache mode must be one of {', '.join(MODES)}; got {mode!r}")
+        raise ConfigError(f"cache mode must be one of {', '.join(MODES)}; got {mode!r}")
     if size < 1:
-        raise ValueError(f"cache size must be ≥ 1 px; got {size}")
+        raise ConfigError(f"cache size must be ≥ 1 px; got {size}")
     if not 1 <= quality <= 100:
-        raise ValueError(f"cache quality must be in 1..100; got {quality}")
+        raise ConfigError(f"cache quality must be in 1..100; got {quality}")
     df, root = annotations.frame, Path(annotations.info.images_root).absolute()
     out = Path(out).absolute()
     _check_out(out, root)

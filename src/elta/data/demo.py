@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from elta.errors import UnavailableError
+from elta.errors import ConfigError, UnavailableError
 from elta.progress import progress_bar
 from elta.utils import atomic_write_text
 
@@ -196,7 +196,7 @@ def make_demo_dataset(
     Deterministic: the same ``seed``, ``n`` and ``image_size`` give the same files, byte for byte.
     """
     if n < 3:
-        raise ValueError(f"n={n}: the demo dataset needs at least 3 images (one per split)")
+        raise ConfigError(f"--n {n}: the demo dataset needs at least 3 images (one per split)")
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from elta.errors import ImageLoadError
+from elta.errors import AnnotationError, ConfigError, ImageLoadError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -198,20 +198,22 @@ def resolve_image_path(root: str | Path, image_id: str) -> Path:
     Both "/" and "\\" count as separators, so an id that would escape on Windows is refused everywhere.
     """
     if not isinstance(image_id, str) or not image_id.strip():
-        raise ValueError(f"image id {image_id!r} is empty; every row needs an image file name")
+        raise AnnotationError(f"image id {image_id!r} is empty; every row needs an image file name")
     if "\x00" in image_id:
-        raise ValueError(f"image id {image_id!r} contains a NUL character")
+        raise AnnotationError(f"image id {image_id!r} contains a NUL character")
     if image_id[0] in "/\\" or _DRIVE.match(image_id):
-        raise ValueError(
+        raise AnnotationError(
             f"image id {image_id!r} is an absolute path; use a path relative to the image folder"
         )
     if not image_id.strip("./\\"):
-        raise ValueError(f"image id {image_id!r} names the image folder itself, not a file")
+        raise AnnotationError(f"image id {image_id!r} names the image folder itself, not a file")
     if ".." in image_id:
         for flavour in (posixpath, ntpath):
             normal = flavour.normpath(image_id)
             if normal == "." or normal.split(flavour.sep, 1)[0] == "..":
-                raise ValueError(f"image id {image_id!r} points outside the image folder (.. components)")
+                raise AnnotationError(
+                    f"image id {image_id!r} points outside the image folder (.. components)"
+                )
         image_id = os.path.normpath(image_id)
     return Path(root) / image_id
 
@@ -272,7 +274,7 @@ def _images_in_list(list_file: Path) -> list[Path]:
             elif _is_image(path):
                 paths.append(path)
             else:
-                raise ValueError(
+                raise AnnotationError(
                     f"{list_file} line {line_no}: {entry!r} is neither a folder nor an image file "
                     f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
                 )
@@ -293,14 +295,14 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
             expanded = _images_below(path)
         elif path.suffix.lower() in LIST_SUFFIXES:
             if not path.is_file():
-                raise ValueError(f"{path}: list file not found")
+                raise ConfigError(f"{path}: list file not found")
             expanded = _images_in_list(path)
         elif _is_image(path):
             if not path.is_file():
-                raise ValueError(f"{path}: image file not found")
+                raise ConfigError(f"{path}: image file not found")
             expanded = [path]
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"{path}: not a folder, an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) or a .txt/.lst list"
             )
         found.update(dict.fromkeys(expanded))

@@ -16,12 +16,13 @@ from elta.engine.predictor import Predictions, Predictor
 from elta.engine.prepare import read_dataset
 from elta.engine.report import draw_report
 from elta.engine.runtime import Runtime
+from elta.errors import ConfigError, ImageLoadError
 from elta.metrics import evaluate
 from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.models.model import ModelSpec
 from elta.utils import atomic_write_text
 
-__all__ = ["evaluate_checkpoint", "select_split", "score_metrics", "write_evaluation"]
+__all__ = ["evaluate_checkpoint", "select_split", "check_readable", "score_metrics", "write_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +35,28 @@ def select_split(df: pd.DataFrame, split: str) -> pd.DataFrame:
         chosen = df[df["split"] == split]
     if chosen.empty:
         counts = df["split"].replace("", "(none)").value_counts().to_dict()
-        raise ValueError(
+        raise ConfigError(
             f"no rows in split '{split}' (splits here: {counts}); choose --split with one of them or all"
         )
     return chosen.reset_index(drop=True)
 
 
-def score_metrics(frame: pd.DataFrame, preds: Predictions, spec: ModelSpec) -> dict:
-    """The metrics of SPEC.md for predictions on ``frame`` (rows whose image failed are left out)."""
+def check_readable(preds: Predictions, where: str) -> None:
+    """Raise :class:`~elta.errors.ImageLoadError` naming ``where`` (e.g. ``split 'test' of data.csv``) when
+    not one of its images could be read."""
+    if not preds.ok.any():
+        first = preds.errors[0] if preds.errors else "no images"
+        raise ImageLoadError(where, f"none of the {len(preds.errors)} images could be read (first: {first})")
+
+
+def score_metrics(
+    frame: pd.DataFrame, preds: Predictions, spec: ModelSpec, where: str = "the dataset"
+) -> dict:
+    """The metrics of SPEC.md for predictions on ``frame`` (rows whose image failed are left out).
+
+    ``where`` names the rows in the error raised when none of their images could be read."""
+    check_readable(preds, where)
     ok = preds.ok
-    if not ok.any():
-        raise RuntimeError(f"none of the {len(frame)} images could be read")
     cols = dist_columns(frame)
     gt = frame["mos"].to_numpy(dtype=np.float64)
     groups = frame["group"].astype(str).to_numpy()
@@ -125,10 +137,11 @@ def evaluate_checkpoint(
     frame = select_split(annotations.frame, split)
     check_cache_fits(annotations.info.images_root, spec.image_size)
     preds = predictor.predict_frame(frame)
-    metrics = score_metrics(frame, preds, spec)
+    where = f"split '{split}' of {cfg.data.data}"
+    metrics = score_metrics(frame, preds, spec, where)
     if preds.uncalibrated is not None:
         metrics["calibration"] = spec.calibration["method"]
-        metrics["before_calibration"] = score_metrics(frame, preds.uncalibrated_view(), spec)
+        metrics["before_calibration"] = score_metrics(frame, preds.uncalibrated_view(), spec, where)
     metrics["split"] = split
     metrics["checkpoint"] = checkpoint.path
     title = f"{Path(checkpoint.path).name} on {split}"

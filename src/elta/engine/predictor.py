@@ -21,10 +21,10 @@ from torch.utils.data import Dataset
 
 from elta.calibration import calibrated_scores
 from elta.data.dataset import AnnotationDataset, ImageListDataset, dist_columns
-from elta.data.images import LIST_SUFFIXES, list_images
+from elta.data.images import IMAGE_EXTENSIONS, LIST_SUFFIXES, list_images
 from elta.data.transforms import ImageTransform
 from elta.engine.runtime import Runtime
-from elta.errors import ConfigError, IncompatibleDataError, UnavailableError
+from elta.errors import ConfigError, ImageLoadError, IncompatibleDataError, UnavailableError
 from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.models.model import AestheticModel, ModelOutput, ModelSpec
 from elta.progress import progress_bar
@@ -173,6 +173,9 @@ class Predictor:
             else:  # a missing file is reported in its row, not for the whole call
                 names.append(str(entry) if isinstance(entry, (str, Path)) else f"image[{len(items)}]")
                 items.append(entry)
+        if not items:
+            given = ", ".join(map(str, images)) or "(nothing given)"
+            raise ImageLoadError(given, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) here")
         preds = self.predict_images(items, normalized=normalized)
         frame = pd.DataFrame({"path": names, "score": preds.score, "std": preds.std})
         if preds.dist is not None:

@@ -14,7 +14,7 @@ from elta.data.annotations import Annotations, DatasetInfo, read_annotations
 from elta.data.check import check_images, write_problems
 from elta.data.dataset import dist_columns
 from elta.data.formats import CsvColumns
-from elta.errors import AnnotationError
+from elta.errors import AnnotationError, ConfigError
 from elta.utils import atomic_write_text, derive_seed
 
 __all__ = ["PreparedData", "read_dataset", "prepare_data", "read_pseudo_labels", "hold_out_validation"]
@@ -34,7 +34,7 @@ def read_dataset(cfg: RunConfig) -> Annotations:
     """``read_annotations`` with the run's data settings."""
     d = cfg.data
     if d.data is None:
-        raise ValueError("no dataset given: pass --data (annotation file or folder)")
+        raise ConfigError("no dataset given: pass --data (annotation file or folder)")
     columns = CsvColumns(image=d.image_column, mos=d.mos_column, split=d.split_column, group=d.group_column)
     return read_annotations(
         d.data,

@@ -65,7 +65,7 @@ class Runtime:
         if self.precision is None:
             object.__setattr__(self, "precision", Precision(self.device))
         if self.batch_size < 1:
-            raise ValueError(f"batch size must be ≥ 1; got {self.batch_size}")
+            raise ConfigError(f"batch size must be ≥ 1; got {self.batch_size}")
 
     @classmethod
     def create(

@@ -35,7 +35,14 @@ from elta.engine.predictor import Predictor
 from elta.engine.prepare import PreparedData, prepare_data
 from elta.engine.runtime import Runtime
 from elta.enhancers import StepState, TrainingContext, build_enhancers, scalar_head_users
-from elta.errors import AnnotationError, RunExistsError, TrainingDivergedError, UnavailableError
+from elta.errors import (
+    AnnotationError,
+    ConfigError,
+    IncompatibleDataError,
+    RunExistsError,
+    TrainingDivergedError,
+    UnavailableError,
+)
 from elta.metrics import evaluate
 from elta.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from elta.models.heads import ModelOutput, resolve_loss
@@ -498,7 +505,7 @@ def setup(
     runtime = _runtime(cfg, device, processes, progress)
     device, precision = runtime.device, runtime.precision
     if processes.distributed and t.batch_size < processes.world_size:
-        raise ValueError(
+        raise ConfigError(
             f"--batch-size {t.batch_size} is the global batch, shared by {processes.world_size} "
             f"processes: give at least {processes.world_size}"
         )
@@ -597,7 +604,7 @@ def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpo
     group_counts = {g: int(c) for g, c in groups[groups != ""].value_counts().items()}
     m = cfg.model
     if m.reset_head and not m.init_from:
-        raise ValueError("--reset-head needs --init-from (a fresh model's head is new anyway)")
+        raise ConfigError("--reset-head needs --init-from (a fresh model's head is new anyway)")
     source = None if saved is not None or not m.init_from else load_checkpoint(m.init_from)
     start = saved if saved is not None else source
     backbone, image_size, resize = m.backbone, m.image_size, m.resize
@@ -637,14 +644,14 @@ def _load_initial_weights(model: AestheticModel, source: Checkpoint, path: str, 
     state = {k: v for k, v in source.weights.items() if not (reset_head and k.startswith("head."))}
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(
+        raise IncompatibleDataError(
             f"--init-from {path}: {', '.join(mismatched[:3])} have other shapes than this model's "
             "(another number of bins or a new neck?): add --reset-head"
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     new_layers = sorted({k.split(".")[0] for k in missing})
     if unexpected:
-        raise ValueError(f"--init-from {path}: tensors this model does not have: {unexpected[:3]}")
+        raise ConfigError(f"--init-from {path}: tensors this model does not have: {unexpected[:3]}")
     log.info("initialised from %s%s", path, f" (new: {', '.join(new_layers)})" if new_layers else "")
 
 

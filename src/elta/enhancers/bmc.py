@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from elta.enhancers.base import Enhancer, StepState, TrainingContext, register_enhancer
+from elta.errors import ConfigError
 
 __all__ = ["bmc_loss", "BMC"]
 
@@ -76,9 +77,9 @@ class BMC(Enhancer):
 
         def __post_init__(self) -> None:
             if self.init_noise_sigma <= 0:
-                raise ValueError(f"bmc: init_noise_sigma must be > 0; got {self.init_noise_sigma}")
+                raise ConfigError(f"bmc: init_noise_sigma must be > 0; got {self.init_noise_sigma}")
             if self.sigma_lr < 0:
-                raise ValueError(f"bmc: sigma_lr must be ≥ 0; got {self.sigma_lr}")
+                raise ConfigError(f"bmc: sigma_lr must be ≥ 0; got {self.sigma_lr}")
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -88,7 +89,7 @@ class BMC(Enhancer):
 
     def setup(self, context: TrainingContext) -> None:
         if context.num_bins > 0:
-            raise ValueError(
+            raise ConfigError(
                 f"bmc needs a scalar head (--loss mse or l1); this run trains a distribution head with "
                 f"{context.num_bins} bins (--loss {context.loss})"
             )
@@ -101,7 +102,7 @@ class BMC(Enhancer):
 
     def after_head(self, state: StepState, out) -> StepState:
         if out.score_unit is None:
-            raise ValueError("bmc needs a scalar head (--loss mse or l1); the model has a distribution head")
+            raise ConfigError("bmc needs a scalar head (--loss mse or l1); the model has a distribution head")
         var = self.noise_sigma.pow(2)
         state.losses["bmc"] = bmc_loss(out.score_unit, state.targets, var, state.weights)
         state.replace_main = True

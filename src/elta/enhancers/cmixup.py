@@ -30,6 +30,7 @@ from typing import NamedTuple
 import torch
 
 from elta.enhancers.base import Enhancer, StepState, register_enhancer
+from elta.errors import ConfigError
 
 __all__ = ["CMixupBatch", "cmixup_partner_probs", "mix_rows", "cmixup_mix", "CMixup"]
 
@@ -122,13 +123,13 @@ class CMixup(Enhancer):
 
         def __post_init__(self) -> None:
             if self.alpha <= 0:
-                raise ValueError(f"cmixup: alpha must be > 0; got {self.alpha}")
+                raise ConfigError(f"cmixup: alpha must be > 0; got {self.alpha}")
             if self.bandwidth <= 0:
-                raise ValueError(
+                raise ConfigError(
                     f"cmixup: bandwidth must be > 0 (a fraction of the score range); got {self.bandwidth}"
                 )
             if self.pairs < 0:
-                raise ValueError(f"cmixup: pairs must be ≥ 0 (0 = the whole batch); got {self.pairs}")
+                raise ConfigError(f"cmixup: pairs must be ≥ 0 (0 = the whole batch); got {self.pairs}")
 
     def forward(self, state: StepState) -> StepState:
         if state.scores.shape[0] < 2:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from elta.enhancers.base import Enhancer, StepState, register_enhancer
+from elta.errors import ConfigError
 
 __all__ = ["conr_masks", "conr_loss", "ConR"]
 
@@ -107,13 +108,13 @@ class ConR(Enhancer):
 
         def __post_init__(self) -> None:
             if self.beta < 0:
-                raise ValueError(f"conr: beta must be ≥ 0; got {self.beta}")
+                raise ConfigError(f"conr: beta must be ≥ 0; got {self.beta}")
             if self.w <= 0:
-                raise ValueError(f"conr: w must be > 0 (a fraction of the score range); got {self.w}")
+                raise ConfigError(f"conr: w must be > 0 (a fraction of the score range); got {self.w}")
             if self.t <= 0:
-                raise ValueError(f"conr: t must be > 0; got {self.t}")
+                raise ConfigError(f"conr: t must be > 0; got {self.t}")
             if self.e < 0:
-                raise ValueError(f"conr: e must be ≥ 0; got {self.e}")
+                raise ConfigError(f"conr: e must be ≥ 0; got {self.e}")
 
     def after_head(self, state: StepState, out) -> StepState:
         lo, hi = state.score_range

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from elta.enhancers.base import Enhancer, StepState, register_enhancer
+from elta.errors import ConfigError
 from elta.functional import flsa_loss, tfa_mix
 
 __all__ = ["TFA", "FLSA"]
@@ -38,9 +39,9 @@ class TFA(Enhancer):
 
         def __post_init__(self) -> None:
             if self.tau1 <= 0 or self.tau2 <= 0:
-                raise ValueError(f"tfa: tau1 and tau2 must be > 0; got {self.tau1}, {self.tau2}")
+                raise ConfigError(f"tfa: tau1 and tau2 must be > 0; got {self.tau1}, {self.tau2}")
             if self.pairs < 1:
-                raise ValueError(f"tfa: pairs must be ≥ 1; got {self.pairs}")
+                raise ConfigError(f"tfa: pairs must be ≥ 1; got {self.pairs}")
 
     def forward(self, state: StepState) -> StepState:
         mixed = tfa_mix(
@@ -79,9 +80,9 @@ class FLSA(Enhancer):
 
         def __post_init__(self) -> None:
             if self.weight < 0:
-                raise ValueError(f"flsa: weight must be ≥ 0; got {self.weight}")
+                raise ConfigError(f"flsa: weight must be ≥ 0; got {self.weight}")
             if self.range not in ("batch", "dataset"):
-                raise ValueError(f"flsa: range must be batch or dataset; got {self.range!r}")
+                raise ConfigError(f"flsa: range must be batch or dataset; got {self.range!r}")
 
     def forward(self, state: StepState) -> StepState:
         lo, hi = state.score_range

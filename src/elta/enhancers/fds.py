@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from elta.enhancers.base import Enhancer, StepState, TrainingContext, register_enhancer
 from elta.enhancers.lds import BinKernelSettings, bin_edges, bin_index, lds_kernel
+from elta.errors import ConfigError
 
 __all__ = ["FDS", "smooth_bins", "fds_calibrate"]
 
@@ -106,11 +107,11 @@ class FDS(Enhancer):
         def __post_init__(self) -> None:
             self.check("fds")
             if not 0 <= self.momentum < 1:
-                raise ValueError(f"fds: momentum must be in [0, 1) (0.9 in the paper); got {self.momentum}")
+                raise ConfigError(f"fds: momentum must be in [0, 1) (0.9 in the paper); got {self.momentum}")
             if self.start_smooth < 0:
-                raise ValueError(f"fds: start_smooth must be a 0-based epoch ≥ 0; got {self.start_smooth}")
+                raise ConfigError(f"fds: start_smooth must be a 0-based epoch ≥ 0; got {self.start_smooth}")
             if not 0 < self.clip_min <= 1 <= self.clip_max:
-                raise ValueError(
+                raise ConfigError(
                     f"fds: need 0 < clip_min ≤ 1 ≤ clip_max (0.1 and 10 in the paper); "
                     f"got {self.clip_min}, {self.clip_max}"
                 )

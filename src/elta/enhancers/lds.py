@@ -24,6 +24,7 @@ from scipy.ndimage import convolve1d, gaussian_filter1d
 from scipy.signal.windows import triang
 
 from elta.enhancers.base import Enhancer, StepState, TrainingContext, register_enhancer
+from elta.errors import ConfigError
 
 __all__ = [
     "LDS",
@@ -63,13 +64,13 @@ def lds_kernel(kind: str, ks: int, sigma: float) -> np.ndarray:
 
 
 def check_kernel_settings(owner: str, kind: str, ks: int, sigma: float) -> None:
-    """Raise ValueError naming ``owner`` when the kernel kind, size or width is not usable."""
+    """Raise :class:`~elta.errors.ConfigError` naming ``owner`` when the kernel kind, size or width is not usable."""
     if kind not in KERNELS:
-        raise ValueError(f"{owner}: kernel must be one of {', '.join(KERNELS)}; got {kind!r}")
+        raise ConfigError(f"{owner}: kernel must be one of {', '.join(KERNELS)}; got {kind!r}")
     if ks < 1 or ks % 2 == 0:
-        raise ValueError(f"{owner}: ks must be an odd number of bins ≥ 1 (e.g. 5); got {ks}")
+        raise ConfigError(f"{owner}: ks must be an odd number of bins ≥ 1 (e.g. 5); got {ks}")
     if sigma <= 0:
-        raise ValueError(f"{owner}: sigma must be > 0 bins (e.g. 2); got {sigma}")
+        raise ConfigError(f"{owner}: sigma must be > 0 bins (e.g. 2); got {sigma}")
 
 
 def bin_edges(score_range: tuple[float, float], bin_width: float | None) -> np.ndarray:
@@ -146,7 +147,7 @@ class BinKernelSettings:
 
     def check(self, name: str) -> None:
         if self.bin_width is not None and self.bin_width <= 0:
-            raise ValueError(f"{name}: bin_width must be > 0 (or null for range / 50); got {self.bin_width}")
+            raise ConfigError(f"{name}: bin_width must be > 0 (or null for range / 50); got {self.bin_width}")
         check_kernel_settings(name, self.kernel, self.ks, self.sigma)
 
 
@@ -164,7 +165,7 @@ class LDS(Enhancer):
         def __post_init__(self) -> None:
             self.check("lds")
             if self.reweight not in ("inverse", "sqrt_inv"):
-                raise ValueError(f"lds: reweight must be inverse or sqrt_inv; got {self.reweight!r}")
+                raise ConfigError(f"lds: reweight must be inverse or sqrt_inv; got {self.reweight!r}")
 
     def setup(self, context: TrainingContext) -> None:
         c = self.cfg

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from elta.enhancers.base import Enhancer, StepState, register_enhancer
+from elta.errors import ConfigError
 
 __all__ = ["rank_normalised", "BlackboxRank", "unique_label_subset", "ranksim_loss", "RankSim"]
 
@@ -108,9 +109,9 @@ class RankSim(Enhancer):
 
         def __post_init__(self) -> None:
             if self.gamma < 0:
-                raise ValueError(f"ranksim: gamma must be ≥ 0; got {self.gamma}")
+                raise ConfigError(f"ranksim: gamma must be ≥ 0; got {self.gamma}")
             if self.interpolation <= 0:
-                raise ValueError(f"ranksim: interpolation must be > 0; got {self.interpolation}")
+                raise ConfigError(f"ranksim: interpolation must be > 0; got {self.interpolation}")
 
     def forward(self, state: StepState) -> StepState:
         keep = unique_label_subset(state.scores.to(state.features.device))

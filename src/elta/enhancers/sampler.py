@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from elta.enhancers.base import Enhancer, TrainingContext, register_enhancer
+from elta.errors import ConfigError
 
 __all__ = ["TailSampler", "label_tail", "group_tail", "tail_sample_weights"]
 
@@ -82,9 +83,11 @@ class TailSampler(Enhancer):
 
         def __post_init__(self) -> None:
             if min(self.a, self.b, self.c) < 0:
-                raise ValueError(f"tail-sampler: a, b and c must be ≥ 0; got {self.a}, {self.b}, {self.c}")
+                raise ConfigError(f"tail-sampler: a, b and c must be ≥ 0; got {self.a}, {self.b}, {self.c}")
             if not 0 < self.ratio <= 1:
-                raise ValueError(f"tail-sampler: ratio must be in (0, 1] (0.2 in ELTA 2.0); got {self.ratio}")
+                raise ConfigError(
+                    f"tail-sampler: ratio must be in (0, 1] (0.2 in ELTA 2.0); got {self.ratio}"
+                )
 
     def sample_weights(self, context: TrainingContext) -> torch.Tensor:
         c = self.cfg

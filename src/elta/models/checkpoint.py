@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from elta import __version__
+from elta.calibration import Calibration
 from elta.errors import CheckpointError
 from elta.models.backbones import create_backbone
 from elta.models.model import AestheticModel, ModelSpec
@@ -179,6 +180,8 @@ def _from_payload(payload: dict, path: Path) -> Checkpoint:
     try:
         spec = ModelSpec.from_dict(payload["spec"])
         weights = payload["model"]
+        if spec.calibration:
+            Calibration.from_dict(spec.calibration)  # a broken map fails here, not at the first prediction
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: an elta checkpoint without a usable spec or weights ({exc})") from exc
     return Checkpoint(

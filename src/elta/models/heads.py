@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elta.errors import ConfigError
 from elta.functional import dist_std, dist_to_score, emd_loss
 from elta.metrics import emd
 
@@ -114,12 +115,12 @@ def resolve_loss(name: str, has_distribution: bool, scalar_for: Sequence[str] = 
     ``mse`` and ``l1`` the scalar head. ``scalar_for`` names the enabled enhancers that need a scalar head;
     ``auto`` then picks ``mse``, as it does for a dataset without vote distributions."""
     if name == "emd" and scalar_for:
-        raise ValueError(
+        raise ConfigError(
             f"--loss emd trains the distribution head, but {', '.join(scalar_for)} needs a scalar head: "
             "use --loss auto, mse or l1"
         )
     if name == "emd" and not has_distribution:
-        raise ValueError(
+        raise ConfigError(
             "--loss emd needs vote distributions, and this dataset has only MOS: use --loss mse or l1"
         )
     if name == "auto":

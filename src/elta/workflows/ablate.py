@@ -26,7 +26,7 @@ import pandas as pd
 from elta.calibration import METHODS as CALIBRATION_METHODS
 from elta.calibration import fit_calibration
 from elta.config import RunConfig
-from elta.engine.evaluate import score_metrics, select_split, write_evaluation
+from elta.engine.evaluate import check_readable, score_metrics, select_split, write_evaluation
 from elta.engine.features import load_or_compute_features
 from elta.engine.predictor import Predictor
 from elta.engine.prepare import read_dataset
@@ -158,6 +158,7 @@ def _evaluate_run(
         if val is None:
             raise ConfigError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
         val_preds = _predict_split(predictor, cfg, val, "val", cache_path)
+        check_readable(val_preds, f"split 'val' of {cfg.data.data}")
         ok = val_preds.ok
         train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
         cal = fit_calibration(
@@ -168,7 +169,7 @@ def _evaluate_run(
             train_gt=train_gt,
         )
         preds = dataclasses.replace(preds, score=cal.apply(preds.score), uncalibrated=preds.score)
-    metrics = score_metrics(frame, preds, spec)
+    metrics = score_metrics(frame, preds, spec, f"split '{split}' of {cfg.data.data}")
     metrics.update(split=split, checkpoint=str(run_dir / "best.pt"))
     if calibration is not None:
         metrics["calibration"] = calibration["method"]

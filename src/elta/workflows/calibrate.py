@@ -13,7 +13,7 @@ import numpy as np
 
 from elta.calibration import Calibration, calibration_report, fit_calibration
 from elta.config import RunConfig
-from elta.engine.evaluate import select_split
+from elta.engine.evaluate import check_readable, select_split
 from elta.engine.predictor import Predictor
 from elta.engine.prepare import read_dataset
 from elta.engine.runtime import Runtime
@@ -59,6 +59,7 @@ def calibrate_checkpoint(
     df = read_dataset(cfg).frame
     frame = select_split(df, split)
     preds = predictor.predict_frame(frame, desc="calibrating")
+    check_readable(preds, f"split '{split}' of {cfg.data.data}")
     ok = preds.ok
     gt = frame["mos"].to_numpy(dtype=np.float64)[ok]
     train_gt = (

@@ -27,10 +27,17 @@ import torch
 from elta.config import RunConfig
 from elta.data.annotations import Annotations
 from elta.data.images import list_images
+from elta.engine.evaluate import check_readable
 from elta.engine.predictor import Predictions, Predictor
 from elta.engine.prepare import hold_out_validation, read_dataset
 from elta.engine.runtime import Runtime
-from elta.errors import APDSUnavailableError, CalibrationError
+from elta.errors import (
+    AnnotationError,
+    APDSUnavailableError,
+    CalibrationError,
+    ConfigError,
+    ImageLoadError,
+)
 from elta.functional import apds_sharpen
 from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.utils import atomic_write_text
@@ -143,14 +150,14 @@ def _images_in_csv(path: Path) -> list[Path]:
     by_lower = {c.lower(): c for c in frame.columns}
     column = next((by_lower[n] for n in UNLABELED_COLUMNS if n in by_lower), None)
     if column is None:
-        raise ValueError(
+        raise AnnotationError(
             f"{path}: no image column; name one of {', '.join(UNLABELED_COLUMNS)} "
             f"(header is {list(frame.columns)})"
         )
     paths = []
     for line, entry in enumerate(frame[column].str.strip(), start=2):
         if not entry:
-            raise ValueError(f"{path} line {line}: empty '{column}'; every row needs an image path")
+            raise AnnotationError(f"{path} line {line}: empty '{column}'; every row needs an image path")
         image = Path(entry)
         paths.append(image if image.is_absolute() else path.parent / image)
     return paths
@@ -194,7 +201,7 @@ def _calibration_rows(cfg: RunConfig, df: pd.DataFrame, split: str) -> pd.DataFr
         _, rows = hold_out_validation(df[df["split"] == "train"], cfg)
     if rows.empty:
         counts = df["split"].replace("", "(none)").value_counts().to_dict()
-        raise ValueError(f"{cfg.data.data}: no rows in split '{split}' to calibrate on (splits: {counts})")
+        raise ConfigError(f"{cfg.data.data}: no rows in split '{split}' to calibrate on (splits: {counts})")
     return rows.reset_index(drop=True)
 
 
@@ -207,11 +214,8 @@ def _search(
 ) -> dict:
     """Score the labelled calibration ``rows`` and run :func:`calibrate_apds` on them."""
     cal = predictor.predict_frame(rows, desc="calibrating")
+    check_readable(cal, f"the {len(rows)} calibration images ({rows['path'].iloc[0]} …)")
     ok = cal.ok
-    if not ok.any():
-        raise RuntimeError(
-            f"none of the {len(rows)} calibration images could be read ({rows['path'].iloc[0]} …)"
-        )
     n = int(ok.sum())
     center = float(cal.score[ok].mean())
     min_selected = default_min_selected(n) if min_selected is None else min_selected
@@ -314,7 +318,7 @@ def pseudo_label(
     ``<stem>_unreadable.csv``.
     """
     if (beta is None) != (threshold is None):
-        raise ValueError("give --beta and --threshold together (or neither, to search the grid)")
+        raise ConfigError("give --beta and --threshold together (or neither, to search the grid)")
     out = Path(out).absolute()
     teacher = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
     if teacher.spec.head != "distribution":
@@ -322,7 +326,7 @@ def pseudo_label(
     pool = read_unlabeled(unlabeled)
     cfg = _labelled_dataset(calibration, teacher)
     if cfg is None and beta is None:
-        raise ValueError(
+        raise ConfigError(
             f"{teacher.path} records no training dataset to calibrate on: "
             "pass --calibrate-data, or --beta and --threshold"
         )
@@ -347,13 +351,13 @@ def pseudo_label(
         log.info("leaving out %d images that are labelled in %s", len(pool) - len(candidates), cfg.data.data)
     if not candidates:
         where = f" that are not labelled in {cfg.data.data}" if pool else ""
-        raise ValueError(f"no unlabeled images{where} in {', '.join(map(str, unlabeled))}")
+        raise ImageLoadError(", ".join(map(str, unlabeled)), f"no unlabeled images{where} here")
     preds = predictor.predict_images(candidates, desc="pseudo-labelling")
     ok = preds.ok
     unreadable_path = _write_unreadable(out.with_name(f"{out.stem}_unreadable.csv"), candidates, preds)
     if not ok.any():
-        raise RuntimeError(
-            f"none of the {len(candidates)} unlabeled images could be read (see {unreadable_path})"
+        raise ImageLoadError(
+            unreadable_path, f"none of the {len(candidates)} unlabeled images could be read (listed here)"
         )
     good = [p for p, keep in zip(candidates, ok, strict=True) if keep]
     good_preds = preds.select(ok)
