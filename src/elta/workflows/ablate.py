@@ -41,18 +41,18 @@ __all__ = ["parse_variant", "apds_settings", "run_ablation", "summarise", "COLUM
 
 log = logging.getLogger(__name__)
 
-# (metric, direction): +1 higher is better, -1 lower is better, 0 closest to zero, 1.0 closest to one
-COLUMNS: list[tuple[str, object]] = [
-    ("plcc", +1),
-    ("srcc", +1),
-    ("acc", +1),
-    ("mae", -1),
-    ("mae_low", -1),
-    ("mae_medium", -1),
-    ("mae_high", -1),
-    ("bias_low", 0),
-    ("bias_high", 0),
-    ("spread", 1.0),
+# (metric, which value is best): the largest, the smallest, the closest to zero or the closest to one
+COLUMNS: list[tuple[str, str]] = [
+    ("plcc", "max"),
+    ("srcc", "max"),
+    ("acc", "max"),
+    ("mae", "min"),
+    ("mae_low", "min"),
+    ("mae_medium", "min"),
+    ("mae_high", "min"),
+    ("bias_low", "zero"),
+    ("bias_high", "zero"),
+    ("spread", "one"),
 ]
 
 
@@ -231,15 +231,17 @@ def run_ablation(
     return table
 
 
-def _best_index(values: pd.Series, direction) -> object:
+def _best_index(values: pd.Series, best: str) -> object:
+    """Index of the best value: ``best`` is ``max``, ``min``, ``zero`` (closest to 0) or ``one`` (closest to 1)."""
     clean = values.dropna()
     if clean.empty:
         return None
-    if direction == +1:
+    if best == "max":
         return clean.idxmax()
-    if direction == -1:
+    if best == "min":
         return clean.idxmin()
-    return (clean - float(direction)).abs().idxmin()
+    target = {"zero": 0.0, "one": 1.0}[best]
+    return (clean - target).abs().idxmin()
 
 
 def summarise(table: pd.DataFrame, variants: list[str], split: str) -> str:
