@@ -138,6 +138,27 @@ def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
         )
 
 
+def test_shared_feature_cache_follows_the_backbone_weights_not_the_checkpoint_path(demo_data, tmp_path):
+    import shutil
+
+    for seed in (0, 1):  # two starting checkpoints with different backbone weights
+        train(tiny_config(demo_data, train={"seed": seed}), tmp_path / f"teacher{seed}")
+    checkpoint, shared = tmp_path / "start.pt", tmp_path / "shared_cache.pt"
+    model = {"init_from": str(checkpoint), "freeze_backbone": True, "reset_head": True, "neck_dim": 16}
+    cfg = tiny_config(demo_data, model=model, train={"cache_features": True, "feature_cache": str(shared)})
+
+    def computed(run: str) -> int:
+        train(cfg, tmp_path / run)
+        return (tmp_path / run / "train.log").read_text().count("computing backbone features")
+
+    shutil.copy(tmp_path / "teacher0" / "best.pt", checkpoint)
+    assert computed("first") == 2  # train and val
+    assert computed("same_weights") == 0  # another run from the same checkpoint reuses them
+    shutil.copy(tmp_path / "teacher1" / "best.pt", checkpoint)  # retrained, at the same path
+    assert computed("retrained") == 2
+    assert len(torch.load(shared, weights_only=True)) == 4
+
+
 def test_ablation_table_over_variants_and_seeds(demo_data, tmp_path):
     base = tiny_config(demo_data, model={"freeze_backbone": True}).override(
         "train", cache_features=True, epochs=2, lr=3e-3

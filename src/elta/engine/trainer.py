@@ -615,6 +615,8 @@ def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpo
             setattr(model.spec, key, getattr(start.spec, key))
     if source is not None:
         _load_initial_weights(model, source, m.init_from, m.reset_head)
+    if saved is not None:  # now, not only in _restore: a feature cache is keyed by these backbone weights
+        model.load_state_dict(saved.weights)
     if m.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
@@ -646,12 +648,11 @@ def _datasets(cfg: RunConfig, run_dir: Path, model: AestheticModel, data: Prepar
         )
         return train_set, AnnotationDataset(data.val, ImageTransform.from_spec(model.spec, train=False))
     cache_path = Path(t.feature_cache) if t.feature_cache else run_dir / "feature_cache.pt"
-    weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
     processes = runtime.processes
     if not processes.is_main:
         processes.barrier()  # rank 0 computes and stores the features; the others then read them
     frames = {"train": data.train, "val": data.val}
-    caches = load_or_compute_features(cache_path, Predictor(model, runtime), frames, weights_id)
+    caches = load_or_compute_features(cache_path, Predictor(model, runtime), frames)
     if processes.is_main:
         processes.barrier()
     return tuple(

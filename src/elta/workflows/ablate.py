@@ -126,12 +126,11 @@ def _eval_split(cfg: RunConfig) -> str:
     return "val"
 
 
-def _predict_split(predictor: Predictor, cfg: RunConfig, frame, split: str, cache_path: Path | None):
+def _predict_split(predictor: Predictor, frame, split: str, cache_path: Path | None):
     if cache_path is None:
         return predictor.predict_frame(frame)
     # frozen backbone: the evaluation splits' features are cached as well
-    weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
-    cache = load_or_compute_features(cache_path, predictor, {split: frame}, weights_id)[split]
+    cache = load_or_compute_features(cache_path, predictor, {split: frame})[split]
     return predictor.predict_features(frame, cache.features, cache.failed)
 
 
@@ -152,12 +151,12 @@ def _evaluate_run(
     spec = predictor.spec
     df = read_dataset(cfg).frame
     frame = select_split(df, split)
-    preds = _predict_split(predictor, cfg, frame, split, cache_path)
+    preds = _predict_split(predictor, frame, split, cache_path)
     if calibration is not None:
         val = select_split(df, "val") if (df["split"] == "val").any() else None
         if val is None:
             raise ConfigError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
-        val_preds = _predict_split(predictor, cfg, val, "val", cache_path)
+        val_preds = _predict_split(predictor, val, "val", cache_path)
         ok = val_preds.ok
         train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
         cal = fit_calibration(
