@@ -176,7 +176,10 @@ def test_data_check_reports_problems_with_file_and_row(demo_data, tmp_path, caps
     code = main(["data", "check", "--data", str(data / "AVA.txt"), "--out", str(tmp_path / "problems.csv")])
     printed = capsys.readouterr().out
     assert code == 1
-    assert "AVA.txt" in printed and "5" in printed
+    assert (
+        "  AVA.txt:5: 14 fields, expected 15 (index, image id, 10 vote counts" in printed
+    )  # file:row: reason
+    assert "  AVA.txt:2: image not found: " in printed and "problems (3):" in printed
     problems = pd.read_csv(tmp_path / "problems.csv")
     assert 5 in problems["row"].tolist()
     assert problems["reason"].str.contains("not found").any()

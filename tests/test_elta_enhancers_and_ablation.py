@@ -17,7 +17,7 @@ from elta.engine.trainer import train
 from elta.enhancers import StepState, build_enhancers, parse_enhancer
 from elta.functional import flsa_loss
 from elta.models.checkpoint import load_checkpoint
-from elta.workflows.ablate import apds_settings, parse_variant, run_ablation
+from elta.workflows.ablate import COLUMNS, apds_settings, parse_variant, run_ablation, summarise
 
 
 def step_state(n=6, k=4):
@@ -138,6 +138,27 @@ def test_regressor_retraining_on_cached_features(demo_data, tmp_path):
         )
 
 
+def test_shared_feature_cache_follows_the_backbone_weights_not_the_checkpoint_path(demo_data, tmp_path):
+    import shutil
+
+    for seed in (0, 1):  # two starting checkpoints with different backbone weights
+        train(tiny_config(demo_data, train={"seed": seed}), tmp_path / f"teacher{seed}")
+    checkpoint, shared = tmp_path / "start.pt", tmp_path / "shared_cache.pt"
+    model = {"init_from": str(checkpoint), "freeze_backbone": True, "reset_head": True, "neck_dim": 16}
+    cfg = tiny_config(demo_data, model=model, train={"cache_features": True, "feature_cache": str(shared)})
+
+    def computed(run: str) -> int:
+        train(cfg, tmp_path / run)
+        return (tmp_path / run / "train.log").read_text().count("computing backbone features")
+
+    shutil.copy(tmp_path / "teacher0" / "best.pt", checkpoint)
+    assert computed("first") == 2  # train and val
+    assert computed("same_weights") == 0  # another run from the same checkpoint reuses them
+    shutil.copy(tmp_path / "teacher1" / "best.pt", checkpoint)  # retrained, at the same path
+    assert computed("retrained") == 2
+    assert len(torch.load(shared, weights_only=True)) == 4
+
+
 def test_ablation_table_over_variants_and_seeds(demo_data, tmp_path):
     base = tiny_config(demo_data, model={"freeze_backbone": True}).override(
         "train", cache_features=True, epochs=2, lr=3e-3
@@ -153,6 +174,28 @@ def test_ablation_table_over_variants_and_seeds(demo_data, tmp_path):
     again = run_ablation(base, ["baseline", "tfa", "tfa+flsa"], seeds=2, out=tmp_path / "abl")
     pd.testing.assert_frame_equal(table, again)
     assert (tmp_path / "abl" / "feature_cache.pt").is_file()
+
+
+def test_ablation_table_bolds_the_best_cell_by_each_columns_rule():
+    # spreads on both sides of one: 1.30 is the largest, 0.95 the closest to one
+    values = {
+        "baseline": {"plcc": 0.90, "mae": 0.20, "bias_low": 0.10, "bias_high": -0.30, "spread": 1.30},
+        "a": {"plcc": 0.95, "mae": 0.25, "bias_low": -0.05, "bias_high": 0.20, "spread": 0.95},
+        "b": {"plcc": 0.85, "mae": 0.15, "bias_low": 0.20, "bias_high": -0.10, "spread": 0.80},
+    }
+    rows = [{"variant": v, "seed": 0, **{k: 0.5 for k, _ in COLUMNS}, **m} for v, m in values.items()]
+    md = summarise(pd.DataFrame(rows), list(values), "test")
+    header = next(line for line in md.splitlines() if line.startswith("| variant | plcc"))
+    names = [c.strip() for c in header.strip("|").split("|")]
+    bold = set()
+    for line in md.splitlines()[: md.splitlines().index(header) + 5]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] in values:
+            bold.update({(cells[0], names[i]) for i, c in enumerate(cells) if c.startswith("**")})
+    assert {col for _, col in bold} == {k for k, _ in COLUMNS}  # one bold cell per column (ties: the first)
+    assert ("a", "spread") in bold and ("baseline", "spread") not in bold
+    assert ("a", "plcc") in bold and ("b", "mae") in bold
+    assert ("a", "bias_low") in bold and ("b", "bias_high") in bold
 
 
 def test_ablation_apds_variant_self_trains_on_unlabelled_images(demo_data, tmp_path):

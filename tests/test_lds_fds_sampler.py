@@ -238,19 +238,34 @@ def test_tail_sample_weights_each_case():
     by_score = dict(zip(scores.astype(int).tolist(), w.tolist(), strict=True))
     assert by_score[2] == by_score[18] == by_score[19] == 1.5  # label tail only
     assert by_score[10] == 2.5  # minority group only
-    assert by_score[1] == 4.0  # both
+    assert by_score[1] == 1 + 0.5 + 1.5 + 3.0  # both: the terms add up
     assert by_score[5] == by_score[11] == by_score[12] == 1.0  # neither
     assert by_score[4] == 1.5 and by_score[17] == 1.5 and by_score[16] == 1.0  # the cuts: ≤ p20, ≥ p80
     defaults = tail_sample_weights(scores, groups)
     assert (defaults[0].item(), defaults[1].item(), defaults[9].item(), defaults[4].item()) == (
+        6.0,
+        2.0,
         3.0,
-        2.0,
-        2.0,
         1.0,
     )
     assert torch.equal(
         tail_sample_weights(scores, groups, ratio=0.1), tail_sample_weights(scores, ["a"] * 20)
     )
+
+
+def test_tail_sampler_defaults_follow_elta2_additive_rule():
+    # 10 rows, MOS 1..10: p20 = 2.8, p80 = 8.2, so MOS 1, 2, 9, 10 are the label tail.
+    # Group "x" has 8 rows, "y" 1 (< 0.2 × 8 = 1.6: a minority), one row has no group.
+    scores = np.arange(1.0, 11.0)
+    groups = ["y", "x", "x", "x", "", "x", "x", "x", "x", "x"]
+    # w = 1 + 1·label_tail + 2·group_tail + 2·both
+    expected = [1 + 1 + 2 + 2, 1 + 1, 1, 1, 1, 1, 1, 1, 1 + 1, 1 + 1]
+    assert tail_sample_weights(scores, groups).tolist() == expected
+    (sampler,) = build_enhancers([{"name": "tail-sampler"}])
+    assert (sampler.cfg.a, sampler.cfg.b, sampler.cfg.c) == (1.0, 2.0, 2.0)
+    # a minority-group row off the label tail: 1 + b
+    only_group = ["x"] * 4 + ["y"] + ["x"] * 5
+    assert tail_sample_weights(scores, only_group).tolist() == [2, 2, 1, 1, 1 + 2, 1, 1, 1, 2, 2]
 
 
 def test_tail_sampler_changes_no_step_tensors():

@@ -318,7 +318,25 @@ def test_registry_builds_each_by_name_in_order_and_rejects_bad_settings():
         ("conr", "auto", "conr"),
     ],
 )
-def test_training_one_epoch_logs_the_enhancer_term(demo_data, tmp_path, name, loss, term):
+def test_training_one_epoch_logs_the_enhancer_term(demo_data, tmp_path, monkeypatch, name, loss, term):
+    from elta.enhancers.cmixup import CMixup
+
+    steps = []  # (rows in, rows out, appended rows equal to their anchors) of every cmixup step
+    forward = CMixup.forward
+
+    def recording(self, state):
+        n = state.features.shape[0]
+        out = forward(self, state)
+        steps.append(
+            (
+                n,
+                out.features.shape[0],
+                torch.equal(out.features[n:], state.features[: out.features.shape[0] - n]),
+            )
+        )
+        return out
+
+    monkeypatch.setattr(CMixup, "forward", recording)
     cfg = tiny_config(demo_data, train={"loss": loss}, enhancers=[{"name": name}])
     train(cfg, tmp_path / "run")
     row = pd.read_csv(tmp_path / "run" / "metrics.csv").iloc[0]
@@ -326,8 +344,8 @@ def test_training_one_epoch_logs_the_enhancer_term(demo_data, tmp_path, name, lo
     assert ("train_main" in row) == (name != "bmc")  # BMC replaces the main loss
     terms = [k for k in row.index if k.startswith("train_") and k != "train_loss"]
     assert row["train_loss"] == pytest.approx(sum(row[k] for k in terms), rel=1e-5)
-    if name == "cmixup":  # the mixed rows carry no separate term; the run logs the enhancer
-        assert "cmixup" in (tmp_path / "run" / "train.log").read_text()
+    if name == "cmixup":  # the mixed rows carry no separate term: every step appended one mixed row per row
+        assert steps and all(out == 2 * n and not same for n, out, same in steps)
     if name == "bmc":  # σ is optimised (its own parameter group) and saved with the run
         sigma = load_checkpoint(tmp_path / "run" / "last.pt").training["enhancers"]["0.noise_sigma"]
         assert sigma.item() != pytest.approx(0.1, abs=1e-6)

@@ -291,6 +291,18 @@ def test_generic_csv_split_std_and_unsafe_ids(tmp_path):
     assert "'../e.png' points outside the image folder" in _reasons(problems)[1]
 
 
+def test_generic_csv_infers_the_score_range_from_the_training_rows_only(tmp_path, caplog):
+    rows = ["a.jpg,2,train", "b.jpg,8,train", "c.jpg,5,train", "d.jpg,1,test", "e.jpg,9.5,val"]
+    (tmp_path / "scores.csv").write_text("image,mos,split\n" + "\n".join(rows) + "\n")
+    with caplog.at_level("WARNING", logger="elta.data.annotations"):
+        df, info, problems = _read(tmp_path / "scores.csv")
+    assert info.score_range == [2.0, 8.0] and info.acc_threshold == 5.0  # not [1, 9.5]: no test label leaks
+    assert df["image_id"].tolist() == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"] and not problems
+    (warning,) = [r.getMessage() for r in caplog.records if "score range not given" in r.getMessage()]
+    assert "3 training rows as [2, 8]" in warning and "2 validation / test row(s)" in warning
+    assert "--score-range LOW HIGH" in warning
+
+
 def test_generic_csv_absolute_ids_and_score_range_violations(tmp_path):
     (tmp_path / "scores.csv").write_text("Image_Name,Mos\n/etc/passwd,3\nok.jpg,4.5\nhigh.jpg,5.5\n")
     df, info, problems = _read(tmp_path / "scores.csv", score_range=(1, 5))

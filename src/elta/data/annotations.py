@@ -244,15 +244,11 @@ def _finish(
     else:
         mos = _numbers(raw[["mos"]])[:, 0]
         _flag(reasons, ~np.isfinite(mos), lambda i: f"MOS {raw['mos'].iat[i]!r} is not a finite number")
-        if score_range:
-            lo, hi = score_range
-        else:
-            finite = mos[np.isfinite(mos)]
-            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-            logger.info("%s: score range not given, inferred from the data as [%g, %g]", label, lo, hi)
-    tolerance = 1e-9 * max(1.0, abs(hi - lo))
-    outside = (mos < lo - tolerance) | (mos > hi + tolerance)
-    _flag(reasons, outside, lambda i: f"MOS {mos[i]:g} outside the score range [{lo:g}, {hi:g}]")
+        lo, hi = score_range if score_range else (None, None)  # None: inferred from the training rows below
+    if lo is not None:
+        tolerance = 1e-9 * max(1.0, abs(hi - lo))
+        outside = (mos < lo - tolerance) | (mos > hi + tolerance)
+        _flag(reasons, outside, lambda i: f"MOS {mos[i]:g} outside the score range [{lo:g}, {hi:g}]")
 
     split = raw["split"].astype(str).str.strip().str.lower().map(SPLIT_VALUES)
     _flag(
@@ -299,7 +295,32 @@ def _finish(
     problems.sort(key=lambda p: (order.get(p["file"], len(order)), p["row"]))
     if split_files:
         problems += _apply_split_lists(table, split_files, ", ".join(order) or "the annotations")
+    if lo is None:
+        lo, hi = _inferred_range(table, label)
     return table, problems, (float(lo), float(hi))
+
+
+def _inferred_range(table: pd.DataFrame, label: str) -> tuple[float, float]:
+    """[min, max] of the training rows' MOS, with a warning that says so; of every row when the training rows
+    do not span a range (fewer than two distinct values)."""
+    train = table.loc[table["split"] == "train", "mos"]
+    use_train = train.nunique() > 1
+    rows = train if use_train else table["mos"]
+    if rows.empty:
+        return 0.0, 1.0
+    lo, hi = float(rows.min()), float(rows.max())
+    outside = int(((table["mos"] < lo) | (table["mos"] > hi)).sum())
+    logger.warning(
+        "%s: score range not given; inferred from the MOS of the %d %s as [%g, %g]%s. Give the rating "
+        "scale's ends with --score-range LOW HIGH (data.score_range in a config file)",
+        label,
+        len(rows),
+        "training rows" if use_train else "rows (the training rows span no range)",
+        lo,
+        hi,
+        f" ({outside} validation / test row(s) lie outside it)" if outside else "",
+    )
+    return lo, hi
 
 
 # ------------------------------------------------------------------------------------------ entry point

@@ -100,7 +100,8 @@ def write_evaluation(
         table["group"] = groups
     table["error"] = preds.errors
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "predictions.csv", table.to_csv(index=False, float_format="%.6g"))
+    # floats as repr writes them (they read back exactly), so the file reproduces metrics.json
+    atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
     atomic_write_text(out / "metrics.json", json.dumps(_json_safe(metrics), indent=2))
     ok = preds.ok
     draw_report(preds.score[ok], gt[ok], out / "report.png", title=title, score_range=tuple(spec.score_range))

@@ -448,9 +448,9 @@ def save(state: TrainState, path: Path, full: bool = True) -> None:
 
 
 def _restore(state: TrainState, checkpoint: Checkpoint) -> None:
-    """Continue from ``checkpoint`` (the run's last.pt): weights, optimizer, scheduler, scaler, enhancers,
-    progress and the metrics.csv rows of the completed epochs."""
-    state.model.load_state_dict(checkpoint.weights)
+    """Continue from ``checkpoint`` (the run's last.pt; its weights are in the model since
+    :func:`_initial_model`): optimizer, scheduler, scaler, enhancers, progress and the metrics.csv rows of the
+    completed epochs."""
     saved = checkpoint.training
     state.enhancers.load_state_dict(saved.get("enhancers", {}))
     state.optimizer.load_state_dict(saved["optimizer"])
@@ -634,6 +634,8 @@ def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpo
             setattr(model.spec, key, getattr(start.spec, key))
     if source is not None:
         _load_initial_weights(model, source, m.init_from, m.reset_head)
+    if saved is not None:  # before the datasets: a feature cache is keyed by these backbone weights
+        model.load_state_dict(saved.weights)
     if m.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
@@ -665,12 +667,11 @@ def _datasets(cfg: RunConfig, run_dir: Path, model: AestheticModel, data: Prepar
         )
         return train_set, AnnotationDataset(data.val, ImageTransform.from_spec(model.spec, train=False))
     cache_path = Path(t.feature_cache) if t.feature_cache else run_dir / "feature_cache.pt"
-    weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
     processes = runtime.processes
     if not processes.is_main:
         processes.barrier()  # rank 0 computes and stores the features; the others then read them
     frames = {"train": data.train, "val": data.val}
-    caches = load_or_compute_features(cache_path, Predictor(model, runtime), frames, weights_id)
+    caches = load_or_compute_features(cache_path, Predictor(model, runtime), frames)
     if processes.is_main:
         processes.barrier()
     return tuple(

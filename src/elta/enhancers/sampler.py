@@ -3,17 +3,16 @@
 ELTA 2.0, the ELTA authors' extension in the International Journal of Computer Vision (IJCV), 2026, of
 Liu, He, Ming, Xie, Ma. "ELTA: An Enhancer against Long-Tail for Aesthetics-oriented Models", ICML 2024.
 
-Each training row gets the sampling weight
+Each training row gets the sampling weight (ELTA 2.0's additive rule)
 
-    w = 1 + a · [label tail only] + b · [group tail only] + c · [both]
+    w = 1 + a · label_tail + b · group_tail + c · (label_tail and group_tail)
 
-where a row is in the label tail when its MOS is ≤ p20 or ≥ p80 of the training MOS (numpy's linear
+with a = 1, b = 2, c = 2 as in the release: a head row 1, a label-tail row 2, a minority-group row 3, a row in
+both tails 6. A row is in the label tail when its MOS is ≤ p20 or ≥ p80 of the training MOS (numpy's linear
 percentiles; the rule of the evaluation's low / high buckets), and in the group tail when its group is a
 minority: fewer training rows than ``ratio`` (0.2) × the largest group's (the rule of the evaluation's
 group tail; rows without a group, "", are never in it). The trainer then draws n rows with replacement,
-each with probability ∝ w, every epoch. a = 1, b = 1, c = 2 (a row in both tails drawn three times as often
-as a head row) are this implementation's defaults; ratio 0.2 and the 20 / 80 percentiles follow the
-evaluation protocol.
+each with probability ∝ w, every epoch.
 """
 
 from __future__ import annotations
@@ -52,18 +51,18 @@ def tail_sample_weights(
     scores: np.ndarray | torch.Tensor,
     groups: list[str],
     a: float = 1.0,
-    b: float = 1.0,
+    b: float = 2.0,
     c: float = 2.0,
     ratio: float = 0.2,
 ) -> torch.Tensor:
-    """Sampling weights [N] (float64): 1 + a·[label tail only] + b·[group tail only] + c·[both]."""
+    """Sampling weights [N] (float64): 1 + a·[label tail] + b·[group tail] + c·[both] (the terms add up)."""
     labels = label_tail(scores)
     if len(groups) != len(labels):
         raise ValueError(
             f"tail-sampler: {len(labels)} scores but {len(groups)} groups; give one group per row"
         )
     minority = group_tail(groups, ratio)
-    weights = 1.0 + a * (labels & ~minority) + b * (minority & ~labels) + c * (labels & minority)
+    weights = 1.0 + a * labels + b * minority + c * (labels & minority)
     return torch.as_tensor(weights, dtype=torch.float64)
 
 
@@ -76,9 +75,9 @@ class TailSampler(Enhancer):
 
     @dataclass
     class Settings:
-        a: float = 1.0  # extra weight of a label-tail row
-        b: float = 1.0  # extra weight of a minority-group row
-        c: float = 2.0  # extra weight of a row in both tails
+        a: float = 1.0  # added to a label-tail row's weight
+        b: float = 2.0  # added to a minority-group row's weight
+        c: float = 2.0  # added on top of a and b to a row in both tails
         ratio: float = 0.2  # minority: fewer rows than ratio × the largest group's
 
         def __post_init__(self) -> None:

@@ -41,18 +41,18 @@ __all__ = ["parse_variant", "apds_settings", "run_ablation", "summarise", "COLUM
 
 log = logging.getLogger(__name__)
 
-# (metric, direction): +1 higher is better, -1 lower is better, 0 closest to zero, 1.0 closest to one
-COLUMNS: list[tuple[str, object]] = [
-    ("plcc", +1),
-    ("srcc", +1),
-    ("acc", +1),
-    ("mae", -1),
-    ("mae_low", -1),
-    ("mae_medium", -1),
-    ("mae_high", -1),
-    ("bias_low", 0),
-    ("bias_high", 0),
-    ("spread", 1.0),
+# (metric, which value is best): the largest, the smallest, the closest to zero or the closest to one
+COLUMNS: list[tuple[str, str]] = [
+    ("plcc", "max"),
+    ("srcc", "max"),
+    ("acc", "max"),
+    ("mae", "min"),
+    ("mae_low", "min"),
+    ("mae_medium", "min"),
+    ("mae_high", "min"),
+    ("bias_low", "zero"),
+    ("bias_high", "zero"),
+    ("spread", "one"),
 ]
 
 
@@ -126,12 +126,11 @@ def _eval_split(cfg: RunConfig) -> str:
     return "val"
 
 
-def _predict_split(predictor: Predictor, cfg: RunConfig, frame, split: str, cache_path: Path | None):
+def _predict_split(predictor: Predictor, frame, split: str, cache_path: Path | None):
     if cache_path is None:
         return predictor.predict_frame(frame)
     # frozen backbone: the evaluation splits' features are cached as well
-    weights_id = f"init:{cfg.model.init_from}" if cfg.model.init_from else f"weights:{cfg.model.weights}"
-    cache = load_or_compute_features(cache_path, predictor, {split: frame}, weights_id)[split]
+    cache = load_or_compute_features(cache_path, predictor, {split: frame})[split]
     return predictor.predict_features(frame, cache.features, cache.failed)
 
 
@@ -152,12 +151,12 @@ def _evaluate_run(
     spec = predictor.spec
     df = read_dataset(cfg).frame
     frame = select_split(df, split)
-    preds = _predict_split(predictor, cfg, frame, split, cache_path)
+    preds = _predict_split(predictor, frame, split, cache_path)
     if calibration is not None:
         val = select_split(df, "val") if (df["split"] == "val").any() else None
         if val is None:
             raise ConfigError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
-        val_preds = _predict_split(predictor, cfg, val, "val", cache_path)
+        val_preds = _predict_split(predictor, val, "val", cache_path)
         check_readable(val_preds, f"split 'val' of {cfg.data.data}")
         ok = val_preds.ok
         train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
@@ -232,15 +231,17 @@ def run_ablation(
     return table
 
 
-def _best_index(values: pd.Series, direction) -> object:
+def _best_index(values: pd.Series, best: str) -> object:
+    """Index of the best value: ``best`` is ``max``, ``min``, ``zero`` (closest to 0) or ``one`` (closest to 1)."""
     clean = values.dropna()
     if clean.empty:
         return None
-    if direction == +1:
+    if best == "max":
         return clean.idxmax()
-    if direction == -1:
+    if best == "min":
         return clean.idxmin()
-    return (clean - float(direction)).abs().idxmin()
+    target = {"zero": 0.0, "one": 1.0}[best]
+    return (clean - target).abs().idxmin()
 
 
 def summarise(table: pd.DataFrame, variants: list[str], split: str) -> str:
