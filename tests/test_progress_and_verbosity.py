@@ -15,7 +15,7 @@ def test_progress_is_logged_with_rate_and_eta_when_stderr_is_not_a_terminal(capl
         assert list(bar) == [0, 1, 2, 3]
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("scoring: 1/4 (25%) batch, ") and "batch/s, ETA " in lines[0]
-    assert lines[-1].startswith("scoring: 4/4 (100%) batch")
+    assert lines[-1].startswith("scoring: 4/4 (100%) batch") and len(lines) == 4  # the last count once
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="elta.progress"):
         list(progress_bar(range(4), desc="scoring", enabled=False, every_s=0.0))

@@ -27,6 +27,7 @@ class _LogLines:
         self.n = self.start_n = initial
         self.started = self.last = time.monotonic()
         self.postfix = ""
+        self.reported = initial  # the count of the last line written
 
     def __iter__(self) -> Iterator:
         for item in self.iterable:
@@ -44,10 +45,11 @@ class _LogLines:
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
     def close(self) -> None:
-        if self.n > self.start_n and time.monotonic() - self.started >= self.every_s:
+        if self.n > self.reported and time.monotonic() - self.started >= self.every_s:
             self._report(time.monotonic())  # a closing line only for work that was long enough to report
 
     def _report(self, now: float) -> None:
+        self.reported = self.n
         rate = (self.n - self.start_n) / max(now - self.started, 1e-9)
         done = (
             f"{self.n}"
@@ -58,7 +60,8 @@ class _LogLines:
         if self.total is not None and rate > 0 and self.n < self.total:
             eta = f", ETA {time.strftime('%H:%M:%S', time.gmtime((self.total - self.n) / rate))}"
         extra = f", {self.postfix}" if self.postfix else ""
-        log.info("%s: %s %s, %.1f %s/s%s%s", self.desc, done, self.unit, rate, self.unit, eta, extra)
+        speed = f"{rate:.1f} {self.unit}/s" if rate >= 1 else f"{1 / max(rate, 1e-9):.1f} s/{self.unit}"
+        log.info("%s: %s %s, %s%s%s", self.desc, done, self.unit, speed, eta, extra)
 
 
 def progress_bar(
