@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 from conftest import tiny_train_args
-from elta.cli import main
 from elta.progress import progress_bar
 
 
@@ -22,16 +24,23 @@ def test_progress_is_logged_with_rate_and_eta_when_stderr_is_not_a_terminal(capl
     assert not caplog.records
 
 
-def test_quiet_and_verbose_work_after_the_command_name_too(demo_data, tmp_path, capsys):
-    args = tiny_train_args(demo_data, tmp_path / "run")
-    assert main([*args, "-q"]) == 0
-    assert main(["data", "check", "--data", str(demo_data / "AVA.txt"), "--quick", "-v"]) == 0
-    assert logging.getLogger("elta").level == logging.DEBUG
-    assert main(["-q", "data", "check", "--data", str(demo_data / "AVA.txt"), "--quick"]) == 0
-    assert logging.getLogger("elta").level == logging.WARNING
-    capsys.readouterr()
-    assert (
-        main(["predict", "--checkpoint", str(tmp_path / "run"), str(demo_data / "images" / "1.jpg"), "-q"])
-        == 0
+def test_quiet_and_verbose_work_after_the_command_name_too(demo_data, tmp_path):
+    def elta(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "elta", *args]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+
+    quiet = elta(*tiny_train_args(demo_data, tmp_path / "quiet"), "-q")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "epoch 1/1" not in quiet.stderr  # nothing but warnings on the console ...
+    assert "epoch 1/1" in (tmp_path / "quiet" / "train.log").read_text()  # ... and a complete train.log
+    loud = elta(*tiny_train_args(demo_data, tmp_path / "loud"))
+    assert "epoch 1/1" in loud.stderr
+    checked = elta("data", "check", "--data", str(demo_data / "AVA.txt"), "--quick", "-v")
+    assert checked.returncode == 0 and "0 problem(s)" in checked.stdout
+    scored = elta(
+        "predict", "--checkpoint", str(tmp_path / "quiet"), str(demo_data / "images" / "1.jpg"), "-q"
     )
-    assert capsys.readouterr().out.splitlines()[0].startswith("path,score,std,p1")
+    assert scored.returncode == 0 and scored.stdout.splitlines()[0].startswith("path,score,std,p1")
+    assert scored.stderr == ""

@@ -44,6 +44,16 @@ def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
     )  # fmt: skip
 
 
+def _configure_logging(level: int) -> None:
+    """The console (standard error) shows ``level`` and above; elta's logger passes INFO on regardless, so that
+    a run's train.log is complete under -q too."""
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:  # the console basicConfig set up
+            handler.setLevel(level)
+    logging.getLogger("elta").setLevel(min(level, logging.INFO))
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
     """Every subcommand's parser, nested ones (``data check``) included."""
     found = []
@@ -56,9 +66,8 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
     verbosity = -1 if launch.rank() > 0 else args.verbosity  # under torchrun rank 0 reports progress
-    logging.getLogger("elta").setLevel({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity])
+    _configure_logging({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity])
     try:
         if launch.launched_by_torchrun() and args.command != "train":
             raise ConfigError(

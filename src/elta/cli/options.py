@@ -175,5 +175,7 @@ def build_runtime(runtime: RuntimeConfig):
 
 
 def progress() -> bool:
-    """Whether a command reports progress: a bar on a terminal, else a log line every half minute; not with -q."""
-    return logging.getLogger("elta").isEnabledFor(logging.INFO)
+    """Whether a command reports progress (a bar on a terminal, else a log line every half minute): when the
+    console shows INFO, i.e. not with -q."""
+    consoles = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]
+    return any(h.level <= logging.INFO for h in consoles)
