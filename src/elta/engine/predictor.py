@@ -328,7 +328,7 @@ def write_scores(frame: pd.DataFrame, out: str | Path) -> Path:
     if suffix == ".parquet":
         return atomic_write(out, lambda fh: frame.to_parquet(fh, index=False))
     if suffix == ".csv":
-        return atomic_write_text(out, frame.to_csv(index=False, float_format="%.17g"))
+        return atomic_write_text(out, frame.to_csv(index=False))  # floats as repr: they read back exactly
     records = frame.replace({np.nan: None}).to_dict("records")
     if suffix == ".json":
         return atomic_write_text(out, json.dumps(records, indent=1))

@@ -6,7 +6,6 @@ engine; nothing below it chooses a device or a worker count on its own.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,9 +100,6 @@ class Runtime:
             if hasattr(cfg, key)
         }
         return cls.create(**{**values, "progress": progress, **overrides})
-
-    def replace(self, **changes: Any) -> Runtime:
-        return dataclasses.replace(self, **changes)
 
     def loader_workers(self, n_items: int | None = None, *, beside_model: bool = True) -> int:
         """Loader processes: the configured number, else the one policy.
