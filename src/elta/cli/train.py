@@ -92,7 +92,7 @@ def self_train(args: argparse.Namespace) -> int:
 
 
 def tune(args: argparse.Namespace) -> int:
-    from elta.workflows.tune import DEFAULT_SPACE, format_trials, load_search, run_tune
+    from elta.workflows.tune import DEFAULT_SPACE, Heartbeat, format_trials, load_search, run_tune
 
     if args.config:
         base, space = load_search(args.config)
@@ -106,6 +106,7 @@ def tune(args: argparse.Namespace) -> int:
         args.out,
         trials=args.trials,
         storage=args.storage,
+        heartbeat=Heartbeat(args.heartbeat_interval, args.heartbeat_grace),
         sampler=args.sampler,
         pruner=args.pruner,
         seed=cfg.train.seed,
@@ -183,7 +184,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", required=True, help="folder for study.db, trials/NNN/, trials.csv, best.yaml")
     p.add_argument("--trials", type=int, default=8, help="finished trials to reach (default 8)")
-    p.add_argument("--storage", help="Optuna database URL shared by several workers (default DIR/study.db)")
+    p.add_argument(
+        "--storage",
+        help="database shared by several workers, e.g. postgresql://USER:PASSWORD@HOST:5432/DB "
+        '(pip install "elta[postgres]"); default DIR/study.db, one worker',
+    )
+    p.add_argument(
+        "--heartbeat-interval", type=int, default=60, metavar="S",
+        help="with --storage: a running trial's heartbeat period in seconds (default 60)",
+    )  # fmt: skip
+    p.add_argument(
+        "--heartbeat-grace", type=int, default=300, metavar="S",
+        help="with --storage: a trial silent this long is failed and retried once (default 300)",
+    )  # fmt: skip
     p.add_argument("--study-name", default="elta-tune", help="study name in the database (default elta-tune)")
     p.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="tpe (default), random, or grid")
     p.add_argument(

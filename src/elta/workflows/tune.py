@@ -12,7 +12,11 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import re
+import socket
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,10 @@ from elta.utils import atomic_write_text
 
 __all__ = [
     "DEFAULT_SPACE",
+    "Heartbeat",
     "Param",
     "apply_params",
+    "database_url",
     "format_trials",
     "load_search",
     "parse_space",
@@ -243,16 +249,72 @@ def _exclusive(out: Path):
         yield
 
 
-def _storage(optuna, out: Path, url: str | None):
+@dataclass(frozen=True)
+class Heartbeat:
+    """How a shared study tells a dead worker's trial: a running trial records a heartbeat every
+    ``interval`` seconds; one silent for ``grace`` seconds is failed and retried once by another worker."""
+
+    interval: int = 60
+    grace: int = 300
+
+    def __post_init__(self) -> None:
+        if not 0 < self.interval < self.grace:
+            raise ConfigError(
+                f"heartbeat: need 0 < interval < grace; got interval {self.interval} s, grace {self.grace} s"
+            )
+
+
+def database_url(url: str) -> str:
+    """``url`` with a driver named: a bare ``postgresql://`` means psycopg 3 (``pip install "elta[postgres]"``),
+    whatever SQLAlchemy's default for that scheme is."""
+    return "postgresql+psycopg://" + url[len("postgresql://") :] if url.startswith("postgresql://") else url
+
+
+def _storage(optuna, out: Path, url: str | None, heartbeat: Heartbeat):
     if url is None:
         return f"sqlite:///{(out / 'study.db').resolve()}"
-    # A shared database: a trial is dead only once its heartbeat stops; it is then retried once.
-    return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=60,
-        grace_period=300,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
-    )
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    database_url(url),
+                    heartbeat_interval=heartbeat.interval,
+                    grace_period=heartbeat.grace,
+                    **_retry_stale_once(optuna),
+                )
+        except ImportError as exc:  # SQLAlchemy found no driver for the URL's database
+            raise UnavailableError(
+                f"--storage {_safe(url)}: no database driver ({exc.name or exc}); for PostgreSQL: "
+                'pip install "elta[postgres]" (psycopg 3)'
+            ) from exc
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started together race to create the schema: the loser finds it made, on a retry.
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+        except sqlalchemy.exc.SQLAlchemyError as exc:
+            reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise UnavailableError(
+                f"--storage {_safe(url)}: cannot open the study database: {reason}"
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+def _retry_stale_once(optuna) -> dict:
+    """The storage argument that retries a dead worker's trial once (renamed in Optuna 4.9)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+            return {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(1)}
+        return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 def _sampler(optuna, name: str, params: dict[str, Param], seed: int, trials: int):
@@ -342,20 +404,28 @@ def _finished(optuna, study) -> int:
     return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
 
 
+class _Surplus(Exception):
+    """A trial begun when the study already had its finished trials (another worker ended the last)."""
+
+
 class _Objective:
     """One trial: sample the settings, train in ``out/trials/NNN``, report each epoch, return the best."""
 
-    def __init__(self, optuna, base: RunConfig, params: dict[str, Param], out: Path, progress: bool):
+    def __init__(
+        self, optuna, base: RunConfig, params: dict[str, Param], out: Path, progress: bool, trials: int
+    ):
         self.optuna, self.base, self.params = optuna, base, params
-        self.out, self.progress = out, progress
+        self.out, self.progress, self.trials = out, progress, trials
 
     def __call__(self, trial) -> float:
         from elta.engine.trainer import TrainingDivergedError, train
 
+        self._claim(trial)
         values = {name: p.suggest(trial) for name, p in self.params.items()}
         cfg = apply_params(self.base, values)
         run_dir = self.out / "trials" / f"{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         self._check_folder(run_dir, cfg)
         metric = cfg.train.metric
 
@@ -378,6 +448,24 @@ class _Objective:
             raise self.optuna.TrialPruned(f"no finite validation {metric}")
         return summary["best_metric"]
 
+    def _claim(self, trial) -> None:
+        """Workers sharing a study stop at exactly ``trials`` finished trials: a trial runs only while fewer
+        than that many earlier trials are finished or running. While running ones fill the quota it waits (one
+        may belong to a dead worker: its heartbeat stops, it is failed and retried); once finished ones fill
+        it, the trial ends as surplus (FAILED, not counted) and this worker stops."""
+        state, study = self.optuna.trial.TrialState, trial.study
+        while True:
+            earlier = [t.state for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+            finished = sum(s in (state.COMPLETE, state.PRUNED) for s in earlier)
+            if finished >= self.trials:
+                trial.set_user_attr("surplus", True)
+                study.stop()
+                raise _Surplus(f"the study has its {self.trials} finished trials")
+            if finished + earlier.count(state.RUNNING) < self.trials:
+                return
+            time.sleep(1.0)
+            self.optuna.storages.fail_stale_trials(study)
+
     @staticmethod
     def _check_folder(run_dir: Path, cfg: RunConfig) -> None:
         saved = run_dir / "config.yaml"
@@ -395,6 +483,7 @@ def run_tune(
     *,
     trials: int = 8,
     storage: str | None = None,
+    heartbeat: Heartbeat = Heartbeat(),
     sampler: str = "tpe",
     pruner: str = "median",
     seed: int = 0,
@@ -403,7 +492,9 @@ def run_tune(
 ):
     """Search ``space`` around ``base`` until ``trials`` trials have finished (completed or pruned),
     maximising the validation ``base.train.metric``. Writes ``out/trials/NNN/`` (one training run a
-    trial), ``out/trials.csv`` and ``out/best.yaml``; rerunning continues the search. Returns the
+    trial), ``out/trials.csv`` and ``out/best.yaml``; rerunning continues the search. With ``storage`` (a
+    database URL) any number of workers, on any machines, share the study and together finish exactly
+    ``trials``; they may share ``out`` (trial folders are numbered by the database). Returns the
     ``optuna.Study``."""
     optuna = _import_optuna()
     params = parse_space(space)
@@ -427,9 +518,10 @@ def run_tune(
                     f"search space: {p.name} = {value!r} is not a valid setting: {exc}"
                 ) from exc
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out):
+    # One process per folder for the default file database; a shared one coordinates its workers itself.
+    with _exclusive(out) if storage is None else contextlib.nullcontext():
         study = optuna.create_study(
-            storage=_storage(optuna, out, storage),
+            storage=_storage(optuna, out, storage, heartbeat),
             study_name=study_name,
             direction="maximize",
             load_if_exists=True,
@@ -444,9 +536,10 @@ def run_tune(
             log.info("tuning: %d of %d trials finished; running the rest", done, trials)
             states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
             study.optimize(
-                _Objective(optuna, base, params, out, progress),
+                _Objective(optuna, base, params, out, progress, trials),
                 n_trials=trials - done,
                 callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)],
+                catch=(_Surplus,),
             )
         _write_results(study, base, params, out)
     return study
