@@ -77,7 +77,8 @@ def test_calibrate_stores_the_map_and_evaluate_reports_before_and_after(
 
 def test_predict_applies_the_map_to_the_score_only(run, demo_data, tmp_path):
     calibrated = tmp_path / "affine.pt"
-    assert main(["calibrate", "--checkpoint", str(run), "--out", str(calibrated), "--device", "cpu"]) == 0
+    args = ["calibrate", "--checkpoint", str(run), "--method", "affine", "--out", str(calibrated)]
+    assert main([*args, "--device", "cpu"]) == 0
     image = str(demo_data / "images" / "1.jpg")
     assert main(["predict", "--checkpoint", str(calibrated), image, "--out", str(tmp_path / "a.csv")]) == 0
     assert (
@@ -106,7 +107,40 @@ def test_calibrate_in_place_and_refusing_bad_methods(run, tmp_path, capsys):
 
     copy = tmp_path / "best.pt"
     shutil.copy(run / "best.pt", copy)
-    assert main(["calibrate", "--checkpoint", str(copy), "--device", "cpu"]) == 0
+    assert main(["calibrate", "--checkpoint", str(copy), "--method", "affine", "--device", "cpu"]) == 0
     assert load_checkpoint(copy).spec.calibration["method"] == "affine"
     with pytest.raises(SystemExit):
         main(["calibrate", "--checkpoint", str(copy), "--method", "spline"])
+
+
+def test_auto_chooses_by_cross_validation_and_records_the_tails(run, tmp_path, capsys):
+    calibrated = tmp_path / "auto.pt"
+    assert main(["calibrate", "--checkpoint", str(run), "--out", str(calibrated), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "candidates, by cross-validated mean of low- and high-bucket MAE" in printed
+    assert "identity" in printed and "quantile" in printed and "isotonic" in printed
+    stored = load_checkpoint(calibrated).spec.calibration
+    if stored is None:  # no map served the tails better than none
+        assert "now has no calibration map" in printed
+    else:
+        assert f"→ {stored['chosen']}" in printed
+        assert stored["validation"]["after"] <= stored["validation"]["before"]
+
+
+def test_evaluate_warns_when_the_stored_map_raises_the_tail_mae(run, tmp_path, caplog):
+    from elta.calibration import Calibration
+
+    spec = load_checkpoint(run / "best.pt").spec
+    squash = Calibration("affine", {"a": 0.2, "b": 4.4}, tuple(spec.score_range), 10).to_dict()
+    record = {"chosen": "affine", "objective": "tail", "validation": {"before": 0.5, "after": 0.9}}
+    bad = tmp_path / "bad.pt"
+    load_checkpoint(run / "best.pt").with_calibration({**squash, **record}).save(bad)
+    with caplog.at_level("WARNING", logger="elta"):
+        assert (
+            main(["evaluate", "--checkpoint", str(bad), "--split", "test", "--out", str(tmp_path / "e")]) == 0
+        )
+    warned = caplog.text
+    assert "raised the tail MAE on the rows it was fitted on (0.5000 → 0.9000)" in warned
+    assert (
+        "raises the tail MAE on split 'test'" in warned
+    )  # pulling every score to the middle hurts the tails

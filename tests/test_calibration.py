@@ -7,8 +7,12 @@ from elta.calibration import (
     METHODS,
     Calibration,
     calibration_report,
+    choose_calibration,
     fit_calibration,
     format_calibration_report,
+    format_selection,
+    select_calibration,
+    tail_objective,
 )
 
 RANGE = (1.0, 10.0)
@@ -166,3 +170,66 @@ def test_format_calibration_report_shows_before_after_and_marks_the_tail_rows():
         and bias_low[5].startswith("-")
     )
     assert not next(line for line in lines if "PLCC" in line).startswith("*")
+
+
+# --- calibrate --method auto ---------------------------------------------------------------------------------
+
+
+def _shrunk_model(r: float, n: int, seed: int):
+    """(pred, gt, train_gt): predictions correlated ``r`` with long-tailed labels and pulled to their mean."""
+    rng = np.random.default_rng(seed)
+    gt = np.clip(5.4 + 0.75 * rng.standard_t(5, size=n), 1, 10)
+    train_gt = np.clip(5.4 + 0.75 * rng.standard_t(5, size=4 * n), 1, 10)
+    z = (gt - gt.mean()) / gt.std()
+    noise = rng.standard_normal(n)
+    pred = gt.mean() + 0.35 * gt.std() * (r * z + np.sqrt(1 - r**2) * noise)
+    return pred, gt, train_gt
+
+
+def test_tail_objective_by_hand():
+    gt = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    pred = gt + np.array([1.0, 0, 0, 0, 0, 0, 0, 0, 0, -2.0])
+    # p20 = 2.8, p80 = 8.2: low = {1, 2}, high = {9, 10}; low MAE (1 + 0) / 2, high MAE (0 + 2) / 2
+    assert tail_objective(pred, gt) == pytest.approx((0.5 + 1.0) / 2)
+    with pytest.raises(ValueError, match="unknown objective"):
+        tail_objective(pred, gt, "median")
+
+
+@pytest.mark.parametrize("r", [0.3, 0.6, 0.95])
+@pytest.mark.parametrize("objective", ["tail", "bmae"])
+def test_auto_never_raises_the_objective_and_keeps_the_ranking(r, objective):
+    for seed in range(4):
+        pred, gt, train_gt = _shrunk_model(r, 150, seed)
+        sel = select_calibration(pred, gt, score_range=(1, 10), train_gt=train_gt, objective=objective)
+        plain = tail_objective(pred, gt, objective, score_range=(1, 10))
+        assert sel.before == pytest.approx(plain)
+        assert sel.after <= sel.before + 1e-12
+        assert set(sel.cross_validated) >= {"identity", "affine λ=1", "quantile", "isotonic"}
+        assert sel.chosen == min(sel.cross_validated, key=sel.cross_validated.get) or sel.chosen == "identity"
+        if sel.calibration is not None:
+            assert stats.spearmanr(sel.calibration.apply(pred), pred)[0] == pytest.approx(1.0)
+            assert sel.after == pytest.approx(tail_objective(sel.calibration.apply(pred), gt, objective,
+                                                             score_range=(1, 10)))  # fmt: skip
+
+
+def test_auto_stretches_a_strong_model_and_spares_a_weak_one():
+    # strong (r = 0.95): the predictions carry the ranking, a stretch moves both tails towards the truth
+    pred, gt, train_gt = _shrunk_model(0.95, 300, 0)
+    strong = select_calibration(pred, gt, score_range=(1, 10), train_gt=train_gt)
+    assert strong.calibration is not None and strong.after < 0.8 * strong.before
+    # noise (r = 0): stretching it only spreads errors; the cross-validation keeps the identity or a mild shrink
+    pred, gt, train_gt = _shrunk_model(0.0, 300, 1)
+    weak = select_calibration(pred, gt, score_range=(1, 10), train_gt=train_gt)
+    assert weak.chosen not in ("quantile", "affine λ=1", "affine λ=1.25")
+    assert weak.after <= weak.before
+
+
+def test_auto_record_and_choose_calibration_for_one_method():
+    pred, gt, train_gt = _shrunk_model(0.8, 100, 2)
+    sel = choose_calibration(pred, gt, "isotonic", score_range=(1, 10), train_gt=train_gt)
+    assert sel.chosen == "isotonic" and sel.cross_validated == {}
+    record = sel.record()
+    assert record["validation"] == {"before": pytest.approx(sel.before), "after": pytest.approx(sel.after)}
+    auto = choose_calibration(pred, gt, score_range=(1, 10), train_gt=train_gt)
+    text = format_selection(auto)
+    assert f"→ {auto.chosen}" in text and "identity" in text

@@ -24,20 +24,35 @@ checkpoint read back with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from elta.errors import CalibrationError
-from elta.metrics import OVERALL_ROWS, TAIL_ROWS, as_pair, as_scores, evaluate, format_value
+from elta.metrics import (
+    OVERALL_ROWS,
+    TAIL_ROWS,
+    as_pair,
+    as_scores,
+    balanced_mae,
+    evaluate,
+    format_value,
+    tail_buckets,
+)
 
 __all__ = [
     "METHODS",
+    "OBJECTIVES",
     "Calibration",
+    "Selection",
     "calibration_report",
     "fit_calibration",
+    "select_calibration",
     "calibrated_scores",
+    "choose_calibration",
     "format_calibration_report",
+    "format_selection",
+    "tail_objective",
 ]
 
 METHODS = ("affine", "quantile", "isotonic")
@@ -340,3 +355,150 @@ def calibrated_scores(spec, scores: np.ndarray) -> np.ndarray:
     if not getattr(spec, "calibration", None):
         return scores
     return Calibration.from_dict(spec.calibration).apply(scores)
+
+
+# ------------------------------------------------------------------------------------ choosing a map for the tails
+
+OBJECTIVES = ("tail", "bmae")
+# Blends of the affine map with the identity, pred + λ (affine(pred) − pred): shrink (λ < 1) to stretch (λ > 1).
+_BLENDS = (0.25, 0.5, 0.75, 1.0, 1.25)
+_FOLDS = 5
+
+
+def tail_objective(pred, gt, objective: str = "tail", *, score_range=None, buckets=None) -> float:
+    """What ``select_calibration`` minimises: ``tail`` — the mean of the low- and high-bucket MAE (buckets of
+    :func:`elta.metrics.tail_buckets`, by default those of ``gt`` itself) — or ``bmae``, the balanced MAE."""
+    p, g = as_pair(pred, gt)
+    if objective == "bmae":
+        return balanced_mae(p, g, score_range)
+    if objective != "tail":
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    buckets = tail_buckets(g) if buckets is None else buckets
+    return float(np.mean([np.abs(p - g)[buckets == b].mean() for b in ("low", "high")]))
+
+
+@dataclass
+class Selection:
+    """The map ``select_calibration`` chose (None: the identity, no map) and why.
+
+    cross_validated: each candidate's objective on out-of-fold predictions (lower is better); before / after:
+    the objective of the validation rows without and with the chosen map (after <= before always holds).
+    """
+
+    calibration: Calibration | None
+    chosen: str
+    objective: str
+    cross_validated: dict[str, float] = field(default_factory=dict)
+    before: float = math.nan
+    after: float = math.nan
+
+    def record(self) -> dict:
+        """Plain-Python summary stored beside the map in a checkpoint."""
+        return {
+            "chosen": self.chosen,
+            "objective": self.objective,
+            "cross_validated": {k: float(v) for k, v in self.cross_validated.items()},
+            "validation": {"before": float(self.before), "after": float(self.after)},
+        }
+
+
+def _candidates(p, g, score_range, train_gt) -> dict[str, Calibration | None]:
+    """Every map of the auto search fitted on (p, g); a map the data do not allow is left out."""
+    found: dict[str, Calibration | None] = {"identity": None}
+    try:
+        affine = fit_calibration(p, g, "affine", score_range=score_range)
+    except CalibrationError:
+        affine = None
+    if affine is not None:
+        a, b = affine.params["a"], affine.params["b"]
+        for lam in _BLENDS:
+            slope = 1.0 + lam * (a - 1.0)
+            if slope > 0:
+                params = {"a": slope, "b": lam * b}
+                found[f"affine λ={lam:g}"] = Calibration("affine", params, score_range, p.size)
+    for method in ("quantile", "isotonic"):
+        if method == "quantile" and train_gt is None:
+            continue
+        try:
+            found[method] = fit_calibration(p, g, method, score_range=score_range, train_gt=train_gt)
+        except CalibrationError:
+            pass
+    return found
+
+
+def select_calibration(
+    pred,
+    gt,
+    *,
+    score_range: tuple[float, float],
+    train_gt=None,
+    objective: str = "tail",
+    seed: int = 0,
+) -> Selection:
+    """Choose the map that best serves the tails, never one worse than none on the validation rows.
+
+    Candidates: the identity, the affine map blended with the identity (λ = 0.25 … 1.25: shrink to stretch),
+    quantile (with ``train_gt``) and isotonic. Each is scored by 5-fold cross-validation on (pred, gt): fitted
+    on four folds, applied to the fifth, the ``objective`` (:func:`tail_objective`, buckets of the whole
+    ``gt``) computed on all out-of-fold predictions — so a map that only fits noise is not chosen. The winner
+    is refitted on all rows; if it then does worse than the identity on those rows, the identity is kept. Every
+    candidate is increasing, so SRCC is unchanged (up to ties at the clip bounds).
+    """
+    p, g = as_pair(pred, gt)
+    lo_hi = _check_range(score_range)
+    buckets = tail_buckets(g)
+    score = lambda values, rows=slice(None): tail_objective(  # noqa: E731
+        values, g[rows], objective, score_range=lo_hi, buckets=buckets[rows]
+    )
+    if p.size < 2 * _FOLDS:  # too few rows to hold any out: choose on the rows themselves
+        fitted = _candidates(p, g, lo_hi, train_gt)
+        cv = {name: score(p if cal is None else cal.apply(p)) for name, cal in fitted.items()}
+    else:
+        folds = np.random.default_rng(seed).permutation(p.size) % _FOLDS
+        out_of_fold: dict[str, np.ndarray] = {}
+        for k in range(_FOLDS):
+            held = folds == k
+            for name, cal in _candidates(p[~held], g[~held], lo_hi, train_gt).items():
+                column = out_of_fold.setdefault(name, np.full(p.size, np.nan))
+                column[held] = p[held] if cal is None else cal.apply(p[held])
+        cv = {name: score(v) for name, v in out_of_fold.items() if np.isfinite(v).all()}
+    chosen = min(cv, key=lambda name: (cv[name], name != "identity"))  # ties go to the identity
+    cal = _candidates(p, g, lo_hi, train_gt).get(chosen)
+    before = score(p)
+    after = before if cal is None else score(cal.apply(p))
+    if after > before:
+        chosen, cal, after = "identity", None, before
+    return Selection(cal, chosen, objective, cv, before, after)
+
+
+def choose_calibration(
+    pred,
+    gt,
+    method: str = "auto",
+    *,
+    score_range: tuple[float, float],
+    train_gt=None,
+    objective: str = "tail",
+) -> Selection:
+    """``method`` auto: :func:`select_calibration`; otherwise that one map (:func:`fit_calibration`), with the
+    ``objective`` before and after on (pred, gt) recorded as for auto."""
+    if method == "auto":
+        return select_calibration(pred, gt, score_range=score_range, train_gt=train_gt, objective=objective)
+    cal = fit_calibration(pred, gt, method, score_range=score_range, train_gt=train_gt)
+    before = tail_objective(pred, gt, objective, score_range=score_range)
+    after = tail_objective(cal.apply(pred), gt, objective, score_range=score_range)
+    return Selection(cal, method, objective, before=before, after=after)
+
+
+def format_selection(selection: Selection) -> str:
+    """The candidates' cross-validated objective, best first, the chosen one marked."""
+    name = {"tail": "mean of low- and high-bucket MAE", "bmae": "balanced MAE"}[selection.objective]
+    lines = [f"candidates, by cross-validated {name} on the validation split:"]
+    for cand, value in sorted(selection.cross_validated.items(), key=lambda kv: kv[1]):
+        mark = "→" if cand == selection.chosen else " "
+        lines.append(f" {mark} {cand:<14} {value:.4f}")
+    lines.append(
+        f"chosen: {selection.chosen} ({name} on the validation rows {selection.before:.4f} → "
+        f"{selection.after:.4f})"
+    )
+    return "\n".join(lines)

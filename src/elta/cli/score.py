@@ -60,7 +60,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def calibrate(args: argparse.Namespace) -> int:
-    from elta.calibration import format_calibration_report
+    from elta.calibration import format_calibration_report, format_selection
     from elta.models.checkpoint import load_checkpoint
     from elta.workflows.calibrate import calibrate_checkpoint
 
@@ -68,13 +68,17 @@ def calibrate(args: argparse.Namespace) -> int:
     cfg = _data_config(args, checkpoint.config)
     runtime = build_runtime(cfg.runtime)
     result = calibrate_checkpoint(
-        checkpoint, cfg, runtime, method=args.method, split=args.split, out=args.out
+        checkpoint, cfg, runtime, method=args.method, objective=args.objective, split=args.split, out=args.out
     )
-    title = f"{args.method} calibration fitted on split '{args.split}' (same rows: SRCC cannot change)"
+    selection = result["selection"]
+    if args.method == "auto":
+        print(format_selection(selection) + "\n")
+    title = f"{selection.chosen} calibration fitted on split '{args.split}' (same rows: SRCC cannot change)"
     print(format_calibration_report(result["report"], title=title))
-    print(
-        f"\nstored in {result['checkpoint']}: predict and evaluate apply it (--no-calibration to switch off)"
-    )
+    if selection.calibration is None:
+        print(f"\nno map serves the tails better than none: {result['checkpoint']} now has no calibration map")
+    else:
+        print(f"\nstored in {result['checkpoint']}: predict and evaluate apply it (--no-calibration to switch off)")
     return 0
 
 
@@ -160,9 +164,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument(
         "--method",
-        default="affine",
-        choices=("affine", "quantile", "isotonic"),
-        help="affine stretch (default), quantile mapping onto the training labels, or isotonic",
+        default="auto",
+        choices=("auto", "affine", "quantile", "isotonic"),
+        help="auto (default): of no map, affine shrinks/stretches, quantile and isotonic, the one with the "
+        "lowest cross-validated --objective, never worse than no map; or one map: affine stretch, quantile "
+        "mapping onto the training labels, isotonic",
+    )
+    p.add_argument(
+        "--objective",
+        default="tail",
+        choices=("tail", "bmae"),
+        help="what auto minimises: tail (default), the mean of the low- and high-bucket MAE; or bmae, the "
+        "balanced MAE",
     )
     p.add_argument(
         "--split", default="val", help="split whose predictions the map is fitted on (default val)"

@@ -143,11 +143,32 @@ def evaluate_checkpoint(
     if preds.uncalibrated is not None:
         metrics["calibration"] = spec.calibration["method"]
         metrics["before_calibration"] = score_metrics(frame, preds.uncalibrated_view(), spec, where)
+        _warn_if_tails_worse(spec.calibration, metrics, split)
     metrics["split"] = split
     metrics["checkpoint"] = checkpoint.path
     title = f"{Path(checkpoint.path).name} on {split}"
     write_evaluation(Path(out), frame, preds, spec, metrics, title=title)
     return metrics
+
+
+def _warn_if_tails_worse(calibration: dict, metrics: dict, split: str) -> None:
+    """Warn when the stored map raised the tail MAE (mean of the low and high buckets) where it was fitted
+    (its record from `elta calibrate`) or on the evaluated split."""
+    fitted = calibration.get("validation")
+    if fitted and fitted["after"] > fitted["before"]:
+        log.warning(
+            "the checkpoint's %s calibration map raised the tail MAE on the rows it was fitted on (%.4f → %.4f): "
+            "refit it with `elta calibrate --method auto`, or evaluate with --no-calibration",
+            calibration["method"], fitted["before"], fitted["after"],
+        )  # fmt: skip
+    before, after = (
+        (m["mae_low"] + m["mae_high"]) / 2 for m in (metrics["before_calibration"], metrics)
+    )
+    if after > before:
+        log.warning(
+            "the checkpoint's %s calibration map raises the tail MAE on split '%s' (%.4f → %.4f)",
+            calibration["method"], split, before, after,
+        )  # fmt: skip
 
 
 def _json_safe(metrics: dict) -> dict:

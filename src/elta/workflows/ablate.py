@@ -4,7 +4,7 @@ A variant is ``baseline`` or enhancers joined by ``+``, each optionally with set
 ``tfa``, ``flsa``, ``tfa+flsa``, ``tfa:tau1=0.3+flsa:weight=0.1``. The token ``apds`` adds one round of
 APDS self-training on ``--unlabeled`` images; its settings are ``beta`` and ``threshold`` (given together),
 ``min_selected``, and the search grids ``betas`` / ``thresholds`` as ``;``-separated lists
-(``apds:thresholds=0.3;0.4;0.5``). The token ``calibration[:method=affine|quantile|isotonic]`` evaluates
+(``apds:thresholds=0.3;0.4;0.5``). The token ``calibration[:method=affine|quantile|isotonic|auto]`` evaluates
 the variant it is joined to (``baseline+calibration``) through a post-hoc map fitted on the validation
 predictions; it reuses that variant's runs. The token ``scalar`` trains with the scalar head (MSE on the
 MOS) instead of the distribution head, as do enhancers that declare they need a scalar head (``bmc``).
@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from elta.calibration import METHODS as CALIBRATION_METHODS
-from elta.calibration import fit_calibration
+from elta.calibration import choose_calibration
 from elta.config import RunConfig
 from elta.engine.evaluate import check_readable, score_metrics, select_split, write_evaluation
 from elta.engine.features import load_or_compute_features
@@ -73,13 +73,14 @@ def parse_variant(name: str) -> list[dict]:
 
 
 def calibration_settings(name: str) -> dict | None:
-    """``{"method": …}`` of the variant's ``calibration[:method=affine|quantile|isotonic]`` token, or None."""
+    """``{"method": …}`` of the variant's ``calibration[:method=affine|quantile|isotonic|auto]`` token, or None."""
     found = [t for t in _tokens(name) if t["name"] == "calibration"]
     if not found:
         return None
     settings = {"method": "affine", **{k: v for k, v in found[0].items() if k != "name"}}
-    if set(settings) != {"method"} or settings["method"] not in CALIBRATION_METHODS:
-        raise ConfigError(f"variant {name}: calibration takes method={'|'.join(CALIBRATION_METHODS)}")
+    methods = ("auto", *CALIBRATION_METHODS)
+    if set(settings) != {"method"} or settings["method"] not in methods:
+        raise ConfigError(f"variant {name}: calibration takes method={'|'.join(methods)}")
     return settings
 
 
@@ -160,14 +161,15 @@ def _evaluate_run(
         check_readable(val_preds, f"split 'val' of {cfg.data.data}")
         ok = val_preds.ok
         train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
-        cal = fit_calibration(
+        cal = choose_calibration(
             val_preds.score[ok],
             val["mos"].to_numpy(dtype=np.float64)[ok],
             calibration["method"],
             score_range=tuple(spec.score_range),
             train_gt=train_gt,
-        )
-        preds = dataclasses.replace(preds, score=cal.apply(preds.score), uncalibrated=preds.score)
+        ).calibration
+        if cal is not None:  # auto may keep the model's own scores
+            preds = dataclasses.replace(preds, score=cal.apply(preds.score), uncalibrated=preds.score)
     metrics = score_metrics(frame, preds, spec, f"split '{split}' of {cfg.data.data}")
     metrics.update(split=split, checkpoint=str(run_dir / "best.pt"))
     if calibration is not None:

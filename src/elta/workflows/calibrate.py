@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from elta.calibration import Calibration, calibration_report, fit_calibration
+from elta.calibration import Calibration, calibration_report, choose_calibration
 from elta.config import RunConfig
 from elta.engine.evaluate import check_readable, select_split
 from elta.engine.predictor import Predictor
@@ -19,20 +19,10 @@ from elta.engine.prepare import read_dataset
 from elta.engine.runtime import Runtime
 from elta.errors import CheckpointError
 from elta.models.checkpoint import Checkpoint, load_checkpoint
-from elta.models.model import ModelSpec
 
-__all__ = ["calibrate_checkpoint", "fit_for_spec"]
+__all__ = ["calibrate_checkpoint"]
 
 log = logging.getLogger(__name__)
-
-
-def fit_for_spec(
-    spec: ModelSpec, pred: np.ndarray, gt: np.ndarray, method: str, train_gt: np.ndarray | None = None
-) -> tuple[Calibration, dict]:
-    """Fit ``method`` on (pred, gt) and report the metrics before and after on the same rows."""
-    cal = fit_calibration(pred, gt, method, score_range=tuple(spec.score_range), train_gt=train_gt)
-    report = calibration_report(pred, gt, cal, threshold=spec.acc_threshold)
-    return cal, report
 
 
 def calibrate_checkpoint(
@@ -40,14 +30,18 @@ def calibrate_checkpoint(
     cfg: RunConfig,
     runtime: Runtime | None = None,
     *,
-    method: str = "affine",
+    method: str = "auto",
+    objective: str = "tail",
     split: str = "val",
     out: str | Path | None = None,
 ) -> dict:
     """Fit the map on ``split`` of the dataset in ``cfg`` and write the checkpoint with it (``out`` or in place).
 
-    The map is fitted on the model's own scores (an earlier map is replaced, not composed).
-    Returns ``{"calibration": …, "report": {"before": metrics, "after": metrics}, "checkpoint": path}``.
+    ``method``: auto (the map that serves the tails best by ``objective``, possibly none: see
+    :func:`elta.calibration.select_calibration`), affine, quantile or isotonic. The map is fitted on the model's
+    own scores (an earlier map is replaced, not composed); beside it the checkpoint records the objective on
+    ``split`` before and after, which ``elta evaluate`` checks. Returns ``{"calibration": stored dict or None,
+    "selection": Selection, "report": {"before": metrics, "after": metrics}, "checkpoint": path}``.
     """
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = load_checkpoint(checkpoint)
@@ -61,12 +55,34 @@ def calibrate_checkpoint(
     preds = predictor.predict_frame(frame, desc="calibrating")
     check_readable(preds, f"split '{split}' of {cfg.data.data}")
     ok = preds.ok
-    gt = frame["mos"].to_numpy(dtype=np.float64)[ok]
-    train_gt = (
-        df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64) if method == "quantile" else None
+    pred, gt = preds.score[ok], frame["mos"].to_numpy(dtype=np.float64)[ok]
+    train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
+    score_range = tuple(predictor.spec.score_range)
+    selection = choose_calibration(
+        pred, gt, method, score_range=score_range, train_gt=train_gt, objective=objective
     )
-    cal, report = fit_for_spec(predictor.spec, preds.score[ok], gt, method, train_gt=train_gt)
+    cal = selection.calibration
+    report = calibration_report(
+        pred, gt, cal or _identity(score_range, pred.size), threshold=predictor.spec.acc_threshold
+    )
     target = Path(out) if out is not None else Path(checkpoint.path)
-    checkpoint.with_calibration(cal.to_dict()).save(target)
-    log.info("calibration (%s, fitted on %d %s images) stored in %s", method, int(ok.sum()), split, target)
-    return {"calibration": cal.to_dict(), "report": report, "checkpoint": str(target)}
+    stored = None if cal is None else {**cal.to_dict(), **selection.record()}
+    checkpoint.with_calibration(stored).save(target)
+    log.info(
+        "calibration (%s, chosen on %d %s images) stored in %s",
+        selection.chosen,
+        int(ok.sum()),
+        split,
+        target,
+    )
+    return {
+        "calibration": stored,
+        "selection": selection,
+        "report": report,
+        "checkpoint": str(target),
+    }
+
+
+def _identity(score_range, n: int) -> Calibration:
+    """The identity as an affine map, for a report of "no map" (clipping to the range only)."""
+    return Calibration("affine", {"a": 1.0, "b": 0.0}, score_range, n)
