@@ -36,7 +36,14 @@ def serve(args: argparse.Namespace) -> int:
             "serving on %s without --token: anyone who can reach this port can use the API", args.host
         )
     log.info("elta serve: http://%s:%d/ (API docs at /docs)", args.host, args.port)
-    serve(predictor, settings, host=args.host, port=args.port, graceful_seconds=args.graceful_seconds)
+    serve(
+        predictor,
+        settings,
+        host=args.host,
+        port=args.port,
+        graceful_seconds=args.graceful_seconds,
+        log_level={-1: "warning", 0: "info", 1: "debug"}[args.verbosity],
+    )
     return 0
 
 
