@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
+import sys
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ import elta  # noqa: E402
 from conftest import tiny_config  # noqa: E402
 from elta.cli import main  # noqa: E402
 from elta.engine.trainer import train  # noqa: E402
+from elta.errors import UnavailableError  # noqa: E402
 from elta.models.checkpoint import load_checkpoint  # noqa: E402
 from elta.models.model import score_quantiles  # noqa: E402
 from elta.workflows.serve import Batcher, ServeSettings, create_app  # noqa: E402
@@ -249,3 +251,15 @@ def test_the_batcher_scores_concurrent_requests_together_and_drains_on_stop(pred
     assert sizes == [4, 4, 1]
     assert [r.batch_size for r in results] == [4] * 8 + [1]
     assert np.allclose([r.predictions.score[0] for r in results], alone, atol=1e-5)
+
+
+def test_serve_command_refuses_bad_limits_in_one_line(capsys):
+    assert main(["serve", "--checkpoint", "unused.pt", "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["elta serve: error: --max-batch must be ≥ 1; got 0"]
+
+
+def test_without_fastapi_the_error_names_the_extra(predictor, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fastapi", None)
+    with pytest.raises(UnavailableError, match=r"pip install 'elta\[serve\]'"):
+        create_app(predictor)

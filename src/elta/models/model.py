@@ -48,7 +48,7 @@ class ModelSpec:
     dataset_format: str = ""
     group_counts: dict[str, int] = field(default_factory=dict)  # training images per group (tail metrics)
     calibration: dict | None = None  # post-hoc map of the score (elta.calibration), set by `elta calibrate`
-    score_quantiles: list[float] = field(default_factory=list)  # 101 percentiles of the training MOS; [] if unknown
+    score_quantiles: list[float] = field(default_factory=list)  # 101 percentiles of the training MOS, or []
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:

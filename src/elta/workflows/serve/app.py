@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import hmac
 import math
+import os
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Annotated
 
@@ -47,6 +48,7 @@ class ServeSettings:
     max_upload_mb: float = 20.0  # per uploaded file
     max_files: int = 32  # per request
     max_pixels: int = DEFAULT_MAX_PIXELS  # per image (width × height), checked before decoding
+    decode_threads: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))  # images decoded at once
     token: str | None = None  # when set, the API needs "Authorization: Bearer TOKEN"
 
     def __post_init__(self) -> None:
@@ -56,6 +58,7 @@ class ServeSettings:
             "--max-upload-mb": (self.max_upload_mb > 0, "> 0"),
             "--max-files": (self.max_files >= 1, "≥ 1"),
             "max_pixels": (self.max_pixels >= 1, "≥ 1"),
+            "decode_threads": (self.decode_threads >= 1, "≥ 1"),
         }
         for flag, (ok, bound) in checks.items():
             if not ok:
@@ -204,7 +207,6 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None):
         from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
         from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
         from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-        from starlette.concurrency import run_in_threadpool
     except ImportError as exc:
         raise UnavailableError(
             f"elta serve needs FastAPI ({exc.name} is missing): pip install 'elta[serve]'"
@@ -218,6 +220,9 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None):
         return predictor.predict_images(inputs, desc="serving", normalized=True)
 
     batcher = Batcher(score, settings.max_batch, settings.max_wait_ms, on_batch=metrics.batch)
+    # Decoding runs in its own few threads: many at once would only compete with the model for the CPU, and
+    # each may hold an image of up to max_pixels in memory.
+    decoding = asyncio.Semaphore(settings.decode_threads)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -287,6 +292,10 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None):
             raise ImageLoadError(name, exc.reason) from exc
         return transform(image)
 
+    async def decode_off_loop(data: bytes, name: str) -> torch.Tensor:
+        async with decoding:
+            return await asyncio.to_thread(decode, data, name)
+
     async def read_upload(upload: UploadFile, index: int) -> tuple[str, bytes | str]:
         """The file's name and bytes, or its name and why it is refused."""
         name = upload.filename or f"file {index + 1}"
@@ -315,7 +324,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None):
         uploads = [await read_upload(upload, i) for i, upload in enumerate(files)]
         metrics.images += len(uploads)
         decoded = await asyncio.gather(
-            *(run_in_threadpool(decode, data, name) for name, data in uploads), return_exceptions=True
+            *(decode_off_loop(data, name) for name, data in uploads), return_exceptions=True
         )
         for outcome in decoded:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ImageLoadError):
