@@ -23,7 +23,7 @@ from importlib import resources
 from typing import Annotated
 
 import numpy as np
-import torch
+from PIL import Image
 
 import elta
 from elta.data.images import DEFAULT_MAX_PIXELS, load_image
@@ -216,8 +216,10 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None):
     metrics = ServiceMetrics()
     transform = predictor.transform
 
-    def score(inputs: list[torch.Tensor]) -> Predictions:
-        return predictor.predict_images(inputs, desc="serving", normalized=True)
+    def score(images: list) -> Predictions:
+        # the eval transform (resize, torch normalisation) runs here, in the scoring thread: torch work in the
+        # decoding threads beside the model's forward would oversubscribe the CPU's threads
+        return predictor.predict_images(images, desc="serving")
 
     batcher = Batcher(score, settings.max_batch, settings.max_wait_ms, on_batch=metrics.batch)
     # Decoding runs in its own few threads: many at once would only compete with the model for the CPU, and
@@ -285,14 +287,13 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None):
             )
         return None
 
-    def decode(data: bytes, name: str) -> torch.Tensor:
+    def decode(data: bytes, name: str) -> Image.Image:
         try:
-            image = load_image(data, settings.max_pixels, target=transform.needed_size)
+            return load_image(data, settings.max_pixels, target=transform.needed_size)
         except ImageLoadError as exc:
             raise ImageLoadError(name, exc.reason) from exc
-        return transform(image)
 
-    async def decode_off_loop(data: bytes, name: str) -> torch.Tensor:
+    async def decode_off_loop(data: bytes, name: str) -> Image.Image:
         async with decoding:
             return await asyncio.to_thread(decode, data, name)
 
@@ -329,7 +330,7 @@ def create_app(predictor: Predictor, settings: ServeSettings | None = None):
         for outcome in decoded:
             if isinstance(outcome, BaseException) and not isinstance(outcome, ImageLoadError):
                 raise outcome
-        good = [i for i, outcome in enumerate(decoded) if isinstance(outcome, torch.Tensor)]
+        good = [i for i, outcome in enumerate(decoded) if isinstance(outcome, Image.Image)]
         results = await batcher.submit([decoded[i] for i in good]) if good else []
         by_index = dict(zip(good, results, strict=True))
         images = []

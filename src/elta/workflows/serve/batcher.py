@@ -15,8 +15,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import torch
-
 from elta.engine.predictor import Predictions
 
 __all__ = ["Batcher", "ImageResult"]
@@ -32,22 +30,22 @@ class ImageResult:
 
 @dataclass
 class _Waiting:
-    inputs: torch.Tensor  # [3, H, W] a model input
+    inputs: object  # an image as the score function takes it
     future: asyncio.Future
 
 
 class Batcher:
     """Collects model inputs from concurrent callers and scores them in batches with ``score``.
 
-    ``score(inputs)`` gets a list of [3, H, W] model inputs and returns their :class:`Predictions` in order (e.g.
-    ``lambda x: predictor.predict_images(x, normalized=True)``); it runs in one thread. ``on_batch(n, seconds)`` is
+    ``score(images)`` gets a list of images (decoded PIL images, or [3, H, W] model inputs, …) and returns their
+    :class:`Predictions` in order (e.g. ``predictor.predict_images``); it runs in one thread. ``on_batch(n, seconds)`` is
     told the size and the scoring time of every batch. Use between :meth:`start` and :meth:`stop`, on one event
     loop.
     """
 
     def __init__(
         self,
-        score: Callable[[list[torch.Tensor]], Predictions],
+        score: Callable[[list], Predictions],
         max_batch: int = 32,
         max_wait_ms: float = 10.0,
         on_batch: Callable[[int, float], None] | None = None,
@@ -85,8 +83,8 @@ class Batcher:
         self._executor.shutdown(wait=True)
         self._task = None
 
-    async def submit(self, inputs: Sequence[torch.Tensor]) -> list[ImageResult]:
-        """Score model inputs ([3, H, W] each) together with whatever else is waiting; results in order."""
+    async def submit(self, inputs: Sequence) -> list[ImageResult]:
+        """Score images together with whatever else is waiting; results in order."""
         if not self.running:
             raise RuntimeError("the batcher is not running: start() it (the app's lifespan does)")
         loop = asyncio.get_running_loop()
