@@ -32,6 +32,7 @@ RUNS = {
         "| test_resnet | 32 px | 8 |",
     ),
     "input_pipeline.py": (["--images", "6", "--repeats", "1", "--workers", "0"], "(d) elta, from the cache"),
+    "serve_load.py": (["--quick"], "throughput batching on / off at 4 clients"),
     "predict_throughput.py": (
         ["--images", "6", "--repeats", "1", "--batch-size", "4", "--no-cli", "--device", "cpu"],
         "(b) elta predict (Predictor)",

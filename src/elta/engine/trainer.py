@@ -46,7 +46,7 @@ from elta.errors import (
 from elta.metrics import evaluate
 from elta.models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from elta.models.heads import ModelOutput, resolve_loss
-from elta.models.model import AestheticModel, build_model
+from elta.models.model import AestheticModel, build_model, score_quantiles
 from elta.progress import progress_bar
 from elta.utils import atomic_write_text, derive_seed
 
@@ -627,6 +627,7 @@ def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpo
         acc_threshold=info.acc_threshold,
         dataset_format=info.format,
         group_counts=group_counts,
+        score_quantiles=score_quantiles(data.train["mos"]),
         loss=loss,
     )
     if start is not None:

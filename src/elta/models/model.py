@@ -5,15 +5,28 @@ The heads (:mod:`elta.models.heads`) follow the ELTA release and own their train
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from elta.models.backbones import backbone_data_config, create_backbone
 from elta.models.heads import HEADS, ModelOutput, make_head
 
-__all__ = ["ModelOutput", "ModelSpec", "AestheticModel", "build_model"]
+__all__ = ["ModelOutput", "ModelSpec", "AestheticModel", "build_model", "score_quantiles"]
+
+QUANTILE_LEVELS = 101  # the 0th, 1st, ..., 100th percentile
+
+
+def score_quantiles(scores: Sequence[float]) -> list[float]:
+    """The 0th..100th percentiles (101 values, non-decreasing) of ``scores``, e.g. a training split's MOS."""
+    values = np.asarray(scores, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return []
+    return [float(q) for q in np.quantile(values, np.linspace(0.0, 1.0, QUANTILE_LEVELS))]
 
 
 @dataclass
@@ -35,6 +48,7 @@ class ModelSpec:
     dataset_format: str = ""
     group_counts: dict[str, int] = field(default_factory=dict)  # training images per group (tail metrics)
     calibration: dict | None = None  # post-hoc map of the score (elta.calibration), set by `elta calibrate`
+    score_quantiles: list[float] = field(default_factory=list)  # 101 percentiles of the training MOS, or []
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -43,6 +57,22 @@ class ModelSpec:
     @property
     def num_bins(self) -> int:
         return len(self.centers) if self.head == "distribution" else 0
+
+    def percentile(self, scores: np.ndarray) -> np.ndarray | None:
+        """Where ``scores`` fall among the training split's MOS, in percent (0..100; NaN stays NaN); None when the
+        checkpoint does not record that distribution (trained before it was stored).
+
+        Interpolated linearly between the stored percentiles; a score on a run of tied percentiles gets the
+        middle of the run, so a score equal to every training label is the 50th percentile, not the 100th.
+        """
+        if len(self.score_quantiles) != QUANTILE_LEVELS:
+            return None
+        q = np.asarray(self.score_quantiles, dtype=np.float64)
+        levels = np.linspace(0.0, 100.0, QUANTILE_LEVELS)
+        s = np.asarray(scores, dtype=np.float64)
+        low = np.interp(s, q, levels)  # np.interp picks the last of tied xp: the top of a run
+        high = -np.interp(-s, -q[::-1], -levels[::-1])  # the same from above: the bottom of the run
+        return (low + high) / 2.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +122,7 @@ def build_model(
     acc_threshold: float | None = None,
     dataset_format: str = "",
     group_counts: dict[str, int] | None = None,
+    score_quantiles: Sequence[float] = (),
     loss: str | None = None,
 ) -> AestheticModel:
     """Create the backbone (with ``weights``) and wrap it with the head for the dataset's scale.
@@ -115,5 +146,6 @@ def build_model(
         acc_threshold=acc_threshold,
         dataset_format=dataset_format,
         group_counts=dict(group_counts or {}),
+        score_quantiles=[float(q) for q in score_quantiles],
     )
     return AestheticModel(net, spec, loss)

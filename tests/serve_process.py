@@ -1,0 +1,62 @@
+"""`elta serve` as a real process on 127.0.0.1 for the load and browser tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running_server(checkpoint: Path, log: Path, *options: str, start_timeout: float = 90.0):
+    """Start ``elta serve`` on a free port, wait until /healthz answers, yield (base URL, process); SIGTERM after."""
+    port = free_port()
+    src = Path(__file__).resolve().parent.parent / "src"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
+    command = [sys.executable, "-m", "elta", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [*command, "--device", "cpu", *options], stdout=out, stderr=subprocess.STDOUT, env=env
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"elta serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"elta serve did not answer in {start_timeout:.0f} s:\n{log.read_text()[-3000:]}"
+                )
+            time.sleep(0.2)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
