@@ -36,7 +36,21 @@ def checkpoints(demo_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_api")
     train(tiny_config(demo_data), root / "run")
     calibrated = root / "calibrated.pt"
-    assert main(["calibrate", "--checkpoint", str(root / "run"), "--out", str(calibrated), *CPU]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(root / "run"),
+                "--method",
+                "affine",
+                "--out",
+                str(calibrated),
+                *CPU,
+            ]
+        )
+        == 0
+    )
     return root / "run", calibrated
 
 

@@ -48,7 +48,21 @@ def checkpoint(demo_data, tmp_path_factory):
     train(tiny_config(demo_data), root / "run")
     calibrated = root / "calibrated.pt"
     cpu = ["--device", "cpu", "--workers", "0"]
-    assert main(["calibrate", "--checkpoint", str(root / "run"), "--out", str(calibrated), *cpu]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(root / "run"),
+                "--method",
+                "affine",
+                "--out",
+                str(calibrated),
+                *cpu,
+            ]
+        )
+        == 0
+    )
     return calibrated
 
 
