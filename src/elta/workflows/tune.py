@@ -12,14 +12,14 @@ import dataclasses
 import json
 import logging
 import math
-import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from elta.config import SECTIONS, RunConfig
+from elta.config import SECTIONS, RunConfig, coerce_value
 from elta.errors import ConfigError, RunExistsError, UnavailableError
 from elta.utils import atomic_write_text
 
@@ -47,8 +47,6 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
 # Settings that do not change a trial's result: a resumed search may differ in them.
 _VOLATILE = {"runtime.device", "runtime.workers", "runtime.batch_size", "train.feature_cache", "train.log_to"}
-# PyYAML reads 1e-5 (no dot) as a string; such choices and bounds are meant as numbers.
-_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _import_optuna():
@@ -64,41 +62,28 @@ def _import_optuna():
 # ---------------------------------------------------------------------------------------- search space
 
 
-def _setting_type(name: str, source: str) -> str:
-    """The annotation of the setting ``name`` ("float", "int | None", ...); unknown names are errors."""
+def _setting_type(name: str, source: str) -> Any:
+    """The type of the setting ``name`` (float, int | None, ...); unknown names are errors."""
     parts = name.split(".")
     if parts[0] in SECTIONS and len(parts) == 2:
-        fields = {f.name: str(f.type) for f in dataclasses.fields(SECTIONS[parts[0]])}
-        if parts[1] not in fields:
-            raise ConfigError(
-                f"{source}: unknown setting {name!r}; {parts[0]} keys: {', '.join(sorted(fields))}"
-            )
-        return fields[parts[1]]
-    if parts[0] == "enhancers" and len(parts) == 3:
+        owner, listed = SECTIONS[parts[0]], f"{parts[0]} keys"
+    elif parts[0] == "enhancers" and len(parts) == 3:
         from elta.enhancers import ENHANCERS
 
         if parts[1] not in ENHANCERS:
             raise ConfigError(
                 f"{source}: unknown enhancer in {name!r}; known: {', '.join(sorted(ENHANCERS))}"
             )
-        fields = {f.name: str(f.type) for f in dataclasses.fields(ENHANCERS[parts[1]].Settings)}
-        if parts[2] not in fields:
-            raise ConfigError(
-                f"{source}: unknown setting {name!r}; {parts[1]} settings: {', '.join(sorted(fields))}"
-            )
-        return fields[parts[2]]
-    raise ConfigError(
-        f"{source}: {name!r} is not a setting name; use data.KEY, model.KEY, train.KEY or "
-        "enhancers.NAME.SETTING (e.g. train.lr, enhancers.tfa.tau1)"
-    )
-
-
-def _number(value: Any) -> Any:
-    return float(value) if isinstance(value, str) and _EXPONENT.match(value.strip()) else value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        owner, listed = ENHANCERS[parts[1]].Settings, f"{parts[1]} settings"
+    else:
+        raise ConfigError(
+            f"{source}: {name!r} is not a setting name; use data.KEY, model.KEY, train.KEY or "
+            "enhancers.NAME.SETTING (e.g. train.lr, enhancers.tfa.tau1)"
+        )
+    hints = typing.get_type_hints(owner)
+    if parts[-1] not in {f.name for f in dataclasses.fields(owner)}:
+        raise ConfigError(f"{source}: unknown setting {name!r}; {listed}: {', '.join(sorted(hints))}")
+    return hints[parts[-1]]
 
 
 def _is_real(value: Any) -> bool:
@@ -144,25 +129,31 @@ def _parse_param(name: str, spec: Any, source: str) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{where}: choices must be a non-empty list")
-        choices = [_number(v) for v in choices]
         bad = [v for v in choices if v is not None and not isinstance(v, (bool, int, float, str))]
         if bad:
             raise ConfigError(f"{where}: choices must be numbers, strings, booleans or null; got {bad[0]!r}")
-        return Param(name, choices=tuple(choices))
+        return Param(name, choices=tuple(v if v is None else coerce_value(v, kind, where) for v in choices))
     if "low" not in spec or "high" not in spec:
         raise ConfigError(f"{where}: a range needs low and high (or give choices: [...])")
-    low, high, step = _number(spec["low"]), _number(spec["high"]), _number(spec.get("step"))
-    if not all(_is_real(v) for v in (low, high)) or (step is not None and not _is_real(step)):
-        raise ConfigError(f"{where}: low, high and step must be numbers")
+    if kind not in (int, float, int | None, float | None):
+        raise ConfigError(f"{where}: {name} is not a numeric setting; give choices: [...]")
+    integer = kind in (int, int | None)
+    bounds = (spec["low"], spec["high"], spec.get("step"))
+    try:  # the setting's own type reads the bounds (YAML reads 1e-5 as a string)
+        low, high, step = (
+            v if v is None else coerce_value(v, int if integer else float, where) for v in bounds
+        )
+    except ConfigError as exc:
+        if integer:
+            raise ConfigError(
+                f"{where}: {name} is an integer setting; give integer low, high and step"
+            ) from exc
+        raise
     if not low < high:
         raise ConfigError(f"{where}: low ({low}) must be < high ({high})")
     log_scale = bool(spec.get("log", False))
     if log_scale and (step is not None or low <= 0):
         raise ConfigError(f"{where}: a log range needs low > 0 and no step")
-    ints = all(_is_int(v) for v in (low, high, step) if v is not None)
-    integer = kind.startswith("int") or (ints and not kind.startswith("float"))
-    if integer and not ints:
-        raise ConfigError(f"{where}: {name} is an integer setting; give integer low, high and step")
     return Param(name, low=low, high=high, step=step, log=log_scale, integer=integer)
 
 
@@ -214,12 +205,12 @@ def load_search(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     space = raw.get("space")
     if space is None:
         return base, {k: dict(v) for k, v in DEFAULT_SPACE.items()}
-    parse_space(space, source=str(path))
-    return base, {name: _numbers(spec) for name, spec in space.items()}
+    params = parse_space(space, source=str(path))  # the values as numbers, read as the settings' types
+    return base, {name: {k: _plain(getattr(params[name], k)) for k in spec} for name, spec in space.items()}
 
 
-def _numbers(spec: dict) -> dict:
-    return {k: [_number(v) for v in value] if k == "choices" else _number(value) for k, value in spec.items()}
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 # ---------------------------------------------------------------------------------------------- study
