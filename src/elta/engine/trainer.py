@@ -30,7 +30,7 @@ from elta.data.dataset import AnnotationDataset, Batch, EpochBatchSampler, dist_
 from elta.data.transforms import ImageTransform
 from elta.engine.distributed import SINGLE, Processes, start_processes, stop_processes
 from elta.engine.features import load_or_compute_features
-from elta.engine.precision import Precision, compile_backbone
+from elta.engine.precision import compile_backbone
 from elta.engine.predictor import Predictor
 from elta.engine.prepare import PreparedData, prepare_data
 from elta.engine.runtime import Runtime
@@ -151,9 +151,8 @@ def epoch_batches(
     if sample_weights is None:
         order = torch.randperm(n, generator=generator).tolist()
     else:
-        order = torch.multinomial(
-            sample_weights.double().cpu(), n, replacement=True, generator=generator
-        ).tolist()
+        weights = sample_weights.double().cpu()
+        order = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2].extend(batches.pop())
@@ -193,20 +192,8 @@ class TrainState:
     problems: list[dict] = field(default_factory=list)  # bad_rows.csv
 
     @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    @property
-    def precision(self) -> Precision:
-        return self.runtime.precision
-
-    @property
     def processes(self) -> Processes:
         return self.runtime.processes
-
-    @property
-    def progress(self) -> bool:
-        return self.runtime.progress
 
     @property
     def last_path(self) -> Path:
@@ -219,20 +206,16 @@ class TrainState:
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, D] in float32: the backbone (or the neck on cached features) under autocast."""
         forward = self.model.neck if self.cfg.train.cache_features else self.model.forward_features
-        return self.precision.features(forward, inputs)
+        return self.runtime.precision.features(forward, inputs)
 
 
 def _runtime(cfg: RunConfig, device: torch.device | None, processes: Processes, progress: bool) -> Runtime:
     """The run's runtime (the config's, on torchrun's device in a distributed run), batches of train.batch_size."""
-    return Runtime.from_config(
-        cfg.runtime,
-        progress=progress,
-        processes=processes,
-        batch_size=cfg.train.batch_size,
-        channels_last=cfg.runtime.channels_last
-        and not cfg.train.cache_features,  # cached features: no images
-        **({"device": device} if device is not None else {}),
-    )
+    channels_last = cfg.runtime.channels_last and not cfg.train.cache_features  # cached features: no images
+    overrides = dict(processes=processes, batch_size=cfg.train.batch_size, channels_last=channels_last)
+    if device is not None:
+        overrides["device"] = device
+    return Runtime.from_config(cfg.runtime, progress=progress, **overrides)
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -286,7 +269,7 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
     sampler = EpochBatchSampler()
     loader = state.runtime.loader(state.train_set, persistent=True, batch_sampler=sampler)
     epochs = range(state.epoch, t.epochs)
-    for epoch in progress_bar(epochs, desc="epochs", unit="epoch", enabled=state.progress):
+    for epoch in progress_bar(epochs, desc="epochs", unit="epoch", enabled=state.runtime.progress):
         started = time.perf_counter()
         state.model.train()
         if cfg.model.freeze_backbone:
@@ -295,7 +278,7 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
         # each process's share of every batch (the whole batch in a single process)
         sampler.set_epoch(epoch, [state.processes.share(b) for b in batches[state.step :]])
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}", total=len(batches), initial=state.step, unit="batch",
-                           enabled=state.progress)  # fmt: skip
+                           enabled=state.runtime.progress)  # fmt: skip
         for batch in bar:
             values = step(state, batch)
             state.step += 1
@@ -341,15 +324,9 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
         save(state, state.best_path, full=False)  # every validation metric was NaN: keep the last weights
     if state.board is not None:
         state.board.close()
-    return {
-        "run_dir": str(state.run_dir),
-        "best_metric": state.best_metric,
-        "best_epoch": state.best_epoch,
-        "metric": t.metric,
-        "best": str(state.best_path),
-        "last": str(state.last_path),
-        "metrics_csv": str(state.run_dir / "metrics.csv"),
-    }
+    files = {"best": "best.pt", "last": "last.pt", "metrics_csv": "metrics.csv"}
+    summary = dict(run_dir=str(state.run_dir), best_metric=state.best_metric, best_epoch=state.best_epoch)
+    return {**summary, "metric": t.metric, **{key: str(state.run_dir / name) for key, name in files.items()}}
 
 
 def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
@@ -358,7 +335,7 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     when the batch has fewer than two loaded images (or a process has none) and is skipped."""
     processes, t = state.processes, state.cfg.train
     # every process's numbers of loaded and of failed samples; unreadable images are reported
-    table = processes.all_counts([len(batch), len(batch.failures)], state.device)
+    table = processes.all_counts([len(batch), len(batch.failures)], state.runtime.device)
     if any(failed for _, failed in table):
         failures = [f for part in processes.gather_objects(batch.failures) for f in part]
         _list_bad_rows(state, state.data.train, failures)
@@ -374,7 +351,7 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     # the seed of the step's draws (dropout, TFA); each process of a distributed run has its own
     rank = (processes.rank,) if processes.distributed else ()
     torch.manual_seed(derive_seed(t.seed, state.epoch, state.step, 1, *rank))
-    to = state.device
+    to = state.runtime.device
     weight = batch.weight.to(to) if batch.weight is not None else None
     dist = batch.dist.to(to) if batch.dist is not None else None
     images = batch.images.to(to, non_blocking=True)
@@ -392,7 +369,7 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     if not math.isfinite(values["loss"]):
         last = state.last_path
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        amp = ", or --amp off" if state.precision.dtype is not None else ""
+        amp = ", or --amp off" if state.runtime.precision.dtype is not None else ""
         raise TrainingDivergedError(
             f"loss became {values['loss']} at epoch {state.epoch + 1}, step {state.step + 1}; "
             f"stopping ({kept}). Try a lower --lr or --grad-clip 1.0{amp}."
@@ -416,11 +393,12 @@ def validate(state: TrainState) -> dict:
     cols = dist_columns(frame)
     gt_dist = frame[cols].to_numpy(dtype=np.float64)[ok] if cols else None
     pred_dist = preds.dist[ok] if preds.dist is not None else None
+    gt_dist = gt_dist if pred_dist is not None else None
     metrics = evaluate(
         pred,
         gt,
         pred_dist=pred_dist,
-        gt_dist=gt_dist if pred_dist is not None else None,
+        gt_dist=gt_dist,
         threshold=spec.acc_threshold,
         score_range=tuple(spec.score_range),
     )
@@ -474,15 +452,8 @@ def _list_bad_rows(state: TrainState, frame: pd.DataFrame, failures: list[tuple[
         if (record["path"], reason) in known:
             continue
         known.add((record["path"], reason))
-        state.problems.append(
-            {
-                "file": record.get("source", ""),
-                "row": int(record.get("row", -1)),
-                "reason": reason,
-                "image_id": record["image_id"],
-                "path": record["path"],
-            }
-        )
+        where = {"file": record.get("source", ""), "row": int(record.get("row", -1)), "reason": reason}
+        state.problems.append({**where, "image_id": record["image_id"], "path": record["path"]})
     if state.processes.is_main:
         write_problems(state.problems, state.run_dir / "bad_rows.csv")
 
