@@ -74,17 +74,9 @@ def self_train(args: argparse.Namespace) -> int:
     from elta.workflows.selftrain import format_summary
     from elta.workflows.selftrain import self_train as self_train_run
 
+    apds = {key: getattr(args, key) for key in ("beta", "threshold", "betas", "thresholds", "min_selected")}
     result = self_train_run(
-        _config(args),
-        args.out,
-        args.unlabeled,
-        rounds=args.rounds,
-        beta=args.beta,
-        threshold=args.threshold,
-        betas=args.betas,
-        thresholds=args.thresholds,
-        min_selected=args.min_selected,
-        progress=progress(),
+        _config(args), args.out, args.unlabeled, rounds=args.rounds, progress=progress(), **apds
     )
     print(format_summary(result))
     print(f"stages and metrics: {Path(args.out) / 'self_train.json'}")
@@ -100,18 +92,8 @@ def tune(args: argparse.Namespace) -> int:
     else:
         cfg, space = RunConfig(), DEFAULT_SPACE
     cfg = with_checked_enhancers(apply_options(cfg, args))
-    study = run_tune(
-        cfg,
-        space,
-        args.out,
-        trials=args.trials,
-        storage=args.storage,
-        sampler=args.sampler,
-        pruner=args.pruner,
-        seed=cfg.train.seed,
-        study_name=args.study_name,
-        progress=progress(),
-    )
+    search = {key: getattr(args, key) for key in ("trials", "storage", "sampler", "pruner", "study_name")}
+    study = run_tune(cfg, space, args.out, seed=cfg.train.seed, progress=progress(), **search)
     out = Path(args.out)
     print(format_trials(study))
     if (out / "best.yaml").is_file():
