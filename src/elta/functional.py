@@ -116,11 +116,7 @@ def tfa_anchor_probs(
 
 
 def _partner_logits(
-    scores: torch.Tensor,
-    anchors: torch.Tensor,
-    tau2: float,
-    eps: float,
-    score_range: Sequence[float] | None,
+    scores: torch.Tensor, anchors: torch.Tensor, tau2: float, eps: float, score_range: Sequence[float] | None
 ) -> torch.Tensor:
     """``τ2 / (|s_a − s_j| + ε)`` for each anchor ``a``: [B] scores, [m] anchors -> [m, B], −inf at ``j = a``."""
     s = _at_least_float32(scores)
@@ -213,14 +209,8 @@ def tfa_mix(
     partner_logits = _partner_logits(scores, anchors, tau2, 0.01, score_range)
     partners = _gumbel_top_k(partner_logits, 1, generator).squeeze(1)
     lam = torch.sigmoid(anchor_logits[anchors] - anchor_logits[partners])
-    return TFAMix(
-        features=_append_mixed(features, anchors, partners, lam),
-        targets=_append_mixed(targets, anchors, partners, lam),
-        scores=_append_mixed(scores, anchors, partners, lam),
-        anchors=anchors,
-        partners=partners,
-        lam=lam,
-    )
+    mixed = (_append_mixed(x, anchors, partners, lam) for x in (features, targets, scores))
+    return TFAMix(*mixed, anchors, partners, lam)
 
 
 # --- FLSA: feature–label similarity alignment ---------------------------------------------------------------
