@@ -29,10 +29,7 @@ log = logging.getLogger(__name__)
 
 def select_split(df: pd.DataFrame, split: str) -> pd.DataFrame:
     """Rows of ``split`` (train | val | test | all); an empty selection is an error naming what exists."""
-    if split == "all":
-        chosen = df
-    else:
-        chosen = df[df["split"] == split]
+    chosen = df if split == "all" else df[df["split"] == split]
     if chosen.empty:
         counts = df["split"].replace("", "(none)").value_counts().to_dict()
         raise ConfigError(
@@ -61,28 +58,21 @@ def score_metrics(
     gt = frame["mos"].to_numpy(dtype=np.float64)
     groups = frame["group"].astype(str).to_numpy()
     use_dist = preds.dist is not None and bool(cols)
-    gt_dist = frame[cols].to_numpy(dtype=np.float64) if use_dist else None
-    metrics = evaluate(
-        preds.score[ok],
-        gt[ok],
-        pred_dist=preds.dist[ok] if use_dist else None,
-        gt_dist=gt_dist[ok] if use_dist else None,
-        threshold=spec.acc_threshold,
-        score_range=tuple(spec.score_range),
-        groups=groups[ok] if spec.group_counts and (groups != "").any() else None,
-        group_counts=spec.group_counts or None,
+    dists = (
+        {"pred_dist": preds.dist[ok], "gt_dist": frame[cols].to_numpy(dtype=np.float64)[ok]}
+        if use_dist
+        else {}
     )
+    use_groups = spec.group_counts and (groups != "").any()
+    grouped = {"groups": groups[ok], "group_counts": spec.group_counts} if use_groups else {}
+    scale = {"threshold": spec.acc_threshold, "score_range": tuple(spec.score_range)}
+    metrics = evaluate(preds.score[ok], gt[ok], **scale, **dists, **grouped)
     metrics["skipped"] = int((~ok).sum())
     return metrics
 
 
 def write_evaluation(
-    out: Path,
-    frame: pd.DataFrame,
-    preds: Predictions,
-    spec: ModelSpec,
-    metrics: dict,
-    title: str,
+    out: Path, frame: pd.DataFrame, preds: Predictions, spec: ModelSpec, metrics: dict, title: str
 ) -> None:
     """metrics.json, predictions.csv (image_id, gt, pred, pred_std[, pred_uncalibrated], p1..pK, group, error)
     and report.png."""
@@ -106,11 +96,8 @@ def write_evaluation(
     ok = preds.ok
     draw_report(preds.score[ok], gt[ok], out / "report.png", title=title, score_range=tuple(spec.score_range))
     if metrics.get("skipped"):
-        log.warning(
-            "%d images could not be read; their reasons are in %s",
-            metrics["skipped"],
-            out / "predictions.csv",
-        )
+        where = out / "predictions.csv"
+        log.warning("%d images could not be read; their reasons are in %s", metrics["skipped"], where)
 
 
 def evaluate_checkpoint(
