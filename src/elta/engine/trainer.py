@@ -104,16 +104,9 @@ def loss_terms(
     """
     head = model.head
     weights = batch.weight.to(features.device) if batch.weight is not None else features.new_ones(len(batch))
-    state = StepState(
-        features,
-        head.targets(batch.mos, batch.dist),
-        batch.mos,
-        weights,
-        (float(model.spec.score_range[0]), float(model.spec.score_range[1])),
-        indices=batch.indices.to(features.device),
-        epoch=epoch,
-        gather=processes.gather_rows,
-    )
+    score_range = (float(model.spec.score_range[0]), float(model.spec.score_range[1]))
+    extra = {"indices": batch.indices.to(features.device), "epoch": epoch, "gather": processes.gather_rows}
+    state = StepState(features, head.targets(batch.mos, batch.dist), batch.mos, weights, score_range, **extra)
     for enhancer in enhancers:
         state = enhancer(state)
     out = model.forward_head(state.features)
@@ -415,13 +408,9 @@ def save(state: TrainState, path: Path, full: bool = True) -> None:
         return
     training = {"epoch": state.epoch, "best_metric": state.best_metric}
     if full:
-        training.update(
-            optimizer=state.optimizer.state_dict(),
-            scheduler=state.scheduler.state_dict(),
-            scaler=state.scaler.state_dict(),
-            enhancers=state.enhancers.state_dict(),
-            **{k: getattr(state, k) for k in PROGRESS},
-        )
+        training |= {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()}
+        training |= {"scaler": state.scaler.state_dict(), "enhancers": state.enhancers.state_dict()}
+        training |= {k: getattr(state, k) for k in PROGRESS}
     save_checkpoint(path, state.model, config=state.cfg.to_dict(), training=training)
 
 
@@ -584,21 +573,13 @@ def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpo
         backbone, image_size, resize = s.backbone, s.image_size, s.resize
         if source is not None and backbone != m.backbone:
             log.info("--init-from %s: using its backbone %s", m.init_from, backbone)
+    head = "distribution" if loss == "emd" else "scalar"
+    geometry = {"image_size": image_size, "resize": resize, "neck_dim": m.neck_dim, "dropout": m.dropout}
+    facts = {"acc_threshold": info.acc_threshold, "dataset_format": info.format, "group_counts": group_counts}
+    weights = "none" if start is not None else m.weights
     torch.manual_seed(derive_seed(cfg.train.seed, -1))  # the initial weights of new layers
     model = build_model(
-        backbone,
-        "distribution" if loss == "emd" else "scalar",
-        info.centers,
-        info.score_range,
-        weights="none" if start is not None else m.weights,
-        image_size=image_size,
-        resize=resize,
-        neck_dim=m.neck_dim,
-        dropout=m.dropout,
-        acc_threshold=info.acc_threshold,
-        dataset_format=info.format,
-        group_counts=group_counts,
-        loss=loss,
+        backbone, head, info.centers, info.score_range, weights=weights, loss=loss, **geometry, **facts
     )
     if start is not None:
         for key in ("mean", "std", "interpolation"):

@@ -62,9 +62,8 @@ def calibrate_checkpoint(
     check_readable(preds, f"split '{split}' of {cfg.data.data}")
     ok = preds.ok
     gt = frame["mos"].to_numpy(dtype=np.float64)[ok]
-    train_gt = (
-        df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64) if method == "quantile" else None
-    )
+    train_rows = df.loc[df["split"] == "train", "mos"]
+    train_gt = train_rows.to_numpy(dtype=np.float64) if method == "quantile" else None
     cal, report = fit_for_spec(predictor.spec, preds.score[ok], gt, method, train_gt=train_gt)
     target = Path(out) if out is not None else Path(checkpoint.path)
     checkpoint.with_calibration(cal.to_dict()).save(target)
