@@ -21,6 +21,7 @@ __all__ = [
     "tfa_anchor_probs",
     "tfa_partner_probs",
     "tfa_mix",
+    "mix_rows",
     "flsa_loss",
     "apds_sharpen",
     "apds_select",
@@ -158,15 +159,21 @@ def _gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator | Non
     return keys.topk(k, dim=-1).indices
 
 
+def mix_rows(
+    x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor
+) -> torch.Tensor:
+    """Rows ``λ x_a + (1 − λ) x_p`` of ``x`` [B, ...] for [m] anchors and partners; keeps a float dtype."""
+    w = lam.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+    mixed = w * x[anchors.to(x.device)] + (1 - w) * x[partners.to(x.device)]
+    return mixed.to(x.dtype) if x.is_floating_point() else mixed
+
+
 def _append_mixed(
     x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor
 ) -> torch.Tensor:
-    """``x`` [B, ...] with rows ``λ x_a + (1 − λ) x_p`` appended; floating inputs keep their dtype."""
-    w = lam.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
-    anchors, partners = anchors.to(x.device), partners.to(x.device)
-    mixed = w * x[anchors] + (1 - w) * x[partners]
-    dtype = x.dtype if x.is_floating_point() else mixed.dtype
-    return torch.cat([x.to(dtype), mixed.to(dtype)])
+    """``x`` [B, ...] with its :func:`mix_rows` appended; floating inputs keep their dtype."""
+    mixed = mix_rows(x, anchors, partners, lam)
+    return torch.cat([x.to(mixed.dtype), mixed])
 
 
 def tfa_mix(

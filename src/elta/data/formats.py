@@ -336,9 +336,12 @@ register_format(
 # ------------------------------------------------------------------------------------------ generic CSV
 
 _MOS_NAMES = ("mos", "MOS", "score", "mos_score", "mean_score")
-_STD_NAMES = ("std", "sd", "SD", "mos_std")
-_SPLIT_NAMES = ("split", "set")
-_GROUP_NAMES = ("group", "tag", "scene", "category")
+# the optional columns of a generic CSV: the names recognised, and the value of a row when there is none
+_OPTIONAL = {
+    "std": (("std", "sd", "SD", "mos_std"), ""),
+    "split": (("split", "set"), "train"),
+    "group": (("group", "tag", "scene", "category"), ""),
+}
 
 
 def _explicit_or_pick(
@@ -377,19 +380,13 @@ def _read_generic_csv(files: list[Path], columns: CsvColumns) -> Rows:
                 f"{path}: no MOS column (looked for {', '.join(_MOS_NAMES)}); header is {list(header)}."
                 f"{hint} Name it with CsvColumns(mos=...) or give vote columns with CsvColumns(dist=[...])."
             )
-    std = _explicit_or_pick(path, header, columns.std, _STD_NAMES, "std")
-    split = _explicit_or_pick(path, header, columns.split, _SPLIT_NAMES, "split")
-    group = _explicit_or_pick(path, header, columns.group, _GROUP_NAMES, "group")
-    raw = block(
-        path.name,
-        table,
-        table[image],
-        split=table[split] if split else "train",
-        group=table[group] if group else "",
-        std=table[std] if std else "",
-        mos=table[mos] if mos else None,
-        votes=dist,
-    )
+    found = {
+        role: _explicit_or_pick(path, header, getattr(columns, role), names, role)
+        for role, (names, _) in _OPTIONAL.items()
+    }
+    cells = {role: table[found[role]] if found[role] else none for role, (_, none) in _OPTIONAL.items()}
+    raw = block(path.name, table, table[image], mos=table[mos] if mos else None, votes=dist, **cells)
+    split = found["split"]
     split_source = f"split column {split!r}" if split else "none: every row is train"
     return Rows([raw], problems, split_source, dist)
 
