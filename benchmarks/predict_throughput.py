@@ -23,7 +23,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
@@ -34,14 +33,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import add_photo_arguments, make_photos, timed
+from common import add_photo_arguments, alternated, ava_model, make_photos, script_parser
 from PIL import Image
 from torchvision import transforms as T
 
 from elta.engine.precision import resolve_amp
 from elta.engine.predictor import Predictor
 from elta.engine.runtime import Runtime, resolve_device
-from elta.models import build_model
 from elta.models.checkpoint import save_checkpoint
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -91,9 +89,7 @@ def cli_seconds(args: list[str], env: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     add_photo_arguments(parser)
     parser.add_argument("--image-size", type=int, default=224, help="the model's input px")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -110,9 +106,7 @@ def main() -> None:
         paths = [path for path, _ in make_photos(folder, args.images, (args.width, args.height))]
         source_mb = sum(p.stat().st_size for p in paths) / 2**20
         torch.manual_seed(0)
-        model = build_model(
-            BACKBONE, "distribution", list(range(1, 11)), [1, 10], image_size=args.image_size, weights="none"
-        )
+        model = ava_model(BACKBONE, args.image_size)
         checkpoint = save_checkpoint(Path(tmp) / "model.pt", model)
         scorer = Predictor.from_checkpoint(
             checkpoint, Runtime.create(device, amp="off", batch_size=args.batch_size)
@@ -145,12 +139,8 @@ def main() -> None:
 
         for fn in variants.values():  # warm-up: one full pass each (allocations, kernels, file cache)
             fn()
-        times: dict[str, list[float]] = {name: [] for name in variants}
+        times = alternated(device, variants, args.repeats)
         names = list(variants)
-        for r in range(args.repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                times[name].append(timed(device, variants[name]))
 
         print(
             f"{args.images} JPEGs of {args.width}×{args.height} ({source_mb:.1f} MiB), {BACKBONE} "

@@ -262,18 +262,11 @@ def _finish(
     problems = rows.problems + [
         problem(raw["source"].iat[i], raw["line"].iat[i], reasons[i]) for i in np.flatnonzero(~ok)
     ]
-    table = pd.DataFrame(
-        {
-            "image_id": ids[ok],
-            "path": np.asarray(paths, dtype=object)[ok],
-            "mos": mos[ok].astype(np.float64),
-            "std": std[ok].astype(np.float64),
-            "split": split.to_numpy()[ok],
-            "group": raw["group"].astype(str).str.strip().to_numpy()[ok],
-            "source": raw["source"].to_numpy()[ok],
-            "row": raw["line"].to_numpy(dtype=np.int64)[ok],
-        }
-    )
+    columns = {"image_id": ids, "path": np.asarray(paths, dtype=object), "mos": mos.astype(np.float64)}
+    columns |= {"std": std.astype(np.float64), "split": split.to_numpy()}
+    columns |= {"group": raw["group"].astype(str).str.strip().to_numpy(), "source": raw["source"].to_numpy()}
+    columns["row"] = raw["line"].to_numpy(dtype=np.int64)
+    table = pd.DataFrame({name: values[ok] for name, values in columns.items()})
     if probabilities is not None:
         for k in range(probabilities.shape[1]):
             table[f"p{k + 1}"] = probabilities[ok, k]

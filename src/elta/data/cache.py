@@ -98,14 +98,9 @@ def check_cache_fits(root: str | Path, needed: int) -> CacheInfo | None:
     if not info.complete:
         log.warning("%s: the cache build did not finish; rerun `elta data cache` with the same --out", root)
     if info.size < needed:
-        log.warning(
-            "%s holds %d px images but this run needs %d px: they are upsampled. Rebuild it with "
-            "`elta data cache --size %d`, or train from the original images",
-            root,
-            info.size,
-            needed,
-            needed,
-        )
+        message = "%s holds %d px images but this run needs %d px: they are upsampled. Rebuild it with "
+        message += "`elta data cache --size %d`, or train from the original images"
+        log.warning(message, root, info.size, needed, needed)
     return info
 
 

@@ -38,15 +38,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 20
 IMAGE_NAMES = ("image", "image_id", "image_name", "img_name", "name", "filename", "file", "path")
-SPLIT_VALUES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
+_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+SPLIT_VALUES = {word: split for split, words in _WORDS.items() for word in words}  # word in a file -> split
 
 
 @dataclass

@@ -387,14 +387,8 @@ def validate(state: TrainState) -> dict:
     gt_dist = frame[cols].to_numpy(dtype=np.float64)[ok] if cols else None
     pred_dist = preds.dist[ok] if preds.dist is not None else None
     gt_dist = gt_dist if pred_dist is not None else None
-    metrics = evaluate(
-        pred,
-        gt,
-        pred_dist=pred_dist,
-        gt_dist=gt_dist,
-        threshold=spec.acc_threshold,
-        score_range=tuple(spec.score_range),
-    )
+    scale = {"threshold": spec.acc_threshold, "score_range": tuple(spec.score_range)}
+    metrics = evaluate(pred, gt, pred_dist=pred_dist, gt_dist=gt_dist, **scale)
     row = {"val_loss": model.head.prediction_loss(pred, pred_dist, gt, gt_dist)}
     return row | {f"val_{k}": v for k, v in metrics.items() if k != "n"}
 
@@ -478,15 +472,12 @@ def setup(
     model = precision.prepare(_initial_model(cfg, data, loss, saved).to(device))
     processes.sync_batch_norm(model, device)
     enhancers = build_enhancers(cfg.enhancers)
-    context = TrainingContext(
-        scores=torch.tensor(data.train["mos"].to_numpy(dtype=np.float32)),
-        groups=data.train["group"].astype(str).tolist(),
-        score_range=(float(model.spec.score_range[0]), float(model.spec.score_range[1])),
-        num_bins=model.spec.num_bins,
-        loss=loss,
-        feature_dim=model.spec.neck_dim or model.backbone.num_features,
-        epochs=t.epochs,
-    )
+    spec = model.spec
+    scores = torch.tensor(data.train["mos"].to_numpy(dtype=np.float32))
+    score_range = (float(spec.score_range[0]), float(spec.score_range[1]))
+    feature_dim = spec.neck_dim or model.backbone.num_features
+    groups = data.train["group"].astype(str).tolist()
+    context = TrainingContext(scores, groups, score_range, spec.num_bins, loss, feature_dim, t.epochs)
     sample_weights = None  # the product of the enhancers' sampling weights
     for enhancer in enhancers:
         enhancer.setup(context)

@@ -122,14 +122,15 @@ class FDS(Enhancer):
         self.register_buffer("edges", edges, persistent=False)
         kernel = torch.as_tensor(lds_kernel(c.kernel, c.ks, c.sigma), dtype=torch.float32)
         self.register_buffer("kernel", kernel, persistent=False)
-        for name in (
+        statistics = (
             "running_mean",
             "running_var",
             "smoothed_mean",
             "smoothed_var",
             "epoch_mean",
             "epoch_m2",
-        ):
+        )
+        for name in statistics:
             self.register_buffer(name, torch.zeros(bins, dim))  # [bins, D]
         self.register_buffer("tracked", torch.zeros(bins))  # samples that entered each bin's statistics
         self.register_buffer("epoch_count", torch.zeros(bins))  # this epoch's samples so far

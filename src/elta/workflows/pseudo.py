@@ -330,15 +330,16 @@ def pseudo_label(
     good_preds = preds.select(ok)
     center = float(good_preds.score.mean())  # SPEC: c is the mean prediction over the scored set
     z, score = logits_from_distribution(good_preds.dist), torch.as_tensor(good_preds.score)
-    confidence = (
-        apds_sharpen(z, score, beta, center, score_range=teacher.spec.score_range).amax(dim=1).numpy()
-    )
+    q = apds_sharpen(z, score, beta, center, score_range=teacher.spec.score_range)
+    confidence = q.amax(dim=1).numpy()
     frame = _pseudo_frame(good, good_preds, confidence, weight)
     selected = frame[confidence > threshold]
     atomic_write_text(out, selected.to_csv(index=False, float_format="%.8g"))
     if selected.empty:
         log.warning("APDS selected none of the %d unlabeled images (β=%g, t=%g)", len(good), beta, threshold)
 
+    counts = {"pool": len(pool), "labelled_skipped": len(pool) - len(candidates), "calibration": search["n"]}
+    counts |= {"scored": len(good), "unreadable": len(candidates) - len(good), "selected": len(selected)}
     summary = {
         "teacher_checkpoint": os.path.abspath(teacher.path),
         "teacher_fingerprint": file_fingerprint(teacher.path),
@@ -348,14 +349,7 @@ def pseudo_label(
         "min_selected": search["min_selected"],
         "grid": search["grid"],
         "apds_center": {"calibration": search["center"], "unlabeled": center},
-        "counts": {
-            "pool": len(pool),
-            "labelled_skipped": len(pool) - len(candidates),
-            "calibration": search["n"],
-            "scored": len(good),
-            "unreadable": len(candidates) - len(good),
-            "selected": len(selected),
-        },
+        "counts": counts,
         "selected_mos_mean": float(selected["mos"].mean()) if len(selected) else None,
         "weight": float(weight),
         "csv": str(out),

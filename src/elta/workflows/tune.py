@@ -333,21 +333,20 @@ def _finished(optuna, study) -> int:
     return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
 
 
-class _Objective:
+def _objective(optuna, base: RunConfig, params: dict[str, Param], out: Path, progress: bool):
     """One trial: sample the settings, train in ``out/trials/NNN``, report each epoch, return the best."""
+    from elta.engine.trainer import TrainingDivergedError, train
 
-    def __init__(self, optuna, base: RunConfig, params: dict[str, Param], out: Path, progress: bool):
-        self.optuna, self.base, self.params = optuna, base, params
-        self.out, self.progress = out, progress
-
-    def __call__(self, trial) -> float:
-        from elta.engine.trainer import TrainingDivergedError, train
-
-        values = {name: p.suggest(trial) for name, p in self.params.items()}
-        cfg = apply_params(self.base, values)
-        run_dir = self.out / "trials" / f"{trial.number:03d}"
+    def run(trial) -> float:
+        cfg = apply_params(base, {name: p.suggest(trial) for name, p in params.items()})
+        run_dir = out / "trials" / f"{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
-        self._check_folder(run_dir, cfg)
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and RunConfig.from_yaml(saved).to_dict() != cfg.to_dict():
+            raise RunExistsError(
+                f"{run_dir} holds a run of other settings than trial {run_dir.name} (was the study "
+                "database replaced?): move the trials/ folder away or use another --out"
+            )
         metric = cfg.train.metric
 
         def on_epoch(epoch: int, row: dict) -> None:
@@ -355,28 +354,21 @@ class _Objective:
             if math.isfinite(value):
                 trial.report(value, epoch)
             if trial.should_prune():
-                raise self.optuna.TrialPruned(f"pruned after epoch {epoch}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
-            summary = train(cfg, run_dir, resume=True, progress=self.progress, on_epoch=on_epoch)
+            summary = train(cfg, run_dir, resume=True, progress=progress, on_epoch=on_epoch)
         except TrainingDivergedError as exc:  # a setting that diverges is a bad one, not a broken search
             trial.set_user_attr("diverged", str(exc))
-            raise self.optuna.TrialPruned(str(exc)) from exc
+            raise optuna.TrialPruned(str(exc)) from exc
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
         if not math.isfinite(summary["best_metric"]):
-            raise self.optuna.TrialPruned(f"no finite validation {metric}")
+            raise optuna.TrialPruned(f"no finite validation {metric}")
         return summary["best_metric"]
 
-    @staticmethod
-    def _check_folder(run_dir: Path, cfg: RunConfig) -> None:
-        saved = run_dir / "config.yaml"
-        if saved.is_file() and RunConfig.from_yaml(saved).to_dict() != cfg.to_dict():
-            raise RunExistsError(
-                f"{run_dir} holds a run of other settings than trial {run_dir.name} (was the study "
-                "database replaced?): move the trials/ folder away or use another --out"
-            )
+    return run
 
 
 def run_tune(
@@ -419,12 +411,8 @@ def run_tune(
                 ) from exc
     out.mkdir(parents=True, exist_ok=True)
     with _exclusive(out):
-        study = optuna.create_study(
-            storage=_storage(optuna, out, storage),
-            study_name=study_name,
-            direction="maximize",
-            load_if_exists=True,
-        )
+        named = {"study_name": study_name, "direction": "maximize", "load_if_exists": True}
+        study = optuna.create_study(storage=_storage(optuna, out, storage), **named)
         where = f"study {study_name!r} in {storage or out / 'study.db'}"
         _check_same_search(study, _search_record(base, params), where)
         _recover(optuna, study, owned=storage is None)
@@ -434,11 +422,8 @@ def run_tune(
         if done < trials:
             log.info("tuning: %d of %d trials finished; running the rest", done, trials)
             states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            study.optimize(
-                _Objective(optuna, base, params, out, progress),
-                n_trials=trials - done,
-                callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)],
-            )
+            stop = optuna.study.MaxTrialsCallback(trials, states=states)
+            study.optimize(_objective(optuna, base, params, out, progress), trials - done, callbacks=[stop])
         _write_results(study, base, params, out)
     return study
 
