@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +50,8 @@ BACKBONE = "tf_efficientnet_lite0"
 def original_loop(model, paths: list[Path], batch_size: int, device: torch.device) -> np.ndarray:
     """The original release's way: PIL + torchvision transforms in the main process, then the model."""
     spec = model.spec
-    transform = T.Compose(
-        [
-            T.Resize((spec.image_size, spec.image_size)),
-            T.ToTensor(),
-            T.Normalize(tuple(spec.mean), tuple(spec.std)),
-        ]
-    )
+    size = (spec.image_size, spec.image_size)
+    transform = T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(tuple(spec.mean), tuple(spec.std))])
     scores = []
     for start in range(0, len(paths), batch_size):
         images = []
@@ -112,12 +108,9 @@ def main() -> None:
             checkpoint, Runtime.create(device, amp="off", batch_size=args.batch_size)
         )
         reference = scorer.model  # the same weights, loaded the same way, for the original loop
-        variants = {
-            "(a) original: PIL + torchvision loop": lambda: original_loop(
-                reference, paths, args.batch_size, device
-            ),
-            "(b) elta predict (Predictor), fp32": lambda: scorer.score(folder),
-        }
+        loop = partial(original_loop, reference, paths, args.batch_size, device)
+        variants = {"(a) original: PIL + torchvision loop": loop}
+        variants["(b) elta predict (Predictor), fp32"] = partial(scorer.score, folder)
         try:
             resolve_amp("bf16", device)
             bf16_error = ""
@@ -128,9 +121,8 @@ def main() -> None:
             scorer_bf16 = Predictor.from_checkpoint(checkpoint, runtime_bf16)
             variants["(c) elta predict (Predictor), --amp bf16"] = lambda: scorer_bf16.score(folder)
         preloaded = _preload(reference, paths, args.batch_size)
-        variants["(–) model forward alone, fp32, images already in memory"] = lambda: _forward(
-            reference, preloaded, device
-        )
+        alone = "(–) model forward alone, fp32, images already in memory"
+        variants[alone] = lambda: _forward(reference, preloaded, device)
 
         # same results: the elta path and the loop must agree up to the resize (bicubic + draft vs bilinear)
         a = original_loop(reference, paths[: args.batch_size], args.batch_size, device)

@@ -291,12 +291,7 @@ class RuntimeConfig(_Section):
         self._positive("batch_size")
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "runtime": RuntimeConfig,
-}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
 
 @dataclass

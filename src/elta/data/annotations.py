@@ -292,11 +292,9 @@ def _inferred_range(table: pd.DataFrame, label: str) -> tuple[float, float]:
     outside = int(((table["mos"] < lo) | (table["mos"] > hi)).sum())
     which = "training rows" if use_train else "rows (the training rows span no range)"
     beyond = f" ({outside} validation / test row(s) lie outside it)" if outside else ""
-    logger.warning(
-        "%s: score range not given; inferred from the MOS of the %d %s as [%g, %g]%s. Give the rating "
-        "scale's ends with --score-range LOW HIGH (data.score_range in a config file)",
-        *(label, len(rows), which, lo, hi, beyond),
-    )
+    message = "%s: score range not given; inferred from the MOS of the %d %s as [%g, %g]%s. Give the rating "
+    message += "scale's ends with --score-range LOW HIGH (data.score_range in a config file)"
+    logger.warning(message, label, len(rows), which, lo, hi, beyond)
     return lo, hi
 
 
@@ -376,24 +374,14 @@ def read_annotations(
         _raise_strict(path, problems, "No valid rows: fix the rows above or pass the right --format.")
     if problems:
         first = "{file}:{row}: {reason}".format(**problems[0])
-        logger.warning(
-            "%s: %d problem(s), the rows are skipped (first: %s); see Annotations.problems",
-            path,
-            len(problems),
-            first,
-        )
+        message = "%s: %d problem(s), the rows are skipped (first: %s); see Annotations.problems"
+        logger.warning(message, path, len(problems), first)
         if strict:
             _raise_strict(path, problems, "Fix these rows, or read with strict=False to skip them.")
 
-    info = DatasetInfo(
-        format=fmt.name,
-        source=str(path),
-        images_root=str(root),
-        centers=bins if bins is not None else [lo, hi],
-        has_distribution=bins is not None,
-        score_range=[lo, hi],
-        acc_threshold=fmt.acc_threshold if fmt.acc_threshold is not None else (lo + hi) / 2.0,
-        split_source=split_source,
-        rows_read=n_read,
-    )
+    threshold = fmt.acc_threshold if fmt.acc_threshold is not None else (lo + hi) / 2.0
+    centers = bins if bins is not None else [lo, hi]
+    scale = {"centers": centers, "score_range": [lo, hi], "acc_threshold": threshold}
+    where = {"format": fmt.name, "source": str(path), "images_root": str(root), "split_source": split_source}
+    info = DatasetInfo(**where, **scale, has_distribution=bins is not None, rows_read=n_read)
     return Annotations(table, info, problems)

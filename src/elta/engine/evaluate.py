@@ -137,10 +137,8 @@ def evaluate_checkpoint(
     return metrics
 
 
-def _json_safe(metrics: dict) -> dict:
-    def clean(v):
-        if isinstance(v, dict):
-            return _json_safe(v)
-        return None if isinstance(v, float) and not np.isfinite(v) else v
-
-    return {k: clean(v) for k, v in metrics.items()}
+def _json_safe(value):
+    """``value`` with NaN and infinite floats as None (null in JSON), inside dicts too."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not np.isfinite(value) else value

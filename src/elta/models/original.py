@@ -181,18 +181,11 @@ def _spec(head: str, backbone: str, net: nn.Module, image_size: int) -> ModelSpe
     with ImageNet mean/std, which is SwinV2's pretrained config.
     """
     data_cfg = backbone_data_config(net)
-    return ModelSpec(
-        backbone=backbone,
-        head=head,
-        centers=[float(c) for c in range(1, 11)],
-        score_range=[1.0, 10.0] if head == "distribution" else [0.0, 10.0],
-        image_size=image_size,
-        resize=round(image_size * 300 / 256),
-        mean=data_cfg["mean"],
-        std=data_cfg["std"],
-        interpolation="bilinear",
-        acc_threshold=5.0,
-    )
+    size = {"image_size": image_size, "resize": round(image_size * 300 / 256)}  # the paper's 256 and 300
+    scale = {"centers": [float(c) for c in range(1, 11)], "acc_threshold": 5.0}
+    scale["score_range"] = [1.0, 10.0] if head == "distribution" else [0.0, 10.0]
+    normalise = {"mean": data_cfg["mean"], "std": data_cfg["std"], "interpolation": "bilinear"}
+    return ModelSpec(backbone, head, **size, **normalise, **scale)
 
 
 def _resolve_head(checkpoint: dict, head: str) -> str:
