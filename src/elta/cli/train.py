@@ -116,18 +116,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "options below override it")  # fmt: skip
     p.add_argument("--out", help="run directory for config.yaml, metrics.csv, last.pt, best.pt, train.log")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved config (file + options) and exit"
-    )
+    show = "print the resolved config (file + options) and exit"
+    p.add_argument("--print-config", action="store_true", help=show)
     _training_options(p)
     p.set_defaults(func=train)
 
     p = sub.add_parser("ablate", help="train variants (baseline, tfa, flsa, …) on the same seeds and compare")
-    p.add_argument(
-        "--variants",
-        default="baseline,tfa,flsa,tfa+flsa",
-        help="comma-separated: baseline, or enhancers joined by + with optional :k=v settings",
-    )
+    variants = "comma-separated: baseline, or enhancers joined by + with optional :k=v settings"
+    p.add_argument("--variants", default="baseline,tfa,flsa,tfa+flsa", help=variants)
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on; default 3)")
     p.add_argument("--out", required=True, help="folder for runs/, ablation.csv, ablation.md")
     p.add_argument("--config", help="YAML config shared by every variant")

@@ -140,6 +140,7 @@ class EpochBatchSampler(Sampler):
         return len(self.batches)
 
 
+@dataclass
 class ImageListDataset(Dataset):
     """Images to score, in order: paths, encoded bytes, PIL images, arrays [H, W(, C)] or tensors [3, H, W].
 
@@ -148,17 +149,10 @@ class ImageListDataset(Dataset):
     as ``transform`` does) and are passed through. An item that cannot be used yields its reason.
     """
 
-    def __init__(
-        self,
-        items: Sequence,
-        transform: ImageTransform,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        normalized: bool = False,
-    ) -> None:
-        self.items = list(items)
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.normalized = normalized
+    items: Sequence
+    transform: ImageTransform
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    normalized: bool = False
 
     def __len__(self) -> int:
         return len(self.items)

@@ -238,11 +238,9 @@ def _storage(optuna, out: Path, url: str | None):
     if url is None:
         return f"sqlite:///{(out / 'study.db').resolve()}"
     # A shared database: a trial is dead only once its heartbeat stops; it is then retried once.
+    retry = optuna.storages.RetryFailedTrialCallback(max_retry=1)
     return optuna.storages.RDBStorage(
-        url,
-        heartbeat_interval=60,
-        grace_period=300,
-        failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+        url, heartbeat_interval=60, grace_period=300, failed_trial_callback=retry
     )
 
 
@@ -296,12 +294,8 @@ def _check_same_search(study, record: str, where: str) -> None:
     if stored == record:
         return
     old, new = json.loads(stored), json.loads(record)
-    changed = sorted(
-        f"{part}.{k}"
-        for part in ("base", "space")
-        for k in set(old[part]) | set(new[part])
-        if old[part].get(k) != new[part].get(k)
-    )
+    keys = [(part, k) for part in ("base", "space") for k in set(old[part]) | set(new[part])]
+    changed = sorted(f"{part}.{k}" for part, k in keys if old[part].get(k) != new[part].get(k))
     raise ConfigError(
         f"{where} holds a search with other settings ({', '.join(changed[:5])} differ): rerun with the "
         "same config and options to continue it, or use another --out / --study-name for a new search"
@@ -321,9 +315,8 @@ def _recover(optuna, study, owned: bool) -> None:
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
-        interrupted = trial.number in killed or (
-            trial.state == state.FAIL and trial.user_attrs.get("interrupted")
-        )
+        failed = trial.state == state.FAIL and trial.user_attrs.get("interrupted")
+        interrupted = trial.number in killed or failed
         if interrupted and trial.number not in retried and "retry_of" not in trial.user_attrs:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
@@ -432,17 +425,12 @@ def run_tune(
 
 
 def _trial_rows(study, names: list[str]) -> list[dict]:
-    return [
-        {
-            "number": t.number,
-            "state": t.state.name,
-            "value": t.value,
-            **{name: t.params.get(name) for name in names},
-            "epochs": len(t.intermediate_values),
-            "run_dir": t.user_attrs.get("run_dir", ""),
-        }
-        for t in study.trials
-    ]
+    rows = []
+    for t in study.trials:
+        row = {"number": t.number, "state": t.state.name, "value": t.value}
+        row |= {name: t.params.get(name) for name in names}
+        rows.append({**row, "epochs": len(t.intermediate_values), "run_dir": t.user_attrs.get("run_dir", "")})
+    return rows
 
 
 def _best_trial(study):
