@@ -66,11 +66,8 @@ def add_config_options(parser: argparse.ArgumentParser, *exposed: Exposed) -> No
             group = parser.add_argument_group(f"{section} settings ({section}.* in a config file)")
             for key in fields if keys == ALL else keys:
                 f, kind = fields[key], _bare(hints[key])
-                kw: dict[str, Any] = {
-                    "dest": _dest(section, key),
-                    "default": None,
-                    "help": f.metadata["help"],
-                }
+                kw: dict[str, Any] = {"dest": _dest(section, key), "default": None}
+                kw["help"] = f.metadata["help"]
                 if kind is bool:
                     kw["action"] = "store_true"
                 elif typing.get_origin(kind) is tuple:

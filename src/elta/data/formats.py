@@ -417,9 +417,8 @@ def detect_format(path: str | Path) -> str:
         if with_lists or len(found) == 1:
             return (with_lists or found)[0]
         entries = sorted(p.name for p in path.iterdir())
-        shown = ", ".join(entries[:_MAX_LISTED]) + (
-            f", … ({len(entries)} entries)" if len(entries) > _MAX_LISTED else ""
-        )
+        more = f", … ({len(entries)} entries)" if len(entries) > _MAX_LISTED else ""
+        shown = ", ".join(entries[:_MAX_LISTED]) + more
         what = f"it matches several formats {found}" if found else "no known annotation file is in it"
         raise AnnotationError(
             f"{path}: cannot tell the annotation format: {what}. Tried {_tried()}. The folder holds: {shown}. "
