@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from elta.data.dataset import Batch
+from elta.models import build_model
 
 COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "stereo_motorcycle")
 
@@ -53,6 +54,30 @@ def make_photos(
         image.save(path, quality=90)
         made.append((path, float(rng.uniform(1, 10)) if scores else float("nan")))
     return made
+
+
+def script_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark script's argument parser, its module docstring as the help text."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def ava_model(backbone: str, image_size: int, weights: str = "none"):
+    """A distribution model over AVA's 10 rating bins (``weights="none"``: timings do not depend on them)."""
+    return build_model(
+        backbone, "distribution", list(range(1, 11)), [1, 10], image_size=image_size, weights=weights
+    )
+
+
+def alternated(
+    device: torch.device, fns: dict[str, Callable[[], object]], rounds: int
+) -> dict[str, list[float]]:
+    """Seconds of each of ``fns`` per round; the order rotates every round, so none always follows the same one."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(timed(device, fns[name]))
+    return times
 
 
 def add_photo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,22 +10,18 @@ of the median step times. Usage:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
-from common import random_batch, timed
+from common import alternated, ava_model, random_batch, script_parser
 
 from elta.engine.runtime import resolve_device
 from elta.engine.trainer import loss_terms
 from elta.enhancers import build_enhancers
-from elta.models import build_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=48)
@@ -35,9 +31,7 @@ def main() -> None:
 
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_model(
-        args.backbone, "distribution", list(range(1, 11)), [1, 10], image_size=args.image_size
-    )
+    model = ava_model(args.backbone, args.image_size)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     kinds = {
@@ -54,10 +48,7 @@ def main() -> None:
 
     for enhancers in kinds.values():  # warm-up
         step(enhancers)
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for _ in range(args.steps):
-        for name, enhancers in kinds.items():
-            times[name].append(timed(device, lambda e=enhancers: step(e)))
+    times = alternated(device, {name: lambda e=e: step(e) for name, e in kinds.items()}, args.steps)
     base = statistics.median(times["baseline"])
     enhanced = statistics.median(times["tfa+flsa"])
     print(

@@ -20,13 +20,12 @@ ratios to (a). Usage:
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import add_photo_arguments, make_photos
+from common import add_photo_arguments, make_photos, script_parser
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -92,9 +91,7 @@ def images_per_second(dataset: Dataset, workers: int, repeats: int, ours: bool) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     add_photo_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="passes per setting; the best is reported")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])

@@ -23,25 +23,24 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import add_photo_arguments, make_photos, timed
+from common import add_photo_arguments, alternated, ava_model, make_photos, script_parser
 from PIL import Image
 from torchvision import transforms as T
 
 from elta.engine.precision import resolve_amp
 from elta.engine.predictor import Predictor
 from elta.engine.runtime import Runtime, resolve_device
-from elta.models import build_model
 from elta.models.checkpoint import save_checkpoint
 
 BACKBONE = "tf_efficientnet_lite0"
@@ -51,13 +50,8 @@ BACKBONE = "tf_efficientnet_lite0"
 def original_loop(model, paths: list[Path], batch_size: int, device: torch.device) -> np.ndarray:
     """The original release's way: PIL + torchvision transforms in the main process, then the model."""
     spec = model.spec
-    transform = T.Compose(
-        [
-            T.Resize((spec.image_size, spec.image_size)),
-            T.ToTensor(),
-            T.Normalize(tuple(spec.mean), tuple(spec.std)),
-        ]
-    )
+    size = (spec.image_size, spec.image_size)
+    transform = T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(tuple(spec.mean), tuple(spec.std))])
     scores = []
     for start in range(0, len(paths), batch_size):
         images = []
@@ -91,9 +85,7 @@ def cli_seconds(args: list[str], env: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     add_photo_arguments(parser)
     parser.add_argument("--image-size", type=int, default=224, help="the model's input px")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -110,20 +102,15 @@ def main() -> None:
         paths = [path for path, _ in make_photos(folder, args.images, (args.width, args.height))]
         source_mb = sum(p.stat().st_size for p in paths) / 2**20
         torch.manual_seed(0)
-        model = build_model(
-            BACKBONE, "distribution", list(range(1, 11)), [1, 10], image_size=args.image_size, weights="none"
-        )
+        model = ava_model(BACKBONE, args.image_size)
         checkpoint = save_checkpoint(Path(tmp) / "model.pt", model)
         scorer = Predictor.from_checkpoint(
             checkpoint, Runtime.create(device, amp="off", batch_size=args.batch_size)
         )
         reference = scorer.model  # the same weights, loaded the same way, for the original loop
-        variants = {
-            "(a) original: PIL + torchvision loop": lambda: original_loop(
-                reference, paths, args.batch_size, device
-            ),
-            "(b) elta predict (Predictor), fp32": lambda: scorer.score(folder),
-        }
+        loop = partial(original_loop, reference, paths, args.batch_size, device)
+        variants = {"(a) original: PIL + torchvision loop": loop}
+        variants["(b) elta predict (Predictor), fp32"] = partial(scorer.score, folder)
         try:
             resolve_amp("bf16", device)
             bf16_error = ""
@@ -134,9 +121,8 @@ def main() -> None:
             scorer_bf16 = Predictor.from_checkpoint(checkpoint, runtime_bf16)
             variants["(c) elta predict (Predictor), --amp bf16"] = lambda: scorer_bf16.score(folder)
         preloaded = _preload(reference, paths, args.batch_size)
-        variants["(–) model forward alone, fp32, images already in memory"] = lambda: _forward(
-            reference, preloaded, device
-        )
+        alone = "(–) model forward alone, fp32, images already in memory"
+        variants[alone] = lambda: _forward(reference, preloaded, device)
 
         # same results: the elta path and the loop must agree up to the resize (bicubic + draft vs bilinear)
         a = original_loop(reference, paths[: args.batch_size], args.batch_size, device)
@@ -145,12 +131,8 @@ def main() -> None:
 
         for fn in variants.values():  # warm-up: one full pass each (allocations, kernels, file cache)
             fn()
-        times: dict[str, list[float]] = {name: [] for name in variants}
+        times = alternated(device, variants, args.repeats)
         names = list(variants)
-        for r in range(args.repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
-                times[name].append(timed(device, variants[name]))
 
         print(
             f"{args.images} JPEGs of {args.width}×{args.height} ({source_mb:.1f} MiB), {BACKBONE} "

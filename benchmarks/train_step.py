@@ -25,20 +25,18 @@ size, batch and step count for a CPU run (larger batches on CUDA); override them
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 from dataclasses import dataclass
 
 import torch
-from common import machine, random_batch, timed
+from common import alternated, ava_model, machine, random_batch, script_parser, timed
 
 from elta.data.dataset import Batch
 from elta.engine.precision import Precision, compile_backbone
 from elta.engine.runtime import resolve_device
 from elta.engine.trainer import loss_terms
 from elta.enhancers import build_enhancers
-from elta.models import build_model
 
 # name: (input px, CPU batch, CUDA batch, CPU timed steps per variant)
 DEFAULTS = {
@@ -74,10 +72,7 @@ def step(v: Variant, batch: Batch) -> None:
 
 def variants(backbone: str, size: int, device: torch.device, compile_: bool) -> list[Variant]:
     torch.manual_seed(0)
-    model = build_model(
-        backbone, "distribution", list(range(1, 11)), [1, 10], image_size=size, weights="none"
-    )
-    model.to(device).train()
+    model = ava_model(backbone, size).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     plain = build_enhancers([])
     elta = build_enhancers([{"name": "tfa"}, {"name": "flsa", "weight": 1.0}]).to(device)
@@ -119,12 +114,8 @@ def run_backbone(
                 timed(device, lambda v=v: step(v, batch))
         except Exception as exc:  # report, don't hide: e.g. an op without a bf16 kernel
             v.error = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    live = [v for v in vs if not v.error]
-    times: dict[str, list[float]] = {v.name: [] for v in live}
-    for r in range(steps if live else 0):
-        k = r % len(live)  # rotate the order so that no variant always follows the same one
-        for v in live[k:] + live[:k]:
-            times[v.name].append(timed(device, lambda v=v: step(v, batch)))
+    live = {v.name: (lambda v=v: step(v, batch)) for v in vs if not v.error}
+    times = alternated(device, live, steps if live else 0)
     return {v.name: v.error or b / statistics.median(times[v.name]) for v in vs}, times
 
 
@@ -139,9 +130,7 @@ def parse_backbones(text: str) -> list[tuple[str, int | None, int | None]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(__doc__)
     parser.add_argument(
         "--backbones",
         default=",".join(DEFAULTS),

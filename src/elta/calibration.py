@@ -78,12 +78,7 @@ def _check_knots(x, y, method: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"{method} calibration needs params x and y of equal length >= 2, got {xk.size}, {yk.size}"
         )
-    if not (
-        np.isfinite(xk).all()
-        and np.isfinite(yk).all()
-        and (np.diff(xk) > 0).all()
-        and (np.diff(yk) > 0).all()
-    ):
+    if not all(np.isfinite(k).all() and (np.diff(k) > 0).all() for k in (xk, yk)):
         raise ValueError(f"{method} calibration knots x and y must be finite and strictly increasing")
     return xk, yk
 
@@ -119,10 +114,10 @@ class Calibration:
             raise ValueError(f"unknown calibration method {self.method!r}; choose one of {METHODS}")
         self.score_range = _check_range(self.score_range)
         self.n_fit = int(self.n_fit)
+        missing = ({"a", "b"} if self.method == "affine" else {"x", "y"}) - set(self.params)
+        if missing:
+            raise ValueError(f"{self.method} calibration is missing params {sorted(missing)}")
         if self.method == "affine":
-            missing = {"a", "b"} - set(self.params)
-            if missing:
-                raise ValueError(f"affine calibration is missing params {sorted(missing)}")
             a, b = float(self.params["a"]), float(self.params["b"])
             if not (math.isfinite(a) and math.isfinite(b) and a > 0):
                 raise ValueError(
@@ -130,9 +125,6 @@ class Calibration:
                 )
             self.params = {"a": a, "b": b}
         else:
-            missing = {"x", "y"} - set(self.params)
-            if missing:
-                raise ValueError(f"{self.method} calibration is missing params {sorted(missing)}")
             xk, yk = _check_knots(self.params["x"], self.params["y"], self.method)
             self.params = {"x": [float(v) for v in xk], "y": [float(v) for v in yk]}
 
@@ -150,12 +142,8 @@ class Calibration:
     def to_dict(self) -> dict:
         """Plain-Python form (str, int, float, lists), safe for ``torch.load(weights_only=True)``."""
         params = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in self.params.items()}
-        return {
-            "method": self.method,
-            "params": params,
-            "score_range": [float(v) for v in self.score_range],
-            "n_fit": int(self.n_fit),
-        }
+        score_range = [float(v) for v in self.score_range]
+        return {"method": self.method, "params": params, "score_range": score_range, "n_fit": int(self.n_fit)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
@@ -180,12 +168,8 @@ def _fit_affine(p: np.ndarray, g: np.ndarray) -> dict[str, float]:
 def _fit_quantile(p: np.ndarray, train_gt: np.ndarray) -> dict[str, list[float]]:
     if np.ptp(train_gt) == 0:
         raise CalibrationError("train_gt is constant: its quantiles cannot give a strictly increasing map")
-    if p.size <= _QUANTILE_KNOTS:
-        probs = np.linspace(0.0, 1.0, p.size)
-        x = np.sort(p)
-    else:
-        probs = np.linspace(0.0, 1.0, _QUANTILE_KNOTS)
-        x = np.quantile(p, probs)
+    probs = np.linspace(0.0, 1.0, min(p.size, _QUANTILE_KNOTS))
+    x = np.sort(p) if p.size <= _QUANTILE_KNOTS else np.quantile(p, probs)
     y = np.quantile(train_gt, probs)
     # Tied prediction knots become one knot at the mean of their targets.
     x, inverse = np.unique(x, return_inverse=True)
@@ -237,12 +221,7 @@ def _fit_isotonic(p: np.ndarray, g: np.ndarray) -> dict[str, list[float]]:
 
 
 def fit_calibration(
-    pred,
-    gt,
-    method: str = "affine",
-    *,
-    score_range: tuple[float, float],
-    train_gt=None,
+    pred, gt, method: str = "affine", *, score_range: tuple[float, float], train_gt=None
 ) -> Calibration:
     """Fit a strictly increasing map from ``pred`` to ``gt`` (validation predictions and labels, [N] MOS).
 
@@ -272,16 +251,12 @@ def fit_calibration(
         raise CalibrationError(
             f"predictions are constant ({p.size} samples, all {p[0]:g}): no increasing map can spread them"
         )
-    if method == "affine":
-        params = _fit_affine(p, g)
-    elif method == "quantile":
-        if train_gt is None:
-            raise ValueError(
-                "method='quantile' needs train_gt (the training labels it maps predictions onto)"
-            )
+    if method == "quantile" and train_gt is None:
+        raise ValueError("method='quantile' needs train_gt (the training labels it maps predictions onto)")
+    if method == "quantile":
         params = _fit_quantile(p, as_scores(train_gt, "train_gt"))
     else:
-        params = _fit_isotonic(p, g)
+        params = _fit_affine(p, g) if method == "affine" else _fit_isotonic(p, g)
     return Calibration(method, params, lo_hi, p.size)
 
 
@@ -318,27 +293,22 @@ def format_calibration_report(report: dict, title: str | None = None) -> str:
     """
     before, after = report["before"], report["after"]
     header = ("metric", "before", "after", "change")
-    rows: list[tuple[str, str, str, str]] = []
-    tail: list[tuple[str, str, str, str]] = []
-    for block, table in ((rows, OVERALL_ROWS), (tail, TAIL_ROWS)):
-        for key, label in table:
-            if key in before and key in after:
-                mark = "* " if key in _HIGHLIGHT else "  "
-                block.append(
-                    (
-                        mark + label,
-                        format_value(key, before[key]),
-                        format_value(key, after[key]),
-                        _change(key, before[key], after[key]),
-                    )
-                )
+
+    def cells(key: str, label: str) -> tuple[str, str, str, str]:
+        mark = "* " if key in _HIGHLIGHT else "  "
+        b, a = before[key], after[key]
+        return mark + label, format_value(key, b), format_value(key, a), _change(key, b, a)
+
+    rows, tail = (
+        [cells(k, label) for k, label in table if k in before and k in after]
+        for table in (OVERALL_ROWS, TAIL_ROWS)
+    )
     widths = [max(len(r[i]) for r in [header, *rows, *tail]) for i in range(4)]
 
-    def line(cells: tuple[str, str, str, str]) -> str:
-        label, *values = cells
-        return "  ".join(
-            [f"{label:<{widths[0]}}", *(f"{v:>{w}}" for v, w in zip(values, widths[1:], strict=True))]
-        ).rstrip()
+    def line(row: tuple[str, str, str, str]) -> str:
+        label, *values = row
+        values = [f"{v:>{w}}" for v, w in zip(values, widths[1:], strict=True)]
+        return "  ".join([f"{label:<{widths[0]}}", *values]).rstrip()
 
     lines = [title] if title else []
     lines += [line(header), "-" * (sum(widths) + 6)]

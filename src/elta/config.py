@@ -61,18 +61,13 @@ def setting_name(section: str, key: str) -> str:
     return f"{section}.{key} ({flag_for(key)})"
 
 
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
+
+
 def _expected(annotation: Any) -> str:
-    if annotation is bool:
-        return "true or false"
-    if annotation is int:
-        return "an integer"
-    if annotation is float:
-        return "a number"
-    if annotation is str:
-        return "text"
     if typing.get_origin(annotation) is tuple:
         return f"{len(typing.get_args(annotation))} numbers"
-    return str(annotation)
+    return _EXPECTED.get(annotation, str(annotation))
 
 
 def coerce_value(value: Any, annotation: Any, where: str) -> Any:
@@ -103,21 +98,19 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
             return text in _TRUE
         fail()
     if annotation in (int, float):
-        if isinstance(value, bool) or value is None:
-            fail()
+        number = value
         if isinstance(value, str):
             try:
-                value_num = float(value.strip()) if annotation is float else _int_text(value)
+                number = float(value.strip())  # also "1e3" for an int
             except ValueError:
                 fail()
-            return value_num
-        if annotation is float and isinstance(value, (int, float)):
-            return float(value)
-        if annotation is int and isinstance(value, int):
-            return value
-        if annotation is int and isinstance(value, float) and value.is_integer():
-            return int(value)
-        fail()
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            fail()
+        if annotation is float:
+            return float(number)
+        if isinstance(number, float) and not number.is_integer():
+            fail()
+        return int(number)
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -130,13 +123,6 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
             fail()
         return tuple(coerce_value(v, t, where) for v, t in zip(value, items, strict=True))
     return value
-
-
-def _int_text(text: str) -> int:
-    number = float(text.strip())  # also "1e3"
-    if not number.is_integer():
-        raise ValueError(text)
-    return int(number)
 
 
 def setting(default: Any = None, help: str = "", *, choices: tuple | None = None, **kw: Any) -> Any:
@@ -305,12 +291,7 @@ class RuntimeConfig(_Section):
         self._positive("batch_size")
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "model": ModelConfig,
-    "train": TrainConfig,
-    "runtime": RuntimeConfig,
-}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig}
 
 
 @dataclass
@@ -344,9 +325,8 @@ class RunConfig:
         unknown = set(raw) - set(known_sections)
         if unknown:
             raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; expected {known_sections}")
-        sections: dict[str, dict[str, Any]] = {}
-        for name in SECTIONS:
-            values = raw.get(name) or {}
+        sections = {name: raw.get(name) or {} for name in SECTIONS}
+        for name, values in sections.items():
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: section '{name}' must be a mapping")
             sections[name] = dict(values)

@@ -21,6 +21,7 @@ __all__ = [
     "tfa_anchor_probs",
     "tfa_partner_probs",
     "tfa_mix",
+    "mix_rows",
     "flsa_loss",
     "apds_sharpen",
     "apds_select",
@@ -116,11 +117,7 @@ def tfa_anchor_probs(
 
 
 def _partner_logits(
-    scores: torch.Tensor,
-    anchors: torch.Tensor,
-    tau2: float,
-    eps: float,
-    score_range: Sequence[float] | None,
+    scores: torch.Tensor, anchors: torch.Tensor, tau2: float, eps: float, score_range: Sequence[float] | None
 ) -> torch.Tensor:
     """``τ2 / (|s_a − s_j| + ε)`` for each anchor ``a``: [B] scores, [m] anchors -> [m, B], −inf at ``j = a``."""
     s = _at_least_float32(scores)
@@ -162,15 +159,21 @@ def _gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator | Non
     return keys.topk(k, dim=-1).indices
 
 
+def mix_rows(
+    x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor
+) -> torch.Tensor:
+    """Rows ``λ x_a + (1 − λ) x_p`` of ``x`` [B, ...] for [m] anchors and partners; keeps a float dtype."""
+    w = lam.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
+    mixed = w * x[anchors.to(x.device)] + (1 - w) * x[partners.to(x.device)]
+    return mixed.to(x.dtype) if x.is_floating_point() else mixed
+
+
 def _append_mixed(
     x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor
 ) -> torch.Tensor:
-    """``x`` [B, ...] with rows ``λ x_a + (1 − λ) x_p`` appended; floating inputs keep their dtype."""
-    w = lam.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
-    anchors, partners = anchors.to(x.device), partners.to(x.device)
-    mixed = w * x[anchors] + (1 - w) * x[partners]
-    dtype = x.dtype if x.is_floating_point() else mixed.dtype
-    return torch.cat([x.to(dtype), mixed.to(dtype)])
+    """``x`` [B, ...] with its :func:`mix_rows` appended; floating inputs keep their dtype."""
+    mixed = mix_rows(x, anchors, partners, lam)
+    return torch.cat([x.to(mixed.dtype), mixed])
 
 
 def tfa_mix(
@@ -213,14 +216,8 @@ def tfa_mix(
     partner_logits = _partner_logits(scores, anchors, tau2, 0.01, score_range)
     partners = _gumbel_top_k(partner_logits, 1, generator).squeeze(1)
     lam = torch.sigmoid(anchor_logits[anchors] - anchor_logits[partners])
-    return TFAMix(
-        features=_append_mixed(features, anchors, partners, lam),
-        targets=_append_mixed(targets, anchors, partners, lam),
-        scores=_append_mixed(scores, anchors, partners, lam),
-        anchors=anchors,
-        partners=partners,
-        lam=lam,
-    )
+    mixed = (_append_mixed(x, anchors, partners, lam) for x in (features, targets, scores))
+    return TFAMix(*mixed, anchors, partners, lam)
 
 
 # --- FLSA: feature–label similarity alignment ---------------------------------------------------------------

@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 BUCKETS = ("low", "medium", "high")
+_CORRELATIONS = {"plcc": stats.pearsonr, "srcc": stats.spearmanr, "krcc": stats.kendalltau}
 
 
 def as_scores(x, name: str) -> np.ndarray:
@@ -66,12 +67,8 @@ def correlations(pred, gt) -> dict[str, float]:
     """
     p, g = as_pair(pred, gt)
     if p.size < 2 or np.ptp(p) == 0 or np.ptp(g) == 0:
-        return {"plcc": math.nan, "srcc": math.nan, "krcc": math.nan}
-    return {
-        "plcc": float(stats.pearsonr(p, g).statistic),
-        "srcc": float(stats.spearmanr(p, g).statistic),
-        "krcc": float(stats.kendalltau(p, g).statistic),
-    }
+        return dict.fromkeys(_CORRELATIONS, math.nan)
+    return {name: float(test(p, g).statistic) for name, test in _CORRELATIONS.items()}
 
 
 def tail_buckets(gt) -> np.ndarray:
@@ -154,10 +151,8 @@ def minority_groups(group_counts: dict[str, int], ratio: float = 0.2) -> set[str
 
 def _group_names(groups, n: int) -> list[str]:
     """Group of each sample as a string; None / NaN become ``""`` (no group)."""
-    names = [
-        "" if g is None or (isinstance(g, float) and math.isnan(g)) else str(g)
-        for g in np.asarray(groups).tolist()
-    ]
+    values = np.asarray(groups).tolist()
+    names = ["" if g is None or (isinstance(g, float) and math.isnan(g)) else str(g) for g in values]
     if len(names) != n:
         raise ValueError(f"groups has {len(names)} values but there are {n} samples")
     return names
@@ -192,12 +187,8 @@ def evaluate(
     err = p - g
     mse = float(np.mean(err**2))
     out: dict[str, float] = {"n": int(p.size), **correlations(p, g)}
-    out.update(
-        mae=float(np.mean(np.abs(err))),
-        mse=mse,
-        rmse=math.sqrt(mse),
-        acc=float(np.mean((p >= threshold) == (g >= threshold))),
-    )
+    out.update(mae=float(np.mean(np.abs(err))), mse=mse, rmse=math.sqrt(mse))
+    out["acc"] = float(np.mean((p >= threshold) == (g >= threshold)))
     buckets = tail_buckets(g)
     for b in BUCKETS:
         out[f"mae_{b}"] = _mean_or_nan(np.abs(err[buckets == b]))
@@ -218,35 +209,21 @@ def evaluate(
         is_min = np.array([s in minority for s in names], dtype=bool)
         is_maj = np.array([s in known and s not in minority for s in names], dtype=bool)
         out.update(
-            mae_minority=_mean_or_nan(np.abs(err[is_min])),
-            mae_majority=_mean_or_nan(np.abs(err[is_maj])),
-            n_minority=int(is_min.sum()),
-            n_majority=int(is_maj.sum()),
+            mae_minority=_mean_or_nan(np.abs(err[is_min])), mae_majority=_mean_or_nan(np.abs(err[is_maj]))
         )
+        out.update(n_minority=int(is_min.sum()), n_majority=int(is_maj.sum()))
     return out
 
 
 # (metric key, label) of the overall and the tail block of a metrics table
 OVERALL_ROWS: Sequence[tuple[str, str]] = (
-    ("n", "n"),
-    ("plcc", "PLCC"),
-    ("srcc", "SRCC"),
-    ("krcc", "KRCC"),
-    ("acc", "acc"),
-    ("mae", "MAE"),
-    ("rmse", "RMSE"),
-    ("emd", "EMD"),
-    ("bmae", "bMAE"),
+    *(("n", "n"), ("plcc", "PLCC"), ("srcc", "SRCC"), ("krcc", "KRCC"), ("acc", "acc")),
+    *(("mae", "MAE"), ("rmse", "RMSE"), ("emd", "EMD"), ("bmae", "bMAE")),
 )
 TAIL_ROWS: Sequence[tuple[str, str]] = (
-    ("mae_low", "MAE low"),
-    ("mae_medium", "MAE medium"),
-    ("mae_high", "MAE high"),
-    ("bias_low", "bias low"),
-    ("bias_high", "bias high"),
-    ("spread", "spread"),
-    ("mae_minority", "MAE minority"),
-    ("mae_majority", "MAE majority"),
+    *(("mae_low", "MAE low"), ("mae_medium", "MAE medium"), ("mae_high", "MAE high")),
+    *(("bias_low", "bias low"), ("bias_high", "bias high"), ("spread", "spread")),
+    *(("mae_minority", "MAE minority"), ("mae_majority", "MAE majority")),
 )
 
 
@@ -265,10 +242,10 @@ def format_metrics(metrics: dict, title: str | None = None) -> str:
 
     Overall metrics first, then a "long tail" block; keys absent from ``metrics`` are skipped.
     """
-    rows: list[tuple[str, str]] = [("metric", "value")]
-    for key, label in OVERALL_ROWS:
-        if key in metrics:
-            rows.append((label, format_value(key, metrics[key])))
+    rows = [
+        ("metric", "value"),
+        *((label, format_value(k, metrics[k])) for k, label in OVERALL_ROWS if k in metrics),
+    ]
     tail: list[tuple[str, str]] = []
     for key, label in TAIL_ROWS:
         if key in metrics:

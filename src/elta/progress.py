@@ -51,11 +51,8 @@ class _LogLines:
     def _report(self, now: float) -> None:
         self.reported = self.n
         rate = (self.n - self.start_n) / max(now - self.started, 1e-9)
-        done = (
-            f"{self.n}"
-            if self.total is None
-            else f"{self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"
-        )
+        share = "" if self.total is None else f"/{self.total} ({100 * self.n / max(self.total, 1):.0f}%)"
+        done = f"{self.n}{share}"
         eta = ""
         if self.total is not None and rate > 0 and self.n < self.total:
             eta = f", ETA {time.strftime('%H:%M:%S', time.gmtime((self.total - self.n) / rate))}"
@@ -80,6 +77,5 @@ def progress_bar(
     ``set_postfix`` and ``close``."""
     if enabled and not sys.stderr.isatty():
         return _LogLines(iterable if iterable is not None else (), desc, total, unit, initial, every_s)
-    return tqdm(
-        iterable, desc=desc, total=total, unit=unit, initial=initial, leave=leave, disable=not enabled
-    )
+    shown = {"unit": unit, "initial": initial, "leave": leave, "disable": not enabled}
+    return tqdm(iterable, desc=desc, total=total, **shown)

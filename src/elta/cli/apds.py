@@ -29,26 +29,13 @@ def float_list(text: str) -> tuple[float, ...]:
 
 def add_apds_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("APDS selection")
-    g.add_argument(
-        "--beta",
-        type=float,
-        help="sharpening strength β (per AVA-equivalent score unit); with --threshold, skips the grid search",
-    )
+    beta = "sharpening strength β (per AVA-equivalent score unit); with --threshold, skips the grid search"
+    g.add_argument("--beta", type=float, help=beta)
     g.add_argument("--threshold", type=float, help="selection threshold t on max_k q_k (with --beta)")
-    g.add_argument(
-        "--betas",
-        type=float_list,
-        default=float_list(DEFAULT_BETAS),
-        help=f"β grid (default {DEFAULT_BETAS})",
-    )
-    g.add_argument(
-        "--thresholds",
-        type=float_list,
-        default=float_list(DEFAULT_THRESHOLDS),
-        help=f"t grid (default {DEFAULT_THRESHOLDS})",
-    )
-    g.add_argument(
-        "--min-selected",
-        type=int,
-        help="smallest calibration selection a grid cell needs (default 5%% of the calibration set, ≥ 10)",
-    )
+    for flag, grid in (("--betas", DEFAULT_BETAS), ("--thresholds", DEFAULT_THRESHOLDS)):
+        symbol = "β" if flag == "--betas" else "t"
+        g.add_argument(
+            flag, type=float_list, default=float_list(grid), help=f"{symbol} grid (default {grid})"
+        )
+    least = "smallest calibration selection a grid cell needs (default 5%% of the calibration set, ≥ 10)"
+    g.add_argument("--min-selected", type=int, help=least)

@@ -16,9 +16,8 @@ def data_check(args: argparse.Namespace) -> int:
     from elta.data.check import check_dataset, write_problems
     from elta.engine.prepare import read_dataset
 
-    report = check_dataset(
-        read_dataset(apply_options(RunConfig(), args)), deep=not args.quick, progress=progress()
-    )
+    dataset = read_dataset(apply_options(RunConfig(), args))
+    report = check_dataset(dataset, deep=not args.quick, progress=progress())
     print(report.format())
     if args.out and report.problems:
         print(f"problem list: {write_problems(report.problems, args.out)}")
@@ -31,15 +30,8 @@ def data_cache(args: argparse.Namespace) -> int:
 
     cfg = apply_options(RunConfig(), args)
     workers = cfg.runtime.workers if cfg.runtime.workers is not None else min(8, os.cpu_count() or 1)
-    summary = build_cache(
-        read_dataset(cfg),
-        args.out,
-        size=args.size,
-        mode=args.mode,
-        quality=args.quality,
-        progress=progress(),
-        workers=workers,
-    )
+    settings = {"size": args.size, "mode": args.mode, "quality": args.quality}
+    summary = build_cache(read_dataset(cfg), args.out, progress=progress(), workers=workers, **settings)
     print(
         f"cached {summary['images']} images ({summary['written']} written, {summary['reused']} unchanged) "
         f"in {summary['cache']}: {summary['mode']} {summary['size']} px, {summary['bytes'] / 2**20:.1f} MiB"
@@ -68,9 +60,8 @@ def demo(args: argparse.Namespace) -> int:
 def import_checkpoint(args: argparse.Namespace) -> int:
     from elta.models.checkpoint import import_original_checkpoint
 
-    out = import_original_checkpoint(
-        args.source, args.out, head=args.head, backbone=args.backbone, image_size=args.image_size
-    )
+    model = {"head": args.head, "backbone": args.backbone, "image_size": args.image_size}
+    out = import_original_checkpoint(args.source, args.out, **model)
     print(f"wrote {out}: use it with --checkpoint (predict, evaluate) or --init-from (train)")
     return 0
 
@@ -95,22 +86,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--size", type=int, default=300, help="side length in px (default 300, the paper's resize)"
     )
-    p.add_argument(
-        "--mode",
-        choices=("square", "short"),
-        default="square",
-        help="square: size×size like the training resize (default); short: shorter side = size, aspect kept",
-    )
+    modes = "square: size×size like the training resize (default); short: shorter side = size, aspect kept"
+    p.add_argument("--mode", choices=("square", "short"), default="square", help=modes)
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the cached files (default 95)")
     p.set_defaults(func=data_cache, command="data cache")
 
     p = sub.add_parser("import-checkpoint", help="convert a checkpoint of the original ELTA release")
     p.add_argument("source", help="the original checkpoint (.pth with 'state_dict': vit.*, linear_emd.*, …)")
     p.add_argument("out", help="the elta checkpoint to write")
+    heads = ("auto", "distribution", "scalar")
     p.add_argument(
         "--head",
         default="auto",
-        choices=("auto", "distribution", "scalar"),
+        choices=heads,
         help="which of its heads was trained (auto: read from the optimizer state)",
     )
     p.add_argument("--backbone", default=PAPER_BACKBONE, help=f"timm model name (default {PAPER_BACKBONE})")

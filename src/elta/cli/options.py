@@ -34,26 +34,12 @@ ALL = "*"
 Exposed = dict[str, str | tuple[str, ...]]
 
 # What `elta train` (and ablate, self-train, tune) reads from the command line.
-TRAIN_SETTINGS: Exposed = {
-    "data": ALL,
-    "model": ALL,
-    "train": ALL,
-    "runtime": ("device", "workers", "amp", "channels_last", "compile"),
-}
+_TRAIN_RUNTIME = ("device", "workers", "amp", "channels_last", "compile")
+TRAIN_SETTINGS: Exposed = {"data": ALL, "model": ALL, "train": ALL, "runtime": _TRAIN_RUNTIME}
 # Which dataset, and how to read it (data check, data cache, evaluate, calibrate).
+_GENERIC_CSV = ("image_column", "mos_column", "split_column", "group_column")
 DATA_SETTINGS: Exposed = {
-    "data": (
-        "data",
-        "images",
-        "format",
-        "splits",
-        "image_column",
-        "mos_column",
-        "split_column",
-        "group_column",
-        "strict",
-        "score_range",
-    )
+    "data": ("data", "images", "format", "splits", *_GENERIC_CSV, "strict", "score_range")
 }
 # Where inference runs (evaluate, calibrate, predict, pseudo-label).
 INFERENCE_RUNTIME: Exposed = {"runtime": ("device", "batch_size", "workers", "amp")}
@@ -80,11 +66,8 @@ def add_config_options(parser: argparse.ArgumentParser, *exposed: Exposed) -> No
             group = parser.add_argument_group(f"{section} settings ({section}.* in a config file)")
             for key in fields if keys == ALL else keys:
                 f, kind = fields[key], _bare(hints[key])
-                kw: dict[str, Any] = {
-                    "dest": _dest(section, key),
-                    "default": None,
-                    "help": f.metadata["help"],
-                }
+                kw: dict[str, Any] = {"dest": _dest(section, key), "default": None}
+                kw["help"] = f.metadata["help"]
                 if kind is bool:
                     kw["action"] = "store_true"
                 elif typing.get_origin(kind) is tuple:
@@ -100,27 +83,16 @@ def add_enhancer_options(parser: argparse.ArgumentParser) -> None:
     """The ELTA shortcuts (--tfa, --tfa-tau1, …, --flsa-weight, --flsa-range) and --enhancer NAME:k=v."""
     group = parser.add_argument_group("enhancers (ELTA)")
     group.add_argument("--tfa", action="store_true", default=None, help="tail feature augmentation (mixup)")
-    group.add_argument(
-        "--tfa-tau1",
-        metavar="X",
-        help="TFA anchor temperature τ1, in AVA-equivalent score units (default 0.5)",
-    )
-    group.add_argument(
-        "--tfa-tau2",
-        metavar="X",
-        help="TFA partner temperature τ2, in AVA-equivalent score units (default 2)",
-    )
+    for tau, role, default in (("tau1", "anchor", "0.5"), ("tau2", "partner", "2")):
+        what = f"TFA {role} temperature τ{tau[-1]}, in AVA-equivalent score units (default {default})"
+        group.add_argument(f"--tfa-{tau}", metavar="X", help=what)
     group.add_argument("--tfa-pairs", metavar="N", help="mixed samples appended per batch (default 1)")
     group.add_argument("--flsa-weight", metavar="X", help="feature-label similarity alignment weight w")
     group.add_argument(
         "--flsa-range", choices=("batch", "dataset"), help="FLSA label range R (default batch)"
     )
-    group.add_argument(
-        "--enhancer",
-        action="append",
-        metavar="NAME[:k=v,...]",
-        help="any registered enhancer with settings, e.g. tfa:tau1=0.3 (repeatable)",
-    )
+    any_one = "any registered enhancer with settings, e.g. tfa:tau1=0.3 (repeatable)"
+    group.add_argument("--enhancer", action="append", metavar="NAME[:k=v,...]", help=any_one)
 
 
 def _enhancers_from_args(current: list[dict], args: argparse.Namespace) -> list[dict]:
@@ -128,14 +100,11 @@ def _enhancers_from_args(current: list[dict], args: argparse.Namespace) -> list[
     from elta.enhancers import parse_enhancer
 
     specs = {e["name"]: dict(e) for e in current}
-    tfa = {k: getattr(args, f"tfa_{k}", None) for k in ("tau1", "tau2", "pairs")}
-    tfa = {k: v for k, v in tfa.items() if v is not None}
-    if getattr(args, "tfa", None) or tfa:
-        specs["tfa"] = {**specs.get("tfa", {"name": "tfa"}), **tfa}
-    flsa = {k: getattr(args, f"flsa_{k}", None) for k in ("weight", "range")}
-    flsa = {k: v for k, v in flsa.items() if v is not None}
-    if flsa:
-        specs["flsa"] = {**specs.get("flsa", {"name": "flsa"}), **flsa}
+    for name, keys in (("tfa", ("tau1", "tau2", "pairs")), ("flsa", ("weight", "range"))):
+        values = {k: getattr(args, f"{name}_{k}", None) for k in keys}
+        values = {k: v for k, v in values.items() if v is not None}
+        if values or (name == "tfa" and getattr(args, "tfa", None)):
+            specs[name] = {**specs.get(name, {"name": name}), **values}
     for text in getattr(args, "enhancer", None) or []:
         spec = parse_enhancer(text)
         specs[spec["name"]] = {**specs.get(spec["name"], {}), **spec}

@@ -74,17 +74,9 @@ def self_train(args: argparse.Namespace) -> int:
     from elta.workflows.selftrain import format_summary
     from elta.workflows.selftrain import self_train as self_train_run
 
+    apds = {key: getattr(args, key) for key in ("beta", "threshold", "betas", "thresholds", "min_selected")}
     result = self_train_run(
-        _config(args),
-        args.out,
-        args.unlabeled,
-        rounds=args.rounds,
-        beta=args.beta,
-        threshold=args.threshold,
-        betas=args.betas,
-        thresholds=args.thresholds,
-        min_selected=args.min_selected,
-        progress=progress(),
+        _config(args), args.out, args.unlabeled, rounds=args.rounds, progress=progress(), **apds
     )
     print(format_summary(result))
     print(f"stages and metrics: {Path(args.out) / 'self_train.json'}")
@@ -100,18 +92,15 @@ def tune(args: argparse.Namespace) -> int:
     else:
         cfg, space = RunConfig(), DEFAULT_SPACE
     cfg = with_checked_enhancers(apply_options(cfg, args))
+    search = {key: getattr(args, key) for key in ("trials", "storage", "sampler", "pruner", "study_name")}
     study = run_tune(
         cfg,
         space,
         args.out,
-        trials=args.trials,
-        storage=args.storage,
-        heartbeat=Heartbeat(args.heartbeat_interval, args.heartbeat_grace),
-        sampler=args.sampler,
-        pruner=args.pruner,
         seed=cfg.train.seed,
-        study_name=args.study_name,
         progress=progress(),
+        **search,
+        heartbeat=Heartbeat(args.heartbeat_interval, args.heartbeat_grace),
     )
     out = Path(args.out)
     print(format_trials(study))
@@ -135,18 +124,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    "options below override it")  # fmt: skip
     p.add_argument("--out", help="run directory for config.yaml, metrics.csv, last.pt, best.pt, train.log")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
-    p.add_argument(
-        "--print-config", action="store_true", help="print the resolved config (file + options) and exit"
-    )
+    show = "print the resolved config (file + options) and exit"
+    p.add_argument("--print-config", action="store_true", help=show)
     _training_options(p)
     p.set_defaults(func=train)
 
     p = sub.add_parser("ablate", help="train variants (baseline, tfa, flsa, …) on the same seeds and compare")
-    p.add_argument(
-        "--variants",
-        default="baseline,tfa,flsa,tfa+flsa",
-        help="comma-separated: baseline, or enhancers joined by + with optional :k=v settings",
-    )
+    variants = "comma-separated: baseline, or enhancers joined by + with optional :k=v settings"
+    p.add_argument("--variants", default="baseline,tfa,flsa,tfa+flsa", help=variants)
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (from --seed on; default 3)")
     p.add_argument("--out", required=True, help="folder for runs/, ablation.csv, ablation.md")
     p.add_argument("--config", help="YAML config shared by every variant")

@@ -100,16 +100,13 @@ def _split_list_ids(file: Path) -> list[tuple[int, str]]:
     if file.suffix.lower() == ".csv":
         header, table, _ = read_csv(file)
         column = "image_id" if "image_id" in header else pick_column(header, IMAGE_NAMES) or header[0]
-        return [
-            (int(line), str(value).strip()) for line, value in zip(table["_line"], table[column], strict=True)
-        ]
+        return list(zip(table["_line"].astype(int), table[column].astype(str).str.strip(), strict=True))
     return [(line_no, fields[0]) for line_no, fields in split_lines(file)]
 
 
 def _split_list_files(folder: Path) -> list[tuple[str, Path]]:
-    return [
-        (split, folder / n) for split, names in _SPLIT_FILES.items() for n in names if (folder / n).is_file()
-    ]
+    found = [(split, folder / name) for split, names in _SPLIT_FILES.items() for name in names]
+    return [(split, file) for split, file in found if file.is_file()]
 
 
 def _apply_split_lists(table: pd.DataFrame, files: list[tuple[str, Path]], sources: str) -> list[dict]:
@@ -138,7 +135,7 @@ def _apply_split_lists(table: pd.DataFrame, files: list[tuple[str, Path]], sourc
 
 
 def _split_folder(
-    splits: str | Path | None, lists_beside: bool, base: Path
+    splits: str | Path | None, beside: bool, base: Path
 ) -> tuple[list[tuple[str, Path]], Path | None]:
     if splits is not None:
         folder = Path(splits)
@@ -149,7 +146,7 @@ def _split_folder(
         if not files:
             raise AnnotationError(f"{folder}: no train.txt, val.txt, test.txt (or .csv) split lists in it")
         return files, folder
-    if lists_beside:
+    if beside:
         files = _split_list_files(base)
         return files, (base if files else None)
     return [], None
@@ -163,10 +160,8 @@ def _numbers(cells: pd.DataFrame) -> np.ndarray:
     try:
         return cells.to_numpy(dtype=np.float64)  # every cell parses: the fast, common case
     except (ValueError, TypeError):
-        columns = [cells[c].astype(str).str.strip() for c in cells.columns]
-        return np.column_stack(
-            [pd.to_numeric(c, errors="coerce").to_numpy(dtype=np.float64) for c in columns]
-        )
+        columns = [pd.to_numeric(cells[c].astype(str).str.strip(), errors="coerce") for c in cells.columns]
+        return np.column_stack([c.to_numpy(dtype=np.float64) for c in columns])
 
 
 def _flag(reasons: list[str | None], mask: np.ndarray, reason_at: Callable[[int], str]) -> None:
@@ -251,47 +246,32 @@ def _finish(
         _flag(reasons, outside, lambda i: f"MOS {mos[i]:g} outside the score range [{lo:g}, {hi:g}]")
 
     split = raw["split"].astype(str).str.strip().str.lower().map(SPLIT_VALUES)
-    _flag(
-        reasons,
-        split.isna().to_numpy(),
-        lambda i: (
-            f"split {raw['split'].iat[i]!r} is not train/training, val/valid/validation or test/testing"
-        ),
-    )
+    known = "train/training, val/valid/validation or test/testing"
+    _flag(reasons, split.isna().to_numpy(), lambda i: f"split {raw['split'].iat[i]!r} is not {known}")
     first_seen: dict[str, int] = {}
     for i, image_id in enumerate(ids):
-        if reasons[i] is None:
-            if image_id in first_seen:
-                j = first_seen[image_id]
-                reasons[i] = (
-                    f"duplicate image id {image_id!r} "
-                    f"(first in {raw['source'].iat[j]} line {raw['line'].iat[j]})"
-                )
-            else:
-                first_seen[image_id] = i
+        if reasons[i] is None and image_id in first_seen:
+            j = first_seen[image_id]
+            reasons[i] = (
+                f"duplicate image id {image_id!r} (first in {raw['source'].iat[j]} line {raw['line'].iat[j]})"
+            )
+        elif reasons[i] is None:
+            first_seen[image_id] = i
 
     ok = np.array([r is None for r in reasons], dtype=bool)
     problems = rows.problems + [
         problem(raw["source"].iat[i], raw["line"].iat[i], reasons[i]) for i in np.flatnonzero(~ok)
     ]
-    table = pd.DataFrame(
-        {
-            "image_id": ids[ok],
-            "path": np.asarray(paths, dtype=object)[ok],
-            "mos": mos[ok].astype(np.float64),
-            "std": std[ok].astype(np.float64),
-            "split": split.to_numpy()[ok],
-            "group": raw["group"].astype(str).str.strip().to_numpy()[ok],
-            "source": raw["source"].to_numpy()[ok],
-            "row": raw["line"].to_numpy(dtype=np.int64)[ok],
-        }
-    )
+    columns = {"image_id": ids, "path": np.asarray(paths, dtype=object), "mos": mos.astype(np.float64)}
+    columns |= {"std": std.astype(np.float64), "split": split.to_numpy()}
+    columns |= {"group": raw["group"].astype(str).str.strip().to_numpy(), "source": raw["source"].to_numpy()}
+    columns["row"] = raw["line"].to_numpy(dtype=np.int64)
+    table = pd.DataFrame({name: values[ok] for name, values in columns.items()})
     if probabilities is not None:
         for k in range(probabilities.shape[1]):
             table[f"p{k + 1}"] = probabilities[ok, k]
-    order = {
-        source: i for i, source in enumerate(dict.fromkeys(b["source"].iat[0] for b in rows.blocks if len(b)))
-    }
+    sources = dict.fromkeys(b["source"].iat[0] for b in rows.blocks if len(b))
+    order = {source: i for i, source in enumerate(sources)}
     problems.sort(key=lambda p: (order.get(p["file"], len(order)), p["row"]))
     if split_files:
         problems += _apply_split_lists(table, split_files, ", ".join(order) or "the annotations")
@@ -310,16 +290,11 @@ def _inferred_range(table: pd.DataFrame, label: str) -> tuple[float, float]:
         return 0.0, 1.0
     lo, hi = float(rows.min()), float(rows.max())
     outside = int(((table["mos"] < lo) | (table["mos"] > hi)).sum())
-    logger.warning(
-        "%s: score range not given; inferred from the MOS of the %d %s as [%g, %g]%s. Give the rating "
-        "scale's ends with --score-range LOW HIGH (data.score_range in a config file)",
-        label,
-        len(rows),
-        "training rows" if use_train else "rows (the training rows span no range)",
-        lo,
-        hi,
-        f" ({outside} validation / test row(s) lie outside it)" if outside else "",
-    )
+    which = "training rows" if use_train else "rows (the training rows span no range)"
+    beyond = f" ({outside} validation / test row(s) lie outside it)" if outside else ""
+    message = "%s: score range not given; inferred from the MOS of the %d %s as [%g, %g]%s. Give the rating "
+    message += "scale's ends with --score-range LOW HIGH (data.score_range in a config file)"
+    logger.warning(message, label, len(rows), which, lo, hi, beyond)
     return lo, hi
 
 
@@ -377,12 +352,10 @@ def read_annotations(
     rows = fmt.reader(files, columns or CsvColumns())
     bins = None
     if rows.vote_labels:
-        bins = list(fmt.centers or centers or range(1, len(rows.vote_labels) + 1))
-        if len(bins) != len(rows.vote_labels):
-            raise AnnotationError(
-                f"{path}: {len(bins)} bin centres for {len(rows.vote_labels)} distribution columns"
-            )
-        bins = [float(c) for c in bins]
+        k = len(rows.vote_labels)
+        bins = [float(c) for c in fmt.centers or centers or range(1, k + 1)]
+        if len(bins) != k:
+            raise AnnotationError(f"{path}: {len(bins)} bin centres for {k} distribution columns")
 
     base = files[0].parent
     root = (Path(images) if images is not None else _default_images_root(base, fmt.image_folders)).absolute()
@@ -391,11 +364,8 @@ def read_annotations(
     split_files, split_folder = _split_folder(splits, fmt.split_lists, base)
     given = (float(score_range[0]), float(score_range[1])) if score_range is not None else fmt.score_range
     table, problems, (lo, hi) = _finish(rows, str(path), root, bins, given, split_files)
-    if split_folder is not None:
-        names = "/".join(dict.fromkeys(f.name for _, f in split_files))
-        split_source = f"split lists {names} in {split_folder}"
-    else:
-        split_source = rows.split_source
+    names = "/".join(dict.fromkeys(f.name for _, f in split_files))
+    split_source = f"split lists {names} in {split_folder}" if split_folder is not None else rows.split_source
 
     n_read = sum(len(b) for b in rows.blocks) + len(rows.problems)
     if n_read == 0:
@@ -403,27 +373,15 @@ def read_annotations(
     if table.empty:
         _raise_strict(path, problems, "No valid rows: fix the rows above or pass the right --format.")
     if problems:
-        first = problems[0]
-        logger.warning(
-            "%s: %d problem(s), the rows are skipped (first: %s:%d: %s); see Annotations.problems",
-            path,
-            len(problems),
-            first["file"],
-            first["row"],
-            first["reason"],
-        )
+        first = "{file}:{row}: {reason}".format(**problems[0])
+        message = "%s: %d problem(s), the rows are skipped (first: %s); see Annotations.problems"
+        logger.warning(message, path, len(problems), first)
         if strict:
             _raise_strict(path, problems, "Fix these rows, or read with strict=False to skip them.")
 
-    info = DatasetInfo(
-        format=fmt.name,
-        source=str(path),
-        images_root=str(root),
-        centers=bins if bins is not None else [lo, hi],
-        has_distribution=bins is not None,
-        score_range=[lo, hi],
-        acc_threshold=fmt.acc_threshold if fmt.acc_threshold is not None else (lo + hi) / 2.0,
-        split_source=split_source,
-        rows_read=n_read,
-    )
+    threshold = fmt.acc_threshold if fmt.acc_threshold is not None else (lo + hi) / 2.0
+    centers = bins if bins is not None else [lo, hi]
+    scale = {"centers": centers, "score_range": [lo, hi], "acc_threshold": threshold}
+    where = {"format": fmt.name, "source": str(path), "images_root": str(root), "split_source": split_source}
+    info = DatasetInfo(**where, **scale, has_distribution=bins is not None, rows_read=n_read)
     return Annotations(table, info, problems)

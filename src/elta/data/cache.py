@@ -39,24 +39,11 @@ log = logging.getLogger(__name__)
 CACHE_MARKER = "elta_cache.json"
 KIND = "elta-image-cache"
 MODES = ("square", "short")
-INDEX_COLUMNS = (
-    "image",
-    "source_bytes",
-    "source_mtime_ns",
-    "source_width",
-    "source_height",
-    "width",
-    "height",
-)
-_FORMATS = {
-    ".jpg": "JPEG",
-    ".jpeg": "JPEG",
-    ".png": "PNG",
-    ".webp": "WEBP",
-    ".bmp": "BMP",
-    ".tif": "TIFF",
-    ".tiff": "TIFF",
-}  # by the cached file's extension; anything else is stored as PNG
+_SIZES = ("source_width", "source_height", "width", "height")  # px of the source and of the cached file
+INDEX_COLUMNS = ("image", "source_bytes", "source_mtime_ns", *_SIZES)
+# by the cached file's extension; anything else is stored as PNG
+_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP"}
+_FORMATS |= {".tif": "TIFF", ".tiff": "TIFF"}
 
 
 @dataclass
@@ -111,14 +98,9 @@ def check_cache_fits(root: str | Path, needed: int) -> CacheInfo | None:
     if not info.complete:
         log.warning("%s: the cache build did not finish; rerun `elta data cache` with the same --out", root)
     if info.size < needed:
-        log.warning(
-            "%s holds %d px images but this run needs %d px: they are upsampled. Rebuild it with "
-            "`elta data cache --size %d`, or train from the original images",
-            root,
-            info.size,
-            needed,
-            needed,
-        )
+        message = "%s holds %d px images but this run needs %d px: they are upsampled. Rebuild it with "
+        message += "`elta data cache --size %d`, or train from the original images"
+        log.warning(message, root, info.size, needed, needed)
     return info
 
 
@@ -149,12 +131,7 @@ def _cache_one(job: tuple[str, str, int, str, int]) -> dict:
     fmt = _FORMATS.get(out.suffix.lower(), "PNG")
     options = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
     small.save(out, format=fmt, **options)
-    return {
-        "source_width": image.size[0],
-        "source_height": image.size[1],
-        "width": small.size[0],
-        "height": small.size[1],
-    }
+    return dict(zip(_SIZES, (*image.size, *small.size), strict=True))
 
 
 def _reusable(out: Path, info: CacheInfo) -> dict[str, dict]:
@@ -204,13 +181,10 @@ def _plan(
             continue
         key = Path(rel).as_posix()
         entry = {"image": key, "source_bytes": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
-        old = reusable.get(key)
-        if (
-            old is not None
-            and (old["source_bytes"], old["source_mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
-            and (out / rel).is_file()
-        ):
-            index.append({**entry, **{k: old[k] for k in INDEX_COLUMNS[3:]}})
+        old = reusable.get(key, {})
+        same = (old.get("source_bytes"), old.get("source_mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+        if same and (out / rel).is_file():
+            index.append({**entry, **{k: old[k] for k in _SIZES}})
         else:
             jobs.append((entry, problem, (str(path), str(out / rel), *settings)))
     return index, problems, jobs
@@ -269,18 +243,12 @@ def build_cache(
         bad_list.unlink(missing_ok=True)
     info.complete, info.images, info.bad = True, len(table), len(problems)
     _write_marker(out, info)
-    return {
-        "cache": str(out),
-        "images": len(table),
-        "written": len(table) - reused,
-        "reused": reused,
-        "bad": len(problems),
-        "bad_list": str(bad_list) if problems else None,
-        "bytes": int(sum((out / name).stat().st_size for name in table["image"])),
-        "size": size,
-        "mode": mode,
-        "quality": quality,
-    }
+    summary = dict(
+        cache=str(out), images=len(table), written=len(table) - reused, reused=reused, bad=len(problems)
+    )
+    summary["bad_list"] = str(bad_list) if problems else None
+    summary["bytes"] = int(sum((out / name).stat().st_size for name in table["image"]))
+    return summary | dict(size=size, mode=mode, quality=quality)
 
 
 def _collect(jobs, results, index: list[dict], problems: list[dict], bar) -> None:

@@ -45,10 +45,8 @@ class CheckReport:
         s = self.stats
         lines = [f"rows: {self.n_rows} read, {self.n_ok} ok, {len(self.problems)} problem(s)"]
         if s["count"]:
-            lines.append(
-                f"MOS: count {s['count']}  mean {s['mean']:.4g}  sd {s['sd']:.4g}  "
-                f"min {s['min']:.4g}  max {s['max']:.4g}"
-            )
+            values = "  ".join(f"{key} {s[key]:.4g}" for key in ("mean", "sd", "min", "max"))
+            lines.append(f"MOS: count {s['count']}  {values}")
         splits = ", ".join(f"{name or '(none)'} {n}" for name, n in s["splits"].items())
         lines.append(f"splits: {splits or '-'}")
         if len(self.mos):
@@ -56,8 +54,7 @@ class CheckReport:
             lines.extend(_histogram(self.mos, histogram_bins, width))
         if self.problems:
             lines.append(f"problems ({len(self.problems)}):")
-            for p in self.problems[:_SHOWN_PROBLEMS]:
-                lines.append(f"  {p['file']}:{p['row']}: {p['reason']}")
+            lines += [f"  {p['file']}:{p['row']}: {p['reason']}" for p in self.problems[:_SHOWN_PROBLEMS]]
             if len(self.problems) > _SHOWN_PROBLEMS:
                 lines.append(f"  … {len(self.problems) - _SHOWN_PROBLEMS} more")
         return "\n".join(lines)
@@ -76,13 +73,7 @@ def _histogram(values: np.ndarray, bins: int, width: int) -> list[str]:
 
 def _image_problem(row: tuple, reason: str) -> dict:
     source, line, image_id, path = row
-    return {
-        "file": str(source),
-        "row": int(line),
-        "reason": reason,
-        "image_id": str(image_id),
-        "path": str(path),
-    }
+    return dict(zip(PROBLEM_COLUMNS, (str(source), int(line), reason, str(image_id), str(path)), strict=True))
 
 
 def check_images(df: pd.DataFrame, deep: bool = True, progress: bool = False) -> list[dict]:
@@ -119,20 +110,15 @@ def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = 
     bad = {(p["file"], p["row"]) for p in image_problems}
     ok = df[[(s, r) not in bad for s, r in zip(df["source"], df["row"], strict=True)]]
     mos = ok["mos"].to_numpy(dtype=np.float64)
-    stats = {
-        "count": int(mos.size),
-        "mean": float(mos.mean()) if mos.size else float("nan"),
-        "sd": float(mos.std(ddof=1)) if mos.size > 1 else float("nan"),
-        "min": float(mos.min()) if mos.size else float("nan"),
-        "max": float(mos.max()) if mos.size else float("nan"),
-        "splits": _split_counts(ok["split"]),
-    }
-    n_rows = annotations.info.rows_read
+    nan = float("nan")
+    stats = {"count": int(mos.size), "mean": float(mos.mean()) if mos.size else nan}
+    stats["sd"] = float(mos.std(ddof=1)) if mos.size > 1 else nan
+    stats |= {"min": float(mos.min()), "max": float(mos.max())} if mos.size else {"min": nan, "max": nan}
+    stats["splits"] = _split_counts(ok["split"])
     if image_problems:
         logger.warning("%d image problem(s), first: %s", len(image_problems), image_problems[0]["reason"])
-    return CheckReport(
-        n_rows=n_rows, n_ok=len(ok), problems=annotation_problems + image_problems, stats=stats, mos=mos
-    )
+    problems = annotation_problems + image_problems
+    return CheckReport(annotations.info.rows_read, len(ok), problems, stats, mos)
 
 
 def write_problems(problems: list[dict], path: str | Path) -> Path:

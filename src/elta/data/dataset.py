@@ -75,12 +75,8 @@ class AnnotationDataset(Dataset):
         self.mos = torch.tensor(frame["mos"].to_numpy(dtype=np.float32))
         cols = dist_columns(frame)
         self.dist = torch.tensor(frame[cols].to_numpy(dtype=np.float32)) if cols else None
-        weights = (
-            frame["weight"].to_numpy(dtype=np.float32)
-            if "weight" in frame
-            else np.ones(len(frame), np.float32)
-        )
-        self.weight = torch.tensor(weights)
+        ones = np.ones(len(frame), np.float32)
+        self.weight = torch.tensor(frame["weight"].to_numpy(dtype=np.float32) if "weight" in frame else ones)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -144,6 +140,7 @@ class EpochBatchSampler(Sampler):
         return len(self.batches)
 
 
+@dataclass
 class ImageListDataset(Dataset):
     """Images to score, in order: paths, encoded bytes, PIL images, arrays [H, W(, C)] or tensors [3, H, W].
 
@@ -152,17 +149,10 @@ class ImageListDataset(Dataset):
     as ``transform`` does) and are passed through. An item that cannot be used yields its reason.
     """
 
-    def __init__(
-        self,
-        items: Sequence,
-        transform: ImageTransform,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        normalized: bool = False,
-    ) -> None:
-        self.items = list(items)
-        self.transform = transform
-        self.max_pixels = max_pixels
-        self.normalized = normalized
+    items: Sequence
+    transform: ImageTransform
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    normalized: bool = False
 
     def __len__(self) -> int:
         return len(self.items)
@@ -198,11 +188,9 @@ def pixels_to_image(pixels: np.ndarray | torch.Tensor, name: str) -> Image.Image
         if not np.issubdtype(values.dtype, np.floating):
             raise ImageLoadError(name, f"pixels must be uint8 or floats in [0, 1]; got {values.dtype}")
         if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
-            raise ImageLoadError(
-                name,
-                f"float pixels must lie in [0, 1] (got {np.nanmin(values):.3g} … {np.nanmax(values):.3g}); "
-                "for model inputs already normalised, pass normalized=True",
-            )
+            got = f"got {np.nanmin(values):.3g} … {np.nanmax(values):.3g}"
+            fix = "for model inputs already normalised, pass normalized=True"
+            raise ImageLoadError(name, f"float pixels must lie in [0, 1] ({got}); {fix}")
         values = np.round(values * 255.0).astype(np.uint8)
     return Image.fromarray(values).convert("RGB")
 
@@ -213,15 +201,9 @@ def collate(samples: list[dict]) -> Batch:
     failures = [(s["index"], s["reason"]) for s in samples if not s["ok"]]
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), failures=failures)
-    batch = Batch(
-        images=torch.stack([s["image"] for s in good]),
-        indices=torch.tensor([s["index"] for s in good], dtype=torch.long),
-        failures=failures,
-    )
-    if "mos" in good[0]:
-        batch.mos = torch.stack([s["mos"] for s in good])
-    if "dist" in good[0]:
-        batch.dist = torch.stack([s["dist"] for s in good])
-    if "weight" in good[0]:
-        batch.weight = torch.stack([s["weight"] for s in good])
+    indices = torch.tensor([s["index"] for s in good], dtype=torch.long)
+    batch = Batch(torch.stack([s["image"] for s in good]), indices, failures=failures)
+    for key in ("mos", "dist", "weight"):
+        if key in good[0]:
+            setattr(batch, key, torch.stack([s[key] for s in good]))
     return batch

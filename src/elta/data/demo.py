@@ -212,18 +212,15 @@ def make_demo_dataset(
     severity = severity_of_mos(mos)  # from the recorded MOS, so label and pixels agree exactly
     splits = _split_ids(rng, n)
 
-    for i, image_rng in enumerate(
-        progress_bar(rng.spawn(n), desc="demo images", unit="img", enabled=progress)
-    ):
+    image_rngs = progress_bar(rng.spawn(n), desc="demo images", unit="img", enabled=progress)
+    for i, image_rng in enumerate(image_rngs):
         recipe = _recipe(image_rng, photos[sources[i]], int(sources[i]), float(severity[i]), image_size)
         img = _render(photos[sources[i]], recipe, image_size, image_rng)
         img.save(images / f"{i + 1}.jpg", format="JPEG", quality=SAVE_QUALITY)
 
     for name, ids in splits.items():
         atomic_write_text(out / f"{name}.txt", "".join(f"{i}\n" for i in ids))
-    rows = [
-        " ".join(map(str, [i + 1, i + 1, *counts[i].tolist(), int(sources[i]) + 1, 0, 0])) for i in range(n)
-    ]
-    atomic_write_text(out / "AVA.txt", "".join(f"{row}\n" for row in rows))
+    rows = [[i + 1, i + 1, *counts[i].tolist(), int(sources[i]) + 1, 0, 0] for i in range(n)]
+    atomic_write_text(out / "AVA.txt", "".join(" ".join(map(str, row)) + "\n" for row in rows))
     log.info("demo dataset: %d images in %s, MOS mean %.2f sd %.2f", n, out, mos.mean(), mos.std())
     return out / "AVA.txt"

@@ -38,15 +38,8 @@ logger = logging.getLogger(__name__)
 
 _MAX_LISTED = 20
 IMAGE_NAMES = ("image", "image_id", "image_name", "img_name", "name", "filename", "file", "path")
-SPLIT_VALUES = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-    "testing": "test",
-}
+_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+SPLIT_VALUES = {word: split for split, words in _WORDS.items() for word in words}  # word in a file -> split
 
 
 @dataclass
@@ -153,11 +146,22 @@ def _group_column(header: list[str], words: tuple[str, ...]) -> str | None:
     return next((c for c in header if any(w in c.lower() for w in words)), None)
 
 
-def _split_of(file: Path, sources: list[str]) -> str:
-    """The split a file's name gives (train when none), noted in `sources` for the split_source text."""
-    split = split_from_name(file) or "train"
-    sources.append(f"{file.name} -> {split}")
-    return split
+def _file_by_file(read: Callable[[Path, str], tuple[pd.DataFrame, list[dict]]], labels=(), by_name=True):
+    """A reader that reads each file with `read(file, split)` -> (block, problems), the split given by the
+    file's name (train when none); `labels` name the vote columns in messages."""
+
+    def reader(files: list[Path], columns: CsvColumns) -> Rows:
+        blocks, problems, sources = [], [], []
+        for file in files:
+            split = split_from_name(file) or "train"
+            sources.append(f"{file.name} -> {split}")
+            raw, bad = read(file, split)
+            blocks.append(raw)
+            problems += bad
+        split_source = f"file names ({', '.join(sources)})" if by_name else "none: every row is train"
+        return Rows(blocks, problems, split_source, list(labels))
+
+    return reader
 
 
 # ------------------------------------------------------------------------------------------ AVA
@@ -165,17 +169,12 @@ def _split_of(file: Path, sources: list[str]) -> str:
 _AVA_COLUMNS = ("index", "image_id", *(f"r{k}" for k in range(1, 11)), "tag1", "tag2", "challenge")
 
 
-def _read_ava(files: list[Path], columns: CsvColumns) -> Rows:
+def _read_ava(file: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     """AVA.txt: index, image id, 10 vote counts (ratings 1..10), semantic tag 1, tag 2, challenge id."""
-    blocks, problems = [], []
-    for file in files:
-        what = "index, image id, 10 vote counts, 2 semantic tags, challenge id"
-        table, bad = whitespace_table(file, _AVA_COLUMNS, what)
-        group = table["tag1"].where(table["tag1"] != "0", "")
-        blocks.append(block(file.name, table, table["image_id"], group=group, votes=_AVA_COLUMNS[2:12]))
-        problems += bad
-    labels = [f"vote count for rating {k}" for k in range(1, 11)]
-    return Rows(blocks, problems, "none: every row is train", labels)
+    what = "index, image id, 10 vote counts, 2 semantic tags, challenge id"
+    table, bad = whitespace_table(file, _AVA_COLUMNS, what)
+    group = table["tag1"].where(table["tag1"] != "0", "")
+    return block(file.name, table, table["image_id"], group=group, votes=_AVA_COLUMNS[2:12]), bad
 
 
 def _ava_line(line: str) -> bool:
@@ -186,7 +185,7 @@ def _ava_line(line: str) -> bool:
 register_format(
     Format(
         name="ava",
-        reader=_read_ava,
+        reader=_file_by_file(_read_ava, [f"vote count for rating {k}" for k in range(1, 11)], by_name=False),
         sniff=_ava_line,
         hint="AVA.txt, or lines of 15 numbers",
         files=("ava.txt",),
@@ -202,25 +201,20 @@ register_format(
 _ELTA_VOTES = tuple(f"score{k}" for k in range(2, 12))
 
 
-def _read_elta_csv(files: list[Path], columns: CsvColumns) -> Rows:
+def _read_elta_csv(file: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     """ELTA/TANet CSVs: image_id, score2..score11 (vote counts for ratings 1..10), optional score and tags."""
-    blocks, problems, sources = [], [], []
-    for file in files:
-        header, table, bad = read_csv(file)
-        image = "image_id" if "image_id" in header else pick_column(header, IMAGE_NAMES)
-        require(file, header, [image or "image_id", *_ELTA_VOTES], "ELTA CSV (image_id, score2..score11)")
-        tag = _group_column(header, ("tag", "semantic"))
-        group = table[tag].where(~table[tag].map(lambda v: is_number(v) and float(v) == 0), "") if tag else ""
-        split = _split_of(file, sources)
-        blocks.append(block(file.name, table, table[image], split=split, group=group, votes=_ELTA_VOTES))
-        problems += bad
-    return Rows(blocks, problems, f"file names ({', '.join(sources)})", list(_ELTA_VOTES))
+    header, table, bad = read_csv(file)
+    image = "image_id" if "image_id" in header else pick_column(header, IMAGE_NAMES)
+    require(file, header, [image or "image_id", *_ELTA_VOTES], "ELTA CSV (image_id, score2..score11)")
+    tag = _group_column(header, ("tag", "semantic"))
+    group = table[tag].where(~table[tag].map(lambda v: is_number(v) and float(v) == 0), "") if tag else ""
+    return block(file.name, table, table[image], split=split, group=group, votes=_ELTA_VOTES), bad
 
 
 register_format(
     Format(
         name="elta-csv",
-        reader=_read_elta_csv,
+        reader=_file_by_file(_read_elta_csv, _ELTA_VOTES),
         sniff=lambda line: all(name in header_cells(line) for name in _ELTA_VOTES),
         hint="train/val/test.csv with columns score2..score11",
         files=("train.csv", "val.csv", "validation.csv", "test.csv"),
@@ -237,38 +231,26 @@ _PARA_CENTERS = tuple(1.0 + 0.5 * k for k in range(9))
 _PARA_VOTES = tuple(f"aestheticScore_{c:.1f}" for c in _PARA_CENTERS)
 
 
-def _read_para(files: list[Path], columns: CsvColumns) -> Rows:
+def _read_para(file: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     """PARA GIAA: imageName, sessionId, aestheticScore_1.0..5.0 (votes or proportions), _std, semantic."""
-    blocks, problems, sources = [], [], []
-    for file in files:
-        header, table, bad = read_csv(file)
-        require(file, header, ["imageName", "sessionId", *_PARA_VOTES], "PARA GIAA")
-        session = table["sessionId"].str.strip()
-        empty = session == ""
-        bad += [problem(file.name, line, "empty sessionId") for line in table.loc[empty, "_line"]]
-        table, session = table.loc[~empty], session.loc[~empty]
-        name = session + "/" + table["imageName"].str.strip().map(file_name)
-        semantic = _group_column(header, ("semantic", "scene"))
-        blocks.append(
-            block(
-                file.name,
-                table,
-                table["imageName"],
-                name=name,
-                split=_split_of(file, sources),
-                group=table[semantic] if semantic else "",
-                std=table["aestheticScore_std"] if "aestheticScore_std" in header else "",
-                votes=_PARA_VOTES,
-            )
-        )
-        problems += bad
-    return Rows(blocks, problems, f"file names ({', '.join(sources)})", list(_PARA_VOTES))
+    header, table, bad = read_csv(file)
+    require(file, header, ["imageName", "sessionId", *_PARA_VOTES], "PARA GIAA")
+    session = table["sessionId"].str.strip()
+    empty = session == ""
+    bad += [problem(file.name, line, "empty sessionId") for line in table.loc[empty, "_line"]]
+    table, session = table.loc[~empty], session.loc[~empty]
+    name = session + "/" + table["imageName"].str.strip().map(file_name)
+    semantic = _group_column(header, ("semantic", "scene"))
+    group = table[semantic] if semantic else ""
+    std = table["aestheticScore_std"] if "aestheticScore_std" in header else ""
+    raw = block(file.name, table, table["imageName"], name, split, group, std, votes=_PARA_VOTES)
+    return raw, bad
 
 
 register_format(
     Format(
         name="para",
-        reader=_read_para,
+        reader=_file_by_file(_read_para, _PARA_VOTES),
         sniff=lambda line: {"imageName", "aestheticScore_mean"} <= set(header_cells(line)),
         hint="PARA-Giaa*.csv, or columns imageName + aestheticScore_mean",
         files=("para-giaa*.csv",),
@@ -282,15 +264,10 @@ register_format(
 # ------------------------------------------------------------------------------------------ AADB
 
 
-def _read_aadb(files: list[Path], columns: CsvColumns) -> Rows:
+def _read_aadb(file: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     """AADB: `name score` per line, score in [0, 1]; one file per split."""
-    blocks, problems, sources = [], [], []
-    for file in files:
-        table, bad = whitespace_table(file, ("name", "score"), "image name, score")
-        split = _split_of(file, sources)
-        blocks.append(block(file.name, table, table["name"], split=split, mos=table["score"]))
-        problems += bad
-    return Rows(blocks, problems, f"file names ({', '.join(sources)})")
+    table, bad = whitespace_table(file, ("name", "score"), "image name, score")
+    return block(file.name, table, table["name"], split=split, mos=table["score"]), bad
 
 
 def _aadb_line(line: str) -> bool:
@@ -301,7 +278,7 @@ def _aadb_line(line: str) -> bool:
 register_format(
     Format(
         name="aadb",
-        reader=_read_aadb,
+        reader=_file_by_file(_read_aadb),
         sniff=_aadb_line,
         hint="imgList*Regression_score.txt, or lines 'name score'",
         files=("imglist*regression_score.txt",),
@@ -352,9 +329,12 @@ register_format(
 # ------------------------------------------------------------------------------------------ generic CSV
 
 _MOS_NAMES = ("mos", "MOS", "score", "mos_score", "mean_score")
-_STD_NAMES = ("std", "sd", "SD", "mos_std")
-_SPLIT_NAMES = ("split", "set")
-_GROUP_NAMES = ("group", "tag", "scene", "category")
+# the optional columns of a generic CSV: the names recognised, and the value of a row when there is none
+_OPTIONAL = {
+    "std": (("std", "sd", "SD", "mos_std"), ""),
+    "split": (("split", "set"), "train"),
+    "group": (("group", "tag", "scene", "category"), ""),
+}
 
 
 def _explicit_or_pick(
@@ -387,28 +367,19 @@ def _read_generic_csv(files: list[Path], columns: CsvColumns) -> Rows:
     if not dist:
         mos = _explicit_or_pick(path, header, columns.mos, _MOS_NAMES, "MOS")
         if mos is None:
-            hint = (
-                " A DMOS column (lower is better) is not read as MOS; convert it first."
-                if pick_column(header, ["dmos"])
-                else ""
-            )
+            dmos = pick_column(header, ["dmos"])
+            hint = " A DMOS column (lower is better) is not read as MOS; convert it first." if dmos else ""
             raise AnnotationError(
                 f"{path}: no MOS column (looked for {', '.join(_MOS_NAMES)}); header is {list(header)}."
                 f"{hint} Name it with CsvColumns(mos=...) or give vote columns with CsvColumns(dist=[...])."
             )
-    std = _explicit_or_pick(path, header, columns.std, _STD_NAMES, "std")
-    split = _explicit_or_pick(path, header, columns.split, _SPLIT_NAMES, "split")
-    group = _explicit_or_pick(path, header, columns.group, _GROUP_NAMES, "group")
-    raw = block(
-        path.name,
-        table,
-        table[image],
-        split=table[split] if split else "train",
-        group=table[group] if group else "",
-        std=table[std] if std else "",
-        mos=table[mos] if mos else None,
-        votes=dist,
-    )
+    found = {
+        role: _explicit_or_pick(path, header, getattr(columns, role), names, role)
+        for role, (names, _) in _OPTIONAL.items()
+    }
+    cells = {role: table[found[role]] if found[role] else none for role, (_, none) in _OPTIONAL.items()}
+    raw = block(path.name, table, table[image], mos=table[mos] if mos else None, votes=dist, **cells)
+    split = found["split"]
     split_source = f"split column {split!r}" if split else "none: every row is train"
     return Rows([raw], problems, split_source, dist)
 
@@ -446,9 +417,8 @@ def detect_format(path: str | Path) -> str:
         if with_lists or len(found) == 1:
             return (with_lists or found)[0]
         entries = sorted(p.name for p in path.iterdir())
-        shown = ", ".join(entries[:_MAX_LISTED]) + (
-            f", … ({len(entries)} entries)" if len(entries) > _MAX_LISTED else ""
-        )
+        more = f", … ({len(entries)} entries)" if len(entries) > _MAX_LISTED else ""
+        shown = ", ".join(entries[:_MAX_LISTED]) + more
         what = f"it matches several formats {found}" if found else "no known annotation file is in it"
         raise AnnotationError(
             f"{path}: cannot tell the annotation format: {what}. Tried {_tried()}. The folder holds: {shown}. "
@@ -574,16 +544,9 @@ def read_csv(path: Path) -> tuple[list[str], pd.DataFrame, list[dict]]:
 
 def pick_column(header: Sequence[str], names: Sequence[str]) -> str | None:
     """The first of `names` in the header, matched exactly first, then ignoring case."""
-    for name in names:
-        if name in header:
-            return name
-    lower = {}
-    for column in header:
-        lower.setdefault(column.lower(), column)
-    for name in names:
-        if name.lower() in lower:
-            return lower[name.lower()]
-    return None
+    lower = {column.lower(): column for column in reversed(header)}  # the first of equal names wins
+    exact = next((name for name in names if name in header), None)
+    return exact or next((lower[name.lower()] for name in names if name.lower() in lower), None)
 
 
 def require(path: Path, header: Sequence[str], needed: Sequence[str], what: str) -> None:
@@ -630,13 +593,13 @@ def whitespace_table(path: Path, columns: Sequence[str], what: str) -> tuple[pd.
     `_line`; lines with another field count are problems."""
     records, lines, problems = [], [], []
     for line_no, fields in split_lines(path):
-        if len(fields) != len(columns):
+        if len(fields) == len(columns):
+            records.append(fields)
+            lines.append(line_no)
+        else:
             problems.append(
                 problem(path.name, line_no, f"{len(fields)} fields, expected {len(columns)} ({what})")
             )
-            continue
-        records.append(fields)
-        lines.append(line_no)
     table = pd.DataFrame(records, columns=list(columns), dtype=str)
     table["_line"] = np.asarray(lines, dtype=np.int64)
     return table, problems

@@ -103,11 +103,6 @@ def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     return size
 
 
-def _grey_to_rgb(values: np.ndarray) -> Image.Image:
-    """An (H, W) uint8 array as an RGB image."""
-    return Image.fromarray(values).convert("RGB")
-
-
 def _int_to_uint8(img: Image.Image) -> np.ndarray:
     """16/32-bit integer greyscale to uint8: the 16-bit range maps linearly onto 0..255 (65535 -> 255)."""
     values = np.asarray(img).astype(np.float64)
@@ -140,10 +135,9 @@ def _to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode in _INT16_MODES or mode == "I":
-        return _grey_to_rgb(_int_to_uint8(img))
-    if mode == "F":
-        return _grey_to_rgb(_float_to_uint8(img))
+    if mode in _INT16_MODES or mode in ("I", "F"):
+        grey = _float_to_uint8(img) if mode == "F" else _int_to_uint8(img)  # (H, W) uint8
+        return Image.fromarray(grey).convert("RGB")
     try:
         return img.convert("RGB")
     except ValueError as err:
@@ -238,12 +232,9 @@ def _images_below(folder: Path) -> list[Path]:
                 others[Path(name).suffix.lower() or "(no suffix)"] += 1
     if others:
         kinds = ", ".join(f"{n} {suffix}" for suffix, n in others.most_common())
+        n, known = sum(others.values()), " ".join(sorted(IMAGE_EXTENSIONS))
         logger.warning(
-            "%s: left out %d files that are not images (%s); images are %s",
-            folder,
-            sum(others.values()),
-            kinds,
-            " ".join(sorted(IMAGE_EXTENSIONS)),
+            "%s: left out %d files that are not images (%s); images are %s", folder, n, kinds, known
         )
     return sorted(found)
 
@@ -293,14 +284,11 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             expanded = _images_below(path)
-        elif path.suffix.lower() in LIST_SUFFIXES:
+        elif path.suffix.lower() in LIST_SUFFIXES or _is_image(path):
+            is_list = path.suffix.lower() in LIST_SUFFIXES
             if not path.is_file():
-                raise ConfigError(f"{path}: list file not found")
-            expanded = _images_in_list(path)
-        elif _is_image(path):
-            if not path.is_file():
-                raise ConfigError(f"{path}: image file not found")
-            expanded = [path]
+                raise ConfigError(f"{path}: {'list' if is_list else 'image'} file not found")
+            expanded = _images_in_list(path) if is_list else [path]
         else:
             raise ConfigError(
                 f"{path}: not a folder, an image ({', '.join(sorted(IMAGE_EXTENSIONS))}) or a .txt/.lst list"

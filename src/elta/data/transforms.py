@@ -55,11 +55,4 @@ class ImageTransform:
     @classmethod
     def from_spec(cls, spec, train: bool = False) -> ImageTransform:
         """From a :class:`elta.models.ModelSpec` (or anything with the same attributes)."""
-        return cls(
-            image_size=spec.image_size,
-            resize=spec.resize,
-            mean=tuple(spec.mean),
-            std=tuple(spec.std),
-            interpolation=spec.interpolation,
-            train=train,
-        )
+        return cls(spec.image_size, spec.resize, tuple(spec.mean), tuple(spec.std), spec.interpolation, train)

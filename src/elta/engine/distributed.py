@@ -52,8 +52,7 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        own = grad[ctx.start : ctx.start + ctx.count] * ctx.world_size
-        return own, None
+        return grad[ctx.start : ctx.start + ctx.count] * ctx.world_size, None
 
 
 @dataclass(frozen=True)
@@ -159,11 +158,8 @@ class Processes:
         device_ids = [device.index] if device.type == "cuda" else None
         ddp = nn.parallel.DistributedDataParallel
         # the same switch under its newer name (PyTorch ≥ 2.14); broadcast_buffers before
-        no_buffer_sync = (
-            {"forward_sync_buffers": False}
-            if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
-            else {"broadcast_buffers": False}
-        )
+        newer = "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+        no_buffer_sync = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
         return ddp(module, device_ids=device_ids, **no_buffer_sync)
 
 

@@ -29,10 +29,7 @@ log = logging.getLogger(__name__)
 
 def select_split(df: pd.DataFrame, split: str) -> pd.DataFrame:
     """Rows of ``split`` (train | val | test | all); an empty selection is an error naming what exists."""
-    if split == "all":
-        chosen = df
-    else:
-        chosen = df[df["split"] == split]
+    chosen = df if split == "all" else df[df["split"] == split]
     if chosen.empty:
         counts = df["split"].replace("", "(none)").value_counts().to_dict()
         raise ConfigError(
@@ -61,28 +58,21 @@ def score_metrics(
     gt = frame["mos"].to_numpy(dtype=np.float64)
     groups = frame["group"].astype(str).to_numpy()
     use_dist = preds.dist is not None and bool(cols)
-    gt_dist = frame[cols].to_numpy(dtype=np.float64) if use_dist else None
-    metrics = evaluate(
-        preds.score[ok],
-        gt[ok],
-        pred_dist=preds.dist[ok] if use_dist else None,
-        gt_dist=gt_dist[ok] if use_dist else None,
-        threshold=spec.acc_threshold,
-        score_range=tuple(spec.score_range),
-        groups=groups[ok] if spec.group_counts and (groups != "").any() else None,
-        group_counts=spec.group_counts or None,
+    dists = (
+        {"pred_dist": preds.dist[ok], "gt_dist": frame[cols].to_numpy(dtype=np.float64)[ok]}
+        if use_dist
+        else {}
     )
+    use_groups = spec.group_counts and (groups != "").any()
+    grouped = {"groups": groups[ok], "group_counts": spec.group_counts} if use_groups else {}
+    scale = {"threshold": spec.acc_threshold, "score_range": tuple(spec.score_range)}
+    metrics = evaluate(preds.score[ok], gt[ok], **scale, **dists, **grouped)
     metrics["skipped"] = int((~ok).sum())
     return metrics
 
 
 def write_evaluation(
-    out: Path,
-    frame: pd.DataFrame,
-    preds: Predictions,
-    spec: ModelSpec,
-    metrics: dict,
-    title: str,
+    out: Path, frame: pd.DataFrame, preds: Predictions, spec: ModelSpec, metrics: dict, title: str
 ) -> None:
     """metrics.json, predictions.csv (image_id, gt, pred, pred_std[, pred_uncalibrated], p1..pK, group, error)
     and report.png."""
@@ -106,11 +96,8 @@ def write_evaluation(
     ok = preds.ok
     draw_report(preds.score[ok], gt[ok], out / "report.png", title=title, score_range=tuple(spec.score_range))
     if metrics.get("skipped"):
-        log.warning(
-            "%d images could not be read; their reasons are in %s",
-            metrics["skipped"],
-            out / "predictions.csv",
-        )
+        where = out / "predictions.csv"
+        log.warning("%d images could not be read; their reasons are in %s", metrics["skipped"], where)
 
 
 def evaluate_checkpoint(
@@ -161,9 +148,7 @@ def _warn_if_tails_worse(calibration: dict, metrics: dict, split: str) -> None:
             "refit it with `elta calibrate --method auto`, or evaluate with --no-calibration",
             calibration["method"], fitted["before"], fitted["after"],
         )  # fmt: skip
-    before, after = (
-        (m["mae_low"] + m["mae_high"]) / 2 for m in (metrics["before_calibration"], metrics)
-    )
+    before, after = ((m["mae_low"] + m["mae_high"]) / 2 for m in (metrics["before_calibration"], metrics))
     if after > before:
         log.warning(
             "the checkpoint's %s calibration map raises the tail MAE on split '%s' (%.4f → %.4f)",
@@ -171,10 +156,8 @@ def _warn_if_tails_worse(calibration: dict, metrics: dict, split: str) -> None:
         )  # fmt: skip
 
 
-def _json_safe(metrics: dict) -> dict:
-    def clean(v):
-        if isinstance(v, dict):
-            return _json_safe(v)
-        return None if isinstance(v, float) and not np.isfinite(v) else v
-
-    return {k: clean(v) for k, v in metrics.items()}
+def _json_safe(value):
+    """``value`` with NaN and infinite floats as None (null in JSON), inside dicts too."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and not np.isfinite(value) else value

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -27,12 +28,11 @@ __all__ = ["FeatureCache", "load_or_compute_features"]
 log = logging.getLogger(__name__)
 
 
-class FeatureCache:
+class FeatureCache(NamedTuple):
     """Backbone features [N, D] of one split and the rows that failed (index -> reason)."""
 
-    def __init__(self, features: torch.Tensor, failed: dict[int, str]) -> None:
-        self.features = features
-        self.failed = failed
+    features: torch.Tensor
+    failed: dict[int, str]
 
 
 def _weights_digest(module: torch.nn.Module) -> str:
@@ -62,9 +62,7 @@ def _fingerprint(model: AestheticModel, frame: pd.DataFrame, weights: str) -> st
 
 
 def load_or_compute_features(
-    path: Path,
-    predictor: Predictor,
-    frames: dict[str, pd.DataFrame],
+    path: Path, predictor: Predictor, frames: dict[str, pd.DataFrame]
 ) -> dict[str, FeatureCache]:
     """Features of every frame in ``frames`` (by split name), from ``path`` when it matches, else computed."""
     stored = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else {}

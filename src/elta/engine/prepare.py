@@ -36,15 +36,8 @@ def read_dataset(cfg: RunConfig) -> Annotations:
     if d.data is None:
         raise ConfigError("no dataset given: pass --data (annotation file or folder)")
     columns = CsvColumns(image=d.image_column, mos=d.mos_column, split=d.split_column, group=d.group_column)
-    return read_annotations(
-        d.data,
-        d.format,
-        d.images,
-        splits=d.splits,
-        strict=d.strict,
-        columns=columns,
-        score_range=d.score_range,
-    )
+    options = {"splits": d.splits, "strict": d.strict, "columns": columns, "score_range": d.score_range}
+    return read_annotations(d.data, d.format, d.images, **options)
 
 
 def read_pseudo_labels(path: str | Path, num_bins: int, default_weight: float) -> pd.DataFrame:
@@ -84,13 +77,8 @@ def hold_out_validation(train_df: pd.DataFrame, cfg: RunConfig) -> tuple[pd.Data
     rng = np.random.default_rng(derive_seed(cfg.train.seed, 7919))
     mask = np.zeros(len(train_df), dtype=bool)
     mask[rng.permutation(len(train_df))[:n_val]] = True
-    log.info(
-        "no validation split in %s: holding out %.0f%% of train (%d images, seed %d) for validation",
-        cfg.data.data,
-        100 * cfg.data.val_fraction,
-        n_val,
-        cfg.train.seed,
-    )
+    what = "no validation split in %s: holding out %.0f%% of train (%d images, seed %d) for validation"
+    log.info(what, cfg.data.data, 100 * cfg.data.val_fraction, n_val, cfg.train.seed)
     return train_df[~mask], train_df[mask]
 
 
@@ -118,8 +106,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False, write: b
     if val_df.empty:
         train_df, val_df = hold_out_validation(train_df, cfg)
     if cfg.data.pseudo_labels:
-        num_bins = info.num_bins
-        pseudo = read_pseudo_labels(cfg.data.pseudo_labels, num_bins, cfg.data.pseudo_weight)
+        pseudo = read_pseudo_labels(cfg.data.pseudo_labels, info.num_bins, cfg.data.pseudo_weight)
         overlap = set(pseudo["path"]) & (set(val_df["path"]) | set(train_df["path"]))
         if overlap:
             raise AnnotationError(

@@ -37,10 +37,8 @@ def draw_report(
     """
     corr = correlations(pred, gt)  # validates pred and gt
     p, g = np.asarray(pred, dtype=np.float64), np.asarray(gt, dtype=np.float64)
-    if score_range is None:
-        lo, hi = float(min(p.min(), g.min())), float(max(p.max(), g.max()))
-    else:
-        lo, hi = (float(v) for v in score_range)
+    both = np.concatenate([p, g])
+    lo, hi = (float(v) for v in (score_range if score_range is not None else (both.min(), both.max())))
     if not hi > lo:  # constant data: widen so the axes have a size
         lo, hi = lo - 0.5, hi + 0.5
 
@@ -56,12 +54,9 @@ def draw_report(
 
     ax_scatter.scatter(g, p, s=6, alpha=0.4, color="tab:blue", edgecolors="none", rasterized=True)
     ax_scatter.plot([lo, hi], [lo, hi], color="black", linewidth=1, linestyle="--", label="y = x")
+    agreement = f"PLCC {corr['plcc']:.3f}   SRCC {corr['srcc']:.3f}   (n={p.size})"
     ax_scatter.set(
-        xlim=(lo, hi),
-        ylim=(lo, hi),
-        xlabel="ground-truth MOS",
-        ylabel="predicted MOS",
-        title=f"PLCC {corr['plcc']:.3f}   SRCC {corr['srcc']:.3f}   (n={p.size})",
+        xlim=(lo, hi), ylim=(lo, hi), xlabel="ground-truth MOS", ylabel="predicted MOS", title=agreement
     )
     ax_scatter.set_aspect("equal")
     ax_scatter.legend(loc="upper left")

@@ -81,24 +81,14 @@ class Runtime:
     ) -> Runtime:
         """Resolve ``device`` (auto | cpu | cuda[:N] | mps) and ``amp`` (auto | bf16 | fp16 | off)."""
         dev = device if isinstance(device, torch.device) else resolve_device(device)
-        return cls(
-            device=dev,
-            precision=Precision.create(amp, dev, channels_last),
-            batch_size=batch_size,
-            workers=workers,
-            progress=progress,
-            compile=compile,
-            processes=processes,
-        )
+        precision = Precision.create(amp, dev, channels_last)
+        return cls(dev, precision, batch_size, workers, progress, compile, processes)
 
     @classmethod
     def from_config(cls, cfg: Any, *, progress: bool = False, **overrides: Any) -> Runtime:
         """From a config's ``runtime`` section (device, amp, channels_last, batch_size, workers, compile)."""
-        values = {
-            key: getattr(cfg, key)
-            for key in ("device", "amp", "channels_last", "batch_size", "workers", "compile")
-            if hasattr(cfg, key)
-        }
+        keys = ("device", "amp", "channels_last", "batch_size", "workers", "compile")
+        values = {key: getattr(cfg, key) for key in keys if hasattr(cfg, key)}
         return cls.create(**{**values, "progress": progress, **overrides})
 
     def loader_workers(self, n_items: int | None = None, *, beside_model: bool = True) -> int:
@@ -118,21 +108,12 @@ class Runtime:
         return min(8, cpus)
 
     def loader(
-        self,
-        dataset: Dataset,
-        *,
-        batch_size: int | None = None,
-        persistent: bool = False,
-        **kwargs: Any,
+        self, dataset: Dataset, *, batch_size: int | None = None, persistent: bool = False, **kwargs: Any
     ) -> DataLoader:
         """A loader of :class:`~elta.data.dataset.Batch`; with ``persistent`` its workers outlive an epoch."""
         workers = self.loader_workers(len(dataset))
+        batch_size = (batch_size or self.batch_size) if "batch_sampler" not in kwargs else 1
+        options = {"collate_fn": collate, "num_workers": workers, "pin_memory": self.device.type == "cuda"}
         return DataLoader(
-            dataset,
-            batch_size=(batch_size or self.batch_size) if "batch_sampler" not in kwargs else 1,
-            collate_fn=collate,
-            num_workers=workers,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=persistent and workers > 0,
-            **kwargs,
+            dataset, batch_size, persistent_workers=persistent and workers > 0, **options, **kwargs
         )

@@ -30,7 +30,7 @@ from elta.data.dataset import AnnotationDataset, Batch, EpochBatchSampler, dist_
 from elta.data.transforms import ImageTransform
 from elta.engine.distributed import SINGLE, Processes, start_processes, stop_processes
 from elta.engine.features import load_or_compute_features
-from elta.engine.precision import Precision, compile_backbone
+from elta.engine.precision import compile_backbone
 from elta.engine.predictor import Predictor
 from elta.engine.prepare import PreparedData, prepare_data
 from elta.engine.runtime import Runtime
@@ -104,16 +104,9 @@ def loss_terms(
     """
     head = model.head
     weights = batch.weight.to(features.device) if batch.weight is not None else features.new_ones(len(batch))
-    state = StepState(
-        features,
-        head.targets(batch.mos, batch.dist),
-        batch.mos,
-        weights,
-        (float(model.spec.score_range[0]), float(model.spec.score_range[1])),
-        indices=batch.indices.to(features.device),
-        epoch=epoch,
-        gather=processes.gather_rows,
-    )
+    score_range = (float(model.spec.score_range[0]), float(model.spec.score_range[1]))
+    extra = {"indices": batch.indices.to(features.device), "epoch": epoch, "gather": processes.gather_rows}
+    state = StepState(features, head.targets(batch.mos, batch.dist), batch.mos, weights, score_range, **extra)
     for enhancer in enhancers:
         state = enhancer(state)
     out = model.forward_head(state.features)
@@ -151,9 +144,8 @@ def epoch_batches(
     if sample_weights is None:
         order = torch.randperm(n, generator=generator).tolist()
     else:
-        order = torch.multinomial(
-            sample_weights.double().cpu(), n, replacement=True, generator=generator
-        ).tolist()
+        weights = sample_weights.double().cpu()
+        order = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if len(batches) > 1 and len(batches[-1]) == 1:
         batches[-2].extend(batches.pop())
@@ -193,20 +185,8 @@ class TrainState:
     problems: list[dict] = field(default_factory=list)  # bad_rows.csv
 
     @property
-    def device(self) -> torch.device:
-        return self.runtime.device
-
-    @property
-    def precision(self) -> Precision:
-        return self.runtime.precision
-
-    @property
     def processes(self) -> Processes:
         return self.runtime.processes
-
-    @property
-    def progress(self) -> bool:
-        return self.runtime.progress
 
     @property
     def last_path(self) -> Path:
@@ -219,20 +199,16 @@ class TrainState:
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, D] in float32: the backbone (or the neck on cached features) under autocast."""
         forward = self.model.neck if self.cfg.train.cache_features else self.model.forward_features
-        return self.precision.features(forward, inputs)
+        return self.runtime.precision.features(forward, inputs)
 
 
 def _runtime(cfg: RunConfig, device: torch.device | None, processes: Processes, progress: bool) -> Runtime:
     """The run's runtime (the config's, on torchrun's device in a distributed run), batches of train.batch_size."""
-    return Runtime.from_config(
-        cfg.runtime,
-        progress=progress,
-        processes=processes,
-        batch_size=cfg.train.batch_size,
-        channels_last=cfg.runtime.channels_last
-        and not cfg.train.cache_features,  # cached features: no images
-        **({"device": device} if device is not None else {}),
-    )
+    channels_last = cfg.runtime.channels_last and not cfg.train.cache_features  # cached features: no images
+    overrides = dict(processes=processes, batch_size=cfg.train.batch_size, channels_last=channels_last)
+    if device is not None:
+        overrides["device"] = device
+    return Runtime.from_config(cfg.runtime, progress=progress, **overrides)
 
 
 # --- the loop ------------------------------------------------------------------------------------------
@@ -286,7 +262,7 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
     sampler = EpochBatchSampler()
     loader = state.runtime.loader(state.train_set, persistent=True, batch_sampler=sampler)
     epochs = range(state.epoch, t.epochs)
-    for epoch in progress_bar(epochs, desc="epochs", unit="epoch", enabled=state.progress):
+    for epoch in progress_bar(epochs, desc="epochs", unit="epoch", enabled=state.runtime.progress):
         started = time.perf_counter()
         state.model.train()
         if cfg.model.freeze_backbone:
@@ -295,7 +271,7 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
         # each process's share of every batch (the whole batch in a single process)
         sampler.set_epoch(epoch, [state.processes.share(b) for b in batches[state.step :]])
         bar = progress_bar(loader, desc=f"epoch {epoch + 1}", total=len(batches), initial=state.step, unit="batch",
-                           enabled=state.progress)  # fmt: skip
+                           enabled=state.runtime.progress)  # fmt: skip
         for batch in bar:
             values = step(state, batch)
             state.step += 1
@@ -341,15 +317,9 @@ def fit(state: TrainState, on_epoch: Callable[[int, dict], None] | None = None) 
         save(state, state.best_path, full=False)  # every validation metric was NaN: keep the last weights
     if state.board is not None:
         state.board.close()
-    return {
-        "run_dir": str(state.run_dir),
-        "best_metric": state.best_metric,
-        "best_epoch": state.best_epoch,
-        "metric": t.metric,
-        "best": str(state.best_path),
-        "last": str(state.last_path),
-        "metrics_csv": str(state.run_dir / "metrics.csv"),
-    }
+    files = {"best": "best.pt", "last": "last.pt", "metrics_csv": "metrics.csv"}
+    summary = dict(run_dir=str(state.run_dir), best_metric=state.best_metric, best_epoch=state.best_epoch)
+    return {**summary, "metric": t.metric, **{key: str(state.run_dir / name) for key, name in files.items()}}
 
 
 def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
@@ -358,7 +328,7 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     when the batch has fewer than two loaded images (or a process has none) and is skipped."""
     processes, t = state.processes, state.cfg.train
     # every process's numbers of loaded and of failed samples; unreadable images are reported
-    table = processes.all_counts([len(batch), len(batch.failures)], state.device)
+    table = processes.all_counts([len(batch), len(batch.failures)], state.runtime.device)
     if any(failed for _, failed in table):
         failures = [f for part in processes.gather_objects(batch.failures) for f in part]
         _list_bad_rows(state, state.data.train, failures)
@@ -374,7 +344,7 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     # the seed of the step's draws (dropout, TFA); each process of a distributed run has its own
     rank = (processes.rank,) if processes.distributed else ()
     torch.manual_seed(derive_seed(t.seed, state.epoch, state.step, 1, *rank))
-    to = state.device
+    to = state.runtime.device
     weight = batch.weight.to(to) if batch.weight is not None else None
     dist = batch.dist.to(to) if batch.dist is not None else None
     images = batch.images.to(to, non_blocking=True)
@@ -392,7 +362,7 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     if not math.isfinite(values["loss"]):
         last = state.last_path
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written yet"
-        amp = ", or --amp off" if state.precision.dtype is not None else ""
+        amp = ", or --amp off" if state.runtime.precision.dtype is not None else ""
         raise TrainingDivergedError(
             f"loss became {values['loss']} at epoch {state.epoch + 1}, step {state.step + 1}; "
             f"stopping ({kept}). Try a lower --lr or --grad-clip 1.0{amp}."
@@ -416,14 +386,9 @@ def validate(state: TrainState) -> dict:
     cols = dist_columns(frame)
     gt_dist = frame[cols].to_numpy(dtype=np.float64)[ok] if cols else None
     pred_dist = preds.dist[ok] if preds.dist is not None else None
-    metrics = evaluate(
-        pred,
-        gt,
-        pred_dist=pred_dist,
-        gt_dist=gt_dist if pred_dist is not None else None,
-        threshold=spec.acc_threshold,
-        score_range=tuple(spec.score_range),
-    )
+    gt_dist = gt_dist if pred_dist is not None else None
+    scale = {"threshold": spec.acc_threshold, "score_range": tuple(spec.score_range)}
+    metrics = evaluate(pred, gt, pred_dist=pred_dist, gt_dist=gt_dist, **scale)
     row = {"val_loss": model.head.prediction_loss(pred, pred_dist, gt, gt_dist)}
     return row | {f"val_{k}": v for k, v in metrics.items() if k != "n"}
 
@@ -437,13 +402,9 @@ def save(state: TrainState, path: Path, full: bool = True) -> None:
         return
     training = {"epoch": state.epoch, "best_metric": state.best_metric}
     if full:
-        training.update(
-            optimizer=state.optimizer.state_dict(),
-            scheduler=state.scheduler.state_dict(),
-            scaler=state.scaler.state_dict(),
-            enhancers=state.enhancers.state_dict(),
-            **{k: getattr(state, k) for k in PROGRESS},
-        )
+        training |= {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()}
+        training |= {"scaler": state.scaler.state_dict(), "enhancers": state.enhancers.state_dict()}
+        training |= {k: getattr(state, k) for k in PROGRESS}
     save_checkpoint(path, state.model, config=state.cfg.to_dict(), training=training)
 
 
@@ -474,15 +435,8 @@ def _list_bad_rows(state: TrainState, frame: pd.DataFrame, failures: list[tuple[
         if (record["path"], reason) in known:
             continue
         known.add((record["path"], reason))
-        state.problems.append(
-            {
-                "file": record.get("source", ""),
-                "row": int(record.get("row", -1)),
-                "reason": reason,
-                "image_id": record["image_id"],
-                "path": record["path"],
-            }
-        )
+        where = {"file": record.get("source", ""), "row": int(record.get("row", -1)), "reason": reason}
+        state.problems.append({**where, "image_id": record["image_id"], "path": record["path"]})
     if state.processes.is_main:
         write_problems(state.problems, state.run_dir / "bad_rows.csv")
 
@@ -518,15 +472,12 @@ def setup(
     model = precision.prepare(_initial_model(cfg, data, loss, saved).to(device))
     processes.sync_batch_norm(model, device)
     enhancers = build_enhancers(cfg.enhancers)
-    context = TrainingContext(
-        scores=torch.tensor(data.train["mos"].to_numpy(dtype=np.float32)),
-        groups=data.train["group"].astype(str).tolist(),
-        score_range=(float(model.spec.score_range[0]), float(model.spec.score_range[1])),
-        num_bins=model.spec.num_bins,
-        loss=loss,
-        feature_dim=model.spec.neck_dim or model.backbone.num_features,
-        epochs=t.epochs,
-    )
+    spec = model.spec
+    scores = torch.tensor(data.train["mos"].to_numpy(dtype=np.float32))
+    score_range = (float(spec.score_range[0]), float(spec.score_range[1]))
+    feature_dim = spec.neck_dim or model.backbone.num_features
+    groups = data.train["group"].astype(str).tolist()
+    context = TrainingContext(scores, groups, score_range, spec.num_bins, loss, feature_dim, t.epochs)
     sample_weights = None  # the product of the enhancers' sampling weights
     for enhancer in enhancers:
         enhancer.setup(context)
@@ -613,22 +564,14 @@ def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpo
         backbone, image_size, resize = s.backbone, s.image_size, s.resize
         if source is not None and backbone != m.backbone:
             log.info("--init-from %s: using its backbone %s", m.init_from, backbone)
+    head = "distribution" if loss == "emd" else "scalar"
+    geometry = {"image_size": image_size, "resize": resize, "neck_dim": m.neck_dim, "dropout": m.dropout}
+    facts = {"acc_threshold": info.acc_threshold, "dataset_format": info.format, "group_counts": group_counts}
+    facts["score_quantiles"] = score_quantiles(data.train["mos"])
+    weights = "none" if start is not None else m.weights
     torch.manual_seed(derive_seed(cfg.train.seed, -1))  # the initial weights of new layers
     model = build_model(
-        backbone,
-        "distribution" if loss == "emd" else "scalar",
-        info.centers,
-        info.score_range,
-        weights="none" if start is not None else m.weights,
-        image_size=image_size,
-        resize=resize,
-        neck_dim=m.neck_dim,
-        dropout=m.dropout,
-        acc_threshold=info.acc_threshold,
-        dataset_format=info.format,
-        group_counts=group_counts,
-        score_quantiles=score_quantiles(data.train["mos"]),
-        loss=loss,
+        backbone, head, info.centers, info.score_range, weights=weights, loss=loss, **geometry, **facts
     )
     if start is not None:
         for key in ("mean", "std", "interpolation"):

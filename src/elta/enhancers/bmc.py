@@ -83,9 +83,8 @@ class BMC(Enhancer):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.noise_sigma = nn.Parameter(
-            torch.tensor(float(settings.init_noise_sigma)), requires_grad=settings.learn_sigma
-        )
+        sigma = torch.tensor(float(settings.init_noise_sigma))
+        self.noise_sigma = nn.Parameter(sigma, requires_grad=settings.learn_sigma)
 
     def setup(self, context: TrainingContext) -> None:
         if context.num_bins > 0:

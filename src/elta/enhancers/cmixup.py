@@ -31,6 +31,7 @@ import torch
 
 from elta.enhancers.base import Enhancer, StepState, register_enhancer
 from elta.errors import ConfigError
+from elta.functional import mix_rows
 
 __all__ = ["CMixupBatch", "cmixup_partner_probs", "mix_rows", "cmixup_mix", "CMixup"]
 
@@ -56,15 +57,6 @@ def cmixup_partner_probs(scores: torch.Tensor, bandwidth: float, anchors: torch.
     logits = -(s[anchors].unsqueeze(1) - s.unsqueeze(0)).pow(2) / (2 * bandwidth**2)
     is_anchor = anchors.unsqueeze(1) == torch.arange(s.shape[0], device=s.device).unsqueeze(0)
     return torch.softmax(logits.masked_fill(is_anchor, float("-inf")), dim=1)
-
-
-def mix_rows(
-    x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor
-) -> torch.Tensor:
-    """Rows ``λ x_a + (1 − λ) x_p`` of ``x`` [B, ...] for [m] anchors and partners; keeps a float dtype."""
-    w = lam.to(x.device).reshape(-1, *([1] * (x.dim() - 1)))
-    mixed = w * x[anchors] + (1 - w) * x[partners]
-    return mixed.to(x.dtype) if x.is_floating_point() else mixed
 
 
 def cmixup_mix(
@@ -97,14 +89,8 @@ def cmixup_mix(
     partners = torch.multinomial(cmixup_partner_probs(scores, bandwidth, anchors), 1).squeeze(1)
     a = torch.tensor(float(alpha), device=device)
     lam = torch.distributions.Beta(a, a).sample().expand(m)
-    return CMixupBatch(
-        features=mix_rows(features, anchors, partners, lam),
-        targets=mix_rows(targets.to(device), anchors, partners, lam),
-        scores=mix_rows(scores, anchors, partners, lam),
-        anchors=anchors,
-        partners=partners,
-        lam=lam,
-    )
+    mixed = (mix_rows(x, anchors, partners, lam) for x in (features, targets.to(device), scores))
+    return CMixupBatch(*mixed, anchors, partners, lam)
 
 
 @register_enhancer

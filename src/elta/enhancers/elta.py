@@ -44,15 +44,8 @@ class TFA(Enhancer):
                 raise ConfigError(f"tfa: pairs must be ≥ 1; got {self.pairs}")
 
     def forward(self, state: StepState) -> StepState:
-        mixed = tfa_mix(
-            state.features,
-            state.targets,
-            state.scores,
-            self.cfg.tau1,
-            self.cfg.tau2,
-            self.cfg.pairs,
-            score_range=state.score_range,
-        )
+        settings = (self.cfg.tau1, self.cfg.tau2, self.cfg.pairs)
+        mixed = tfa_mix(state.features, state.targets, state.scores, *settings, score_range=state.score_range)
         if mixed.anchors.numel():
             lam = mixed.lam.to(state.weights.dtype)
             extra = lam * state.weights[mixed.anchors] + (1 - lam) * state.weights[mixed.partners]

@@ -59,9 +59,8 @@ def smooth_bins(
         raise ValueError(
             f"smooth_bins: kernel must be 1-D with an odd length; got shape {tuple(kernel.shape)}"
         )
-    mask = torch.ones(values.shape[0], dtype=values.dtype, device=values.device)
-    if valid is not None:
-        mask = valid.to(values.dtype)
+    mask = torch.ones(values.shape[0], dtype=values.dtype, device=values.device) if valid is None else valid
+    mask = mask.to(values.dtype)
     weight = kernel.to(values.dtype).view(1, 1, -1)
     half = kernel.numel() // 2
     numerator = F.conv1d((values * mask[:, None]).T.unsqueeze(1), weight, padding=half).squeeze(1).T
@@ -121,19 +120,17 @@ class FDS(Enhancer):
         edges = torch.as_tensor(bin_edges(context.score_range, c.bin_width), dtype=torch.float32)
         bins, dim = len(edges) - 1, context.feature_dim
         self.register_buffer("edges", edges, persistent=False)
-        self.register_buffer(
-            "kernel",
-            torch.as_tensor(lds_kernel(c.kernel, c.ks, c.sigma), dtype=torch.float32),
-            persistent=False,
-        )
-        for name in (
+        kernel = torch.as_tensor(lds_kernel(c.kernel, c.ks, c.sigma), dtype=torch.float32)
+        self.register_buffer("kernel", kernel, persistent=False)
+        statistics = (
             "running_mean",
             "running_var",
             "smoothed_mean",
             "smoothed_var",
             "epoch_mean",
             "epoch_m2",
-        ):
+        )
+        for name in statistics:
             self.register_buffer(name, torch.zeros(bins, dim))  # [bins, D]
         self.register_buffer("tracked", torch.zeros(bins))  # samples that entered each bin's statistics
         self.register_buffer("epoch_count", torch.zeros(bins))  # this epoch's samples so far
@@ -153,15 +150,9 @@ class FDS(Enhancer):
             seen = state.gather(features.detach().to(self.epoch_mean.dtype))
             self._accumulate(seen, state.gather(bins))
         if state.epoch >= self.cfg.start_smooth:
-            calibrated = fds_calibrate(
-                features,
-                bins,
-                self.running_mean.to(features.dtype),
-                self.running_var.to(features.dtype),
-                self.smoothed_mean.to(features.dtype),
-                self.smoothed_var.to(features.dtype),
-                clip=(self.cfg.clip_min, self.cfg.clip_max),
-            )
+            stats = (self.running_mean, self.running_var, self.smoothed_mean, self.smoothed_var)
+            clip = (self.cfg.clip_min, self.cfg.clip_max)
+            calibrated = fds_calibrate(features, bins, *(s.to(features.dtype) for s in stats), clip=clip)
             state.features = torch.cat([calibrated, state.features[real:]])
         return state
 
@@ -188,14 +179,8 @@ class FDS(Enhancer):
         var = torch.where(count[:, None] > 1, self.epoch_m2 / (count - 1).clamp_min(1)[:, None], 0.0)
         # weight of the old statistics: momentum, or 0 for a bin's first statistics (taken as they are)
         keep = self.cfg.momentum * (self.tracked > 0).to(self.running_mean.dtype)[:, None]
-        self.running_mean.copy_(
-            torch.where(
-                seen[:, None], (1 - keep) * self.epoch_mean + keep * self.running_mean, self.running_mean
-            )
-        )
-        self.running_var.copy_(
-            torch.where(seen[:, None], (1 - keep) * var + keep * self.running_var, self.running_var)
-        )
+        for running, new in ((self.running_mean, self.epoch_mean), (self.running_var, var)):
+            running.copy_(torch.where(seen[:, None], (1 - keep) * new + keep * running, running))
         self.tracked += count
         valid = self.tracked > 0
         self.smoothed_mean.copy_(smooth_bins(self.running_mean, self.kernel, valid))

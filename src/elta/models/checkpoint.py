@@ -87,17 +87,9 @@ class Checkpoint:
 
     def payload(self) -> dict[str, Any]:
         """The dict written to disk."""
-        payload: dict[str, Any] = {
-            "kind": KIND,
-            "version": self.version,
-            "spec": self.spec.to_dict(),
-            "model": self.weights,
-        }
-        if self.config is not None:
-            payload["config"] = self.config
-        if self.imported_from is not None:
-            payload["imported_from"] = self.imported_from
-        return {**payload, **self.training}
+        payload = {"kind": KIND, "version": self.version, "spec": self.spec.to_dict(), "model": self.weights}
+        optional = {"config": self.config, "imported_from": self.imported_from}
+        return {**payload, **{k: v for k, v in optional.items() if v is not None}, **self.training}
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (readers see the old file or the whole new one)."""
@@ -118,10 +110,9 @@ def save_checkpoint(
     imported_from: dict | None = None,
 ) -> Path:
     """Write ``model`` (weights + spec), the run's ``config`` and, for ``last.pt``, its ``training`` state."""
-    checkpoint = Checkpoint.of(
+    return Checkpoint.of(
         model, config=config, training=dict(training or {}), imported_from=imported_from
-    )
-    return checkpoint.save(path)
+    ).save(path)
 
 
 def _numpy_safe_globals() -> list:
@@ -133,8 +124,7 @@ def _numpy_safe_globals() -> list:
         (scalar, "numpy._core.multiarray.scalar"),
         np.dtype,
     ]
-    allowed += sorted({type(np.dtype(code)) for code in _NUMPY_SCALAR_CODES}, key=str)
-    return allowed
+    return allowed + sorted({type(np.dtype(code)) for code in _NUMPY_SCALAR_CODES}, key=str)
 
 
 def _safe_load(path: Path) -> Any:
@@ -184,14 +174,10 @@ def _from_payload(payload: dict, path: Path) -> Checkpoint:
             Calibration.from_dict(spec.calibration)  # a broken map fails here, not at the first prediction
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: an elta checkpoint without a usable spec or weights ({exc})") from exc
+    training = {k: v for k, v in payload.items() if k not in _OWN_KEYS}
+    stored = {"config": payload.get("config"), "imported_from": payload.get("imported_from")}
     return Checkpoint(
-        spec=spec,
-        weights=weights,
-        path=str(path),
-        config=payload.get("config"),
-        training={k: v for k, v in payload.items() if k not in _OWN_KEYS},
-        imported_from=payload.get("imported_from"),
-        version=str(payload.get("version", "")),
+        spec, weights, str(path), training=training, version=str(payload.get("version", "")), **stored
     )
 
 
@@ -260,7 +246,5 @@ def import_original_checkpoint(
 ) -> Path:
     """Convert the original ELTA checkpoint at ``path`` and write it as an elta checkpoint to ``out``."""
     original = read_original_checkpoint(path)
-    checkpoint = original_checkpoint(
-        original, head=head, backbone=backbone, image_size=image_size, source=str(path)
-    )
-    return checkpoint.save(out)
+    model = {"head": head, "backbone": backbone, "image_size": image_size}
+    return original_checkpoint(original, **model, source=str(path)).save(out)

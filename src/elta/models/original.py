@@ -64,10 +64,8 @@ def is_original_checkpoint(obj: Any) -> bool:
     state = state_dict_of(obj)
     if not state:
         return False
-    keys = list(state)
-    has_vit = any(k.startswith("vit.") for k in keys)
-    has_head = any(k.startswith(prefix) for k in keys for prefix in HEAD_PREFIXES.values())
-    return has_vit and has_head
+    has_head = any(k.startswith(prefix) for k in state for prefix in HEAD_PREFIXES.values())
+    return has_head and any(k.startswith("vit.") for k in state)
 
 
 def original_head(checkpoint: dict) -> str | None:
@@ -119,10 +117,11 @@ def _target_backbone(backbone: str | nn.Module) -> nn.Module:
 def _check_against(converted: dict, expected: dict[str, torch.Size], backbone_name: str) -> None:
     missing = [k for k in expected if k not in converted]
     extra = [k for k in converted if k not in expected]
+    fitting = [(k, shape) for k, shape in expected.items() if k in converted]
     wrong = [
         f"{k} {tuple(converted[k].shape)} vs {tuple(shape)}"
-        for k, shape in expected.items()
-        if k in converted and converted[k].shape != shape
+        for k, shape in fitting
+        if converted[k].shape != shape
     ]
     if missing or extra or wrong:
         problems = [
@@ -182,18 +181,11 @@ def _spec(head: str, backbone: str, net: nn.Module, image_size: int) -> ModelSpe
     with ImageNet mean/std, which is SwinV2's pretrained config.
     """
     data_cfg = backbone_data_config(net)
-    return ModelSpec(
-        backbone=backbone,
-        head=head,
-        centers=[float(c) for c in range(1, 11)],
-        score_range=[1.0, 10.0] if head == "distribution" else [0.0, 10.0],
-        image_size=image_size,
-        resize=round(image_size * 300 / 256),
-        mean=data_cfg["mean"],
-        std=data_cfg["std"],
-        interpolation="bilinear",
-        acc_threshold=5.0,
-    )
+    size = {"image_size": image_size, "resize": round(image_size * 300 / 256)}  # the paper's 256 and 300
+    scale = {"centers": [float(c) for c in range(1, 11)], "acc_threshold": 5.0}
+    scale["score_range"] = [1.0, 10.0] if head == "distribution" else [0.0, 10.0]
+    normalise = {"mean": data_cfg["mean"], "std": data_cfg["std"], "interpolation": "bilinear"}
+    return ModelSpec(backbone, head, **size, **normalise, **scale)
 
 
 def _resolve_head(checkpoint: dict, head: str) -> str:
@@ -218,18 +210,6 @@ def _model_with(state: dict, spec: ModelSpec, net: nn.Module) -> AestheticModel:
     return model
 
 
-def _original_model(
-    checkpoint: dict, head: str, backbone: str | nn.Module, image_size: int
-) -> AestheticModel:
-    head = _resolve_head(checkpoint, head)
-    net = _target_backbone(backbone)
-    name = (
-        backbone if isinstance(backbone, str) else net.pretrained_cfg.get("architecture", type(net).__name__)
-    )
-    state = convert_original_state_dict(checkpoint["state_dict"], net, head)
-    return _model_with(state, _spec(head, name, net, image_size), net)
-
-
 def _provenance(checkpoint: dict) -> dict[str, Any]:
     """Plain values about the original run (weights_only-safe): its epoch and best metric, when recorded."""
     info: dict[str, Any] = {}
@@ -241,11 +221,7 @@ def _provenance(checkpoint: dict) -> dict[str, Any]:
 
 
 def convert_original(
-    original: dict,
-    *,
-    head: str = "auto",
-    backbone: str | nn.Module = DEFAULT_BACKBONE,
-    image_size: int = 256,
+    original: dict, *, head: str = "auto", backbone: str | nn.Module = DEFAULT_BACKBONE, image_size: int = 256
 ) -> tuple[AestheticModel, dict[str, Any]]:
     """The :class:`AestheticModel` of a loaded original checkpoint, and plain facts about the original run.
 
@@ -253,4 +229,10 @@ def convert_original(
     built current-timm SwinV2 for a configuration timm does not register; the spec then names its
     architecture, so rebuilding the model needs that configuration again. A mismatch raises ValueError.
     """
-    return _original_model(original, head, backbone, image_size), _provenance(original)
+    head = _resolve_head(original, head)
+    net = _target_backbone(backbone)
+    name = (
+        backbone if isinstance(backbone, str) else net.pretrained_cfg.get("architecture", type(net).__name__)
+    )
+    state = convert_original_state_dict(original["state_dict"], net, head)
+    return _model_with(state, _spec(head, name, net, image_size), net), _provenance(original)

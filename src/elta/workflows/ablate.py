@@ -43,15 +43,9 @@ log = logging.getLogger(__name__)
 
 # (metric, which value is best): the largest, the smallest, the closest to zero or the closest to one
 COLUMNS: list[tuple[str, str]] = [
-    ("plcc", "max"),
-    ("srcc", "max"),
-    ("acc", "max"),
-    ("mae", "min"),
-    ("mae_low", "min"),
-    ("mae_medium", "min"),
-    ("mae_high", "min"),
-    ("bias_low", "zero"),
-    ("bias_high", "zero"),
+    *((k, "max") for k in ("plcc", "srcc", "acc")),
+    *((k, "min") for k in ("mae", "mae_low", "mae_medium", "mae_high")),
+    *((k, "zero") for k in ("bias_low", "bias_high")),
     ("spread", "one"),
 ]
 
@@ -159,15 +153,10 @@ def _evaluate_run(
             raise ConfigError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
         val_preds = _predict_split(predictor, val, "val", cache_path)
         check_readable(val_preds, f"split 'val' of {cfg.data.data}")
-        ok = val_preds.ok
+        ok, val_gt = val_preds.ok, val["mos"].to_numpy(dtype=np.float64)
         train_gt = df.loc[df["split"] == "train", "mos"].to_numpy(dtype=np.float64)
-        cal = choose_calibration(
-            val_preds.score[ok],
-            val["mos"].to_numpy(dtype=np.float64)[ok],
-            calibration["method"],
-            score_range=tuple(spec.score_range),
-            train_gt=train_gt,
-        ).calibration
+        fit = {"score_range": tuple(spec.score_range), "train_gt": train_gt}
+        cal = choose_calibration(val_preds.score[ok], val_gt[ok], calibration["method"], **fit).calibration
         if cal is not None:  # auto may keep the model's own scores
             preds = dataclasses.replace(preds, score=cal.apply(preds.score), uncalibrated=preds.score)
     metrics = score_metrics(frame, preds, spec, f"split '{split}' of {cfg.data.data}")
@@ -204,12 +193,9 @@ def run_ablation(
     for seed in range(base.train.seed, base.train.seed + seeds):
         for variant, enhancers in specs.items():
             run_dir = out / "runs" / _folder_name(training_variant(variant)) / f"seed{seed}"
-            train_cfg = dataclasses.replace(
-                base.train,
-                seed=seed,
-                feature_cache=str(cache_path) if cache_path else base.train.feature_cache,
-            )
-            train_cfg = dataclasses.replace(train_cfg, loss=variant_loss(variant, base.train.loss))
+            feature_cache = str(cache_path) if cache_path else base.train.feature_cache
+            loss = variant_loss(variant, base.train.loss)
+            train_cfg = dataclasses.replace(base.train, seed=seed, feature_cache=feature_cache, loss=loss)
             cfg = dataclasses.replace(base, enhancers=enhancers, train=train_cfg)
             log.info("ablation: %s, seed %d -> %s", variant, seed, run_dir)
             apds = apds_settings(variant)
@@ -219,14 +205,8 @@ def run_ablation(
             else:
                 train(cfg, run_dir, resume=True, progress=progress)
             metrics = _evaluate_run(cfg, run_dir, split, cache_path, progress, calibration_settings(variant))
-            rows.append(
-                {
-                    "variant": variant,
-                    "seed": seed,
-                    **{k: metrics.get(k) for k, _ in COLUMNS},
-                    "n": metrics.get("n"),
-                }
-            )
+            values = {k: metrics.get(k) for k, _ in COLUMNS}
+            rows.append({"variant": variant, "seed": seed, **values, "n": metrics.get("n")})
     table = pd.DataFrame(rows)
     atomic_write_text(out / "ablation.csv", table.to_csv(index=False, float_format="%.6g"))
     atomic_write_text(out / "ablation.md", summarise(table, variants, split))
@@ -238,12 +218,9 @@ def _best_index(values: pd.Series, best: str) -> object:
     clean = values.dropna()
     if clean.empty:
         return None
-    if best == "max":
-        return clean.idxmax()
-    if best == "min":
-        return clean.idxmin()
-    target = {"zero": 0.0, "one": 1.0}[best]
-    return (clean - target).abs().idxmin()
+    if best in ("max", "min"):
+        return clean.idxmax() if best == "max" else clean.idxmin()
+    return (clean - {"zero": 0.0, "one": 1.0}[best]).abs().idxmin()
 
 
 def summarise(table: pd.DataFrame, variants: list[str], split: str) -> str:

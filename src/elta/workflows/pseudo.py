@@ -31,13 +31,7 @@ from elta.engine.evaluate import check_readable
 from elta.engine.predictor import Predictions, Predictor
 from elta.engine.prepare import hold_out_validation, read_dataset
 from elta.engine.runtime import Runtime
-from elta.errors import (
-    AnnotationError,
-    APDSUnavailableError,
-    CalibrationError,
-    ConfigError,
-    ImageLoadError,
-)
+from elta.errors import AnnotationError, APDSUnavailableError, CalibrationError, ConfigError, ImageLoadError
 from elta.functional import apds_sharpen
 from elta.models.checkpoint import Checkpoint, load_checkpoint
 from elta.utils import atomic_write_text
@@ -206,54 +200,27 @@ def _calibration_rows(cfg: RunConfig, df: pd.DataFrame, split: str) -> pd.DataFr
 
 
 def _search(
-    predictor: Predictor,
-    rows: pd.DataFrame,
-    betas: Sequence[float],
-    thresholds: Sequence[float],
-    min_selected: int | None,
+    predictor: Predictor, rows: pd.DataFrame, betas: Sequence, thresholds: Sequence, min_selected: int | None
 ) -> dict:
     """Score the labelled calibration ``rows`` and run :func:`calibrate_apds` on them."""
     cal = predictor.predict_frame(rows, desc="calibrating")
     check_readable(cal, f"the {len(rows)} calibration images ({rows['path'].iloc[0]} …)")
-    ok = cal.ok
-    n = int(ok.sum())
-    center = float(cal.score[ok].mean())
+    ok, gt = cal.ok, rows["mos"].to_numpy(dtype=np.float64)
+    n, center = int(ok.sum()), float(cal.score[ok].mean())
     min_selected = default_min_selected(n) if min_selected is None else min_selected
+    z, scale = logits_from_distribution(cal.dist[ok]), predictor.spec.score_range
     beta, threshold, grid = calibrate_apds(
-        logits_from_distribution(cal.dist[ok]),
-        cal.score[ok],
-        rows["mos"].to_numpy(dtype=np.float64)[ok],
-        betas,
-        thresholds,
-        min_selected,
-        center=center,
-        score_range=predictor.spec.score_range,
+        z, cal.score[ok], gt[ok], betas, thresholds, min_selected, center=center, score_range=scale
     )
-    return {
-        "beta": beta,
-        "threshold": threshold,
-        "grid": grid,
-        "center": center,
-        "n": n,
-        "min_selected": min_selected,
-    }
-
-
-def _common_root(paths: Sequence[Path]) -> Path:
-    return Path(os.path.commonpath([str(p.parent) for p in paths]))
+    return dict(beta=beta, threshold=threshold, grid=grid, center=center, n=n, min_selected=min_selected)
 
 
 def _pseudo_frame(
     paths: list[Path], preds: Predictions, confidence: np.ndarray, weight: float
 ) -> pd.DataFrame:
-    root = _common_root(paths) if paths else Path()
-    frame = pd.DataFrame(
-        {
-            "image_id": [p.relative_to(root).as_posix() for p in paths],
-            "path": [str(p) for p in paths],
-            "mos": preds.score,
-        }
-    )
+    root = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path()
+    ids = [p.relative_to(root).as_posix() for p in paths]
+    frame = pd.DataFrame({"image_id": ids, "path": [str(p) for p in paths], "mos": preds.score})
     for k in range(preds.dist.shape[1]):
         frame[f"p{k + 1}"] = preds.dist[:, k]
     frame["confidence"] = confidence
@@ -362,13 +329,8 @@ def pseudo_label(
     good = [p for p, keep in zip(candidates, ok, strict=True) if keep]
     good_preds = preds.select(ok)
     center = float(good_preds.score.mean())  # SPEC: c is the mean prediction over the scored set
-    q = apds_sharpen(
-        logits_from_distribution(good_preds.dist),
-        torch.as_tensor(good_preds.score),
-        beta,
-        center,
-        score_range=teacher.spec.score_range,
-    )
+    z, score = logits_from_distribution(good_preds.dist), torch.as_tensor(good_preds.score)
+    q = apds_sharpen(z, score, beta, center, score_range=teacher.spec.score_range)
     confidence = q.amax(dim=1).numpy()
     frame = _pseudo_frame(good, good_preds, confidence, weight)
     selected = frame[confidence > threshold]
@@ -376,6 +338,8 @@ def pseudo_label(
     if selected.empty:
         log.warning("APDS selected none of the %d unlabeled images (β=%g, t=%g)", len(good), beta, threshold)
 
+    counts = {"pool": len(pool), "labelled_skipped": len(pool) - len(candidates), "calibration": search["n"]}
+    counts |= {"scored": len(good), "unreadable": len(candidates) - len(good), "selected": len(selected)}
     summary = {
         "teacher_checkpoint": os.path.abspath(teacher.path),
         "teacher_fingerprint": file_fingerprint(teacher.path),
@@ -385,14 +349,7 @@ def pseudo_label(
         "min_selected": search["min_selected"],
         "grid": search["grid"],
         "apds_center": {"calibration": search["center"], "unlabeled": center},
-        "counts": {
-            "pool": len(pool),
-            "labelled_skipped": len(pool) - len(candidates),
-            "calibration": search["n"],
-            "scored": len(good),
-            "unreadable": len(candidates) - len(good),
-            "selected": len(selected),
-        },
+        "counts": counts,
         "selected_mos_mean": float(selected["mos"].mean()) if len(selected) else None,
         "weight": float(weight),
         "csv": str(out),

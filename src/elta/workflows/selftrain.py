@@ -77,15 +77,8 @@ def _train_rows(run_dir: Path) -> int | None:
 
 def _stage(name: str, summary: dict) -> dict:
     run_dir = Path(summary["run_dir"])
-    return {
-        "name": name,
-        "run_dir": str(run_dir),
-        "best": summary["best"],
-        "metric": summary["metric"],
-        "best_metric": summary["best_metric"],
-        "best_epoch": summary["best_epoch"],
-        "train_rows": _train_rows(run_dir),
-    }
+    kept = {k: summary[k] for k in ("best", "metric", "best_metric", "best_epoch")}
+    return {"name": name, "run_dir": str(run_dir), **kept, "train_rows": _train_rows(run_dir)}
 
 
 def _pseudo_stage(
@@ -111,20 +104,10 @@ def _pseudo_stage(
                 "or use another --out"
             )
         log.info("%s is out of date (teacher or settings changed): making it again", csv)
-    summary = pseudo_label(
-        teacher_best,
-        unlabeled,
-        csv,
-        Runtime.from_config(cfg.runtime, progress=progress),
-        calibration=cfg,
-        calibrate_split="val",
-        weight=cfg.data.pseudo_weight,
-        beta=request["beta"],
-        threshold=request["threshold"],
-        betas=request["betas"],
-        thresholds=request["thresholds"],
-        min_selected=request["min_selected"],
-    )
+    runtime = Runtime.from_config(cfg.runtime, progress=progress)
+    apds = {k: request[k] for k in ("beta", "threshold", "betas", "thresholds", "min_selected")}
+    labelled = {"calibration": cfg, "calibrate_split": "val", "weight": cfg.data.pseudo_weight}
+    summary = pseudo_label(teacher_best, unlabeled, csv, runtime, **labelled, **apds)
     summary["request"] = request
     atomic_write_text(meta, json.dumps(summary, indent=2))
     return summary
@@ -155,15 +138,9 @@ def self_train(
     _check_config(cfg)
     out = Path(out).absolute()  # the students' config.yaml names their pseudo-label CSV by this path
     pool = read_unlabeled(unlabeled)  # fails early on a wrong path, before hours of training
-    request = {
-        "unlabeled": _digest(pool),
-        "beta": beta,
-        "threshold": threshold,
-        "betas": [float(b) for b in betas],
-        "thresholds": [float(t) for t in thresholds],
-        "min_selected": min_selected,
-        "weight": cfg.data.pseudo_weight,
-    }
+    request = {"unlabeled": _digest(pool), "beta": beta, "threshold": threshold}
+    request |= {"betas": [float(b) for b in betas], "thresholds": [float(t) for t in thresholds]}
+    request |= {"min_selected": min_selected, "weight": cfg.data.pseudo_weight}
     log.info("self-training: teacher in %s", out / "teacher")
     teacher = _stage("teacher", train(cfg, out / "teacher", resume=True, progress=progress))
     stages = [teacher]
@@ -176,14 +153,9 @@ def self_train(
         student = _stage(
             f"round{r}", train(student_cfg, round_dir / "student", resume=True, progress=progress)
         )
-        student.update(
-            pseudo_csv=str(round_dir / "pseudo.csv"),
-            pseudo_json=str(round_dir / "pseudo.json"),
-            teacher=str(previous),
-            beta=pseudo["beta"],
-            threshold=pseudo["threshold"],
-            pseudo_rows=pseudo["counts"]["selected"],
-        )
+        student.update(pseudo_csv=str(round_dir / "pseudo.csv"), pseudo_json=str(round_dir / "pseudo.json"))
+        student.update(teacher=str(previous), beta=pseudo["beta"], threshold=pseudo["threshold"])
+        student["pseudo_rows"] = pseudo["counts"]["selected"]
         stages.append(student)
         previous = Path(student["best"])
     result = {"out": str(out), "rounds": rounds, "metric": cfg.train.metric, "stages": stages}

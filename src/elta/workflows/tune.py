@@ -16,6 +16,7 @@ import os
 import re
 import socket
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from elta.config import SECTIONS, RunConfig
+from elta.config import SECTIONS, RunConfig, coerce_value
 from elta.errors import ConfigError, RunExistsError, UnavailableError
 from elta.utils import atomic_write_text
 
@@ -53,8 +54,6 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "none")
 # Settings that do not change a trial's result: a resumed search may differ in them.
 _VOLATILE = {"runtime.device", "runtime.workers", "runtime.batch_size", "train.feature_cache", "train.log_to"}
-# PyYAML reads 1e-5 (no dot) as a string; such choices and bounds are meant as numbers.
-_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def _import_optuna():
@@ -70,41 +69,28 @@ def _import_optuna():
 # ---------------------------------------------------------------------------------------- search space
 
 
-def _setting_type(name: str, source: str) -> str:
-    """The annotation of the setting ``name`` ("float", "int | None", ...); unknown names are errors."""
+def _setting_type(name: str, source: str) -> Any:
+    """The type of the setting ``name`` (float, int | None, ...); unknown names are errors."""
     parts = name.split(".")
     if parts[0] in SECTIONS and len(parts) == 2:
-        fields = {f.name: str(f.type) for f in dataclasses.fields(SECTIONS[parts[0]])}
-        if parts[1] not in fields:
-            raise ConfigError(
-                f"{source}: unknown setting {name!r}; {parts[0]} keys: {', '.join(sorted(fields))}"
-            )
-        return fields[parts[1]]
-    if parts[0] == "enhancers" and len(parts) == 3:
+        owner, listed = SECTIONS[parts[0]], f"{parts[0]} keys"
+    elif parts[0] == "enhancers" and len(parts) == 3:
         from elta.enhancers import ENHANCERS
 
         if parts[1] not in ENHANCERS:
             raise ConfigError(
                 f"{source}: unknown enhancer in {name!r}; known: {', '.join(sorted(ENHANCERS))}"
             )
-        fields = {f.name: str(f.type) for f in dataclasses.fields(ENHANCERS[parts[1]].Settings)}
-        if parts[2] not in fields:
-            raise ConfigError(
-                f"{source}: unknown setting {name!r}; {parts[1]} settings: {', '.join(sorted(fields))}"
-            )
-        return fields[parts[2]]
-    raise ConfigError(
-        f"{source}: {name!r} is not a setting name; use data.KEY, model.KEY, train.KEY or "
-        "enhancers.NAME.SETTING (e.g. train.lr, enhancers.tfa.tau1)"
-    )
-
-
-def _number(value: Any) -> Any:
-    return float(value) if isinstance(value, str) and _EXPONENT.match(value.strip()) else value
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        owner, listed = ENHANCERS[parts[1]].Settings, f"{parts[1]} settings"
+    else:
+        raise ConfigError(
+            f"{source}: {name!r} is not a setting name; use data.KEY, model.KEY, train.KEY or "
+            "enhancers.NAME.SETTING (e.g. train.lr, enhancers.tfa.tau1)"
+        )
+    hints = typing.get_type_hints(owner)
+    if parts[-1] not in {f.name for f in dataclasses.fields(owner)}:
+        raise ConfigError(f"{source}: unknown setting {name!r}; {listed}: {', '.join(sorted(hints))}")
+    return hints[parts[-1]]
 
 
 def _is_real(value: Any) -> bool:
@@ -150,25 +136,31 @@ def _parse_param(name: str, spec: Any, source: str) -> Param:
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{where}: choices must be a non-empty list")
-        choices = [_number(v) for v in choices]
         bad = [v for v in choices if v is not None and not isinstance(v, (bool, int, float, str))]
         if bad:
             raise ConfigError(f"{where}: choices must be numbers, strings, booleans or null; got {bad[0]!r}")
-        return Param(name, choices=tuple(choices))
+        return Param(name, choices=tuple(v if v is None else coerce_value(v, kind, where) for v in choices))
     if "low" not in spec or "high" not in spec:
         raise ConfigError(f"{where}: a range needs low and high (or give choices: [...])")
-    low, high, step = _number(spec["low"]), _number(spec["high"]), _number(spec.get("step"))
-    if not all(_is_real(v) for v in (low, high)) or (step is not None and not _is_real(step)):
-        raise ConfigError(f"{where}: low, high and step must be numbers")
+    if kind not in (int, float, int | None, float | None):
+        raise ConfigError(f"{where}: {name} is not a numeric setting; give choices: [...]")
+    integer = kind in (int, int | None)
+    bounds = (spec["low"], spec["high"], spec.get("step"))
+    try:  # the setting's own type reads the bounds (YAML reads 1e-5 as a string)
+        low, high, step = (
+            v if v is None else coerce_value(v, int if integer else float, where) for v in bounds
+        )
+    except ConfigError as exc:
+        if integer:
+            raise ConfigError(
+                f"{where}: {name} is an integer setting; give integer low, high and step"
+            ) from exc
+        raise
     if not low < high:
         raise ConfigError(f"{where}: low ({low}) must be < high ({high})")
     log_scale = bool(spec.get("log", False))
     if log_scale and (step is not None or low <= 0):
         raise ConfigError(f"{where}: a log range needs low > 0 and no step")
-    ints = all(_is_int(v) for v in (low, high, step) if v is not None)
-    integer = kind.startswith("int") or (ints and not kind.startswith("float"))
-    if integer and not ints:
-        raise ConfigError(f"{where}: {name} is an integer setting; give integer low, high and step")
     return Param(name, low=low, high=high, step=step, log=log_scale, integer=integer)
 
 
@@ -220,12 +212,12 @@ def load_search(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     space = raw.get("space")
     if space is None:
         return base, {k: dict(v) for k, v in DEFAULT_SPACE.items()}
-    parse_space(space, source=str(path))
-    return base, {name: _numbers(spec) for name, spec in space.items()}
+    params = parse_space(space, source=str(path))  # the values as numbers, read as the settings' types
+    return base, {name: {k: _plain(getattr(params[name], k)) for k in spec} for name, spec in space.items()}
 
 
-def _numbers(spec: dict) -> dict:
-    return {k: [_number(v) for v in value] if k == "choices" else _number(value) for k, value in spec.items()}
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 # ---------------------------------------------------------------------------------------------- study
@@ -367,12 +359,8 @@ def _check_same_search(study, record: str, where: str) -> None:
     if stored == record:
         return
     old, new = json.loads(stored), json.loads(record)
-    changed = sorted(
-        f"{part}.{k}"
-        for part in ("base", "space")
-        for k in set(old[part]) | set(new[part])
-        if old[part].get(k) != new[part].get(k)
-    )
+    keys = [(part, k) for part in ("base", "space") for k in set(old[part]) | set(new[part])]
+    changed = sorted(f"{part}.{k}" for part, k in keys if old[part].get(k) != new[part].get(k))
     raise ConfigError(
         f"{where} holds a search with other settings ({', '.join(changed[:5])} differ): rerun with the "
         "same config and options to continue it, or use another --out / --study-name for a new search"
@@ -392,9 +380,8 @@ def _recover(optuna, study, owned: bool) -> None:
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
     for trial in trials:
-        interrupted = trial.number in killed or (
-            trial.state == state.FAIL and trial.user_attrs.get("interrupted")
-        )
+        failed = trial.state == state.FAIL and trial.user_attrs.get("interrupted")
+        interrupted = trial.number in killed or failed
         if interrupted and trial.number not in retried and "retry_of" not in trial.user_attrs:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
@@ -408,25 +395,22 @@ class _Surplus(Exception):
     """A trial begun when the study already had its finished trials (another worker ended the last)."""
 
 
-class _Objective:
+def _objective(optuna, base: RunConfig, params: dict[str, Param], out: Path, progress: bool, trials: int):
     """One trial: sample the settings, train in ``out/trials/NNN``, report each epoch, return the best."""
+    from elta.engine.trainer import TrainingDivergedError, train
 
-    def __init__(
-        self, optuna, base: RunConfig, params: dict[str, Param], out: Path, progress: bool, trials: int
-    ):
-        self.optuna, self.base, self.params = optuna, base, params
-        self.out, self.progress, self.trials = out, progress, trials
-
-    def __call__(self, trial) -> float:
-        from elta.engine.trainer import TrainingDivergedError, train
-
-        self._claim(trial)
-        values = {name: p.suggest(trial) for name, p in self.params.items()}
-        cfg = apply_params(self.base, values)
-        run_dir = self.out / "trials" / f"{trial.number:03d}"
+    def run(trial) -> float:
+        _claim(optuna, trial, trials)
+        cfg = apply_params(base, {name: p.suggest(trial) for name, p in params.items()})
+        run_dir = out / "trials" / f"{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        self._check_folder(run_dir, cfg)
+        saved = run_dir / "config.yaml"
+        if saved.is_file() and RunConfig.from_yaml(saved).to_dict() != cfg.to_dict():
+            raise RunExistsError(
+                f"{run_dir} holds a run of other settings than trial {run_dir.name} (was the study "
+                "database replaced?): move the trials/ folder away or use another --out"
+            )
         metric = cfg.train.metric
 
         def on_epoch(epoch: int, row: dict) -> None:
@@ -434,46 +418,40 @@ class _Objective:
             if math.isfinite(value):
                 trial.report(value, epoch)
             if trial.should_prune():
-                raise self.optuna.TrialPruned(f"pruned after epoch {epoch}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         try:
-            summary = train(cfg, run_dir, resume=True, progress=self.progress, on_epoch=on_epoch)
+            summary = train(cfg, run_dir, resume=True, progress=progress, on_epoch=on_epoch)
         except TrainingDivergedError as exc:  # a setting that diverges is a bad one, not a broken search
             trial.set_user_attr("diverged", str(exc))
-            raise self.optuna.TrialPruned(str(exc)) from exc
+            raise optuna.TrialPruned(str(exc)) from exc
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
             raise
         if not math.isfinite(summary["best_metric"]):
-            raise self.optuna.TrialPruned(f"no finite validation {metric}")
+            raise optuna.TrialPruned(f"no finite validation {metric}")
         return summary["best_metric"]
 
-    def _claim(self, trial) -> None:
-        """Workers sharing a study stop at exactly ``trials`` finished trials: a trial runs only while fewer
-        than that many earlier trials are finished or running. While running ones fill the quota it waits (one
-        may belong to a dead worker: its heartbeat stops, it is failed and retried); once finished ones fill
-        it, the trial ends as surplus (FAILED, not counted) and this worker stops."""
-        state, study = self.optuna.trial.TrialState, trial.study
-        while True:
-            earlier = [t.state for t in study.get_trials(deepcopy=False) if t.number < trial.number]
-            finished = sum(s in (state.COMPLETE, state.PRUNED) for s in earlier)
-            if finished >= self.trials:
-                trial.set_user_attr("surplus", True)
-                study.stop()
-                raise _Surplus(f"the study has its {self.trials} finished trials")
-            if finished + earlier.count(state.RUNNING) < self.trials:
-                return
-            time.sleep(1.0)
-            self.optuna.storages.fail_stale_trials(study)
+    return run
 
-    @staticmethod
-    def _check_folder(run_dir: Path, cfg: RunConfig) -> None:
-        saved = run_dir / "config.yaml"
-        if saved.is_file() and RunConfig.from_yaml(saved).to_dict() != cfg.to_dict():
-            raise RunExistsError(
-                f"{run_dir} holds a run of other settings than trial {run_dir.name} (was the study "
-                "database replaced?): move the trials/ folder away or use another --out"
-            )
+
+def _claim(optuna, trial, trials: int) -> None:
+    """Workers sharing a study stop at exactly ``trials`` finished trials: a trial runs only while fewer than
+    that many earlier trials are finished or running. While running ones fill the quota it waits (one may
+    belong to a dead worker: its heartbeat stops, it is failed and retried); once finished ones fill it, the
+    trial ends as surplus (FAILED, not counted) and this worker stops."""
+    state, study = optuna.trial.TrialState, trial.study
+    while True:
+        earlier = [t.state for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+        finished = sum(s in (state.COMPLETE, state.PRUNED) for s in earlier)
+        if finished >= trials:
+            trial.set_user_attr("surplus", True)
+            study.stop()
+            raise _Surplus(f"the study has its {trials} finished trials")
+        if finished + earlier.count(state.RUNNING) < trials:
+            return
+        time.sleep(1.0)
+        optuna.storages.fail_stale_trials(study)
 
 
 def run_tune(
@@ -520,12 +498,8 @@ def run_tune(
     out.mkdir(parents=True, exist_ok=True)
     # One process per folder for the default file database; a shared one coordinates its workers itself.
     with _exclusive(out) if storage is None else contextlib.nullcontext():
-        study = optuna.create_study(
-            storage=_storage(optuna, out, storage, heartbeat),
-            study_name=study_name,
-            direction="maximize",
-            load_if_exists=True,
-        )
+        named = {"study_name": study_name, "direction": "maximize", "load_if_exists": True}
+        study = optuna.create_study(storage=_storage(optuna, out, storage, heartbeat), **named)
         where = f"study {study_name!r} in {storage or out / 'study.db'}"
         _check_same_search(study, _search_record(base, params), where)
         _recover(optuna, study, owned=storage is None)
@@ -535,12 +509,9 @@ def run_tune(
         if done < trials:
             log.info("tuning: %d of %d trials finished; running the rest", done, trials)
             states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-            study.optimize(
-                _Objective(optuna, base, params, out, progress, trials),
-                n_trials=trials - done,
-                callbacks=[optuna.study.MaxTrialsCallback(trials, states=states)],
-                catch=(_Surplus,),
-            )
+            stop = optuna.study.MaxTrialsCallback(trials, states=states)
+            objective = _objective(optuna, base, params, out, progress, trials)
+            study.optimize(objective, trials - done, callbacks=[stop], catch=(_Surplus,))
         _write_results(study, base, params, out)
     return study
 
@@ -549,17 +520,12 @@ def run_tune(
 
 
 def _trial_rows(study, names: list[str]) -> list[dict]:
-    return [
-        {
-            "number": t.number,
-            "state": t.state.name,
-            "value": t.value,
-            **{name: t.params.get(name) for name in names},
-            "epochs": len(t.intermediate_values),
-            "run_dir": t.user_attrs.get("run_dir", ""),
-        }
-        for t in study.trials
-    ]
+    rows = []
+    for t in study.trials:
+        row = {"number": t.number, "state": t.state.name, "value": t.value}
+        row |= {name: t.params.get(name) for name in names}
+        rows.append({**row, "epochs": len(t.intermediate_values), "run_dir": t.user_attrs.get("run_dir", "")})
+    return rows
 
 
 def _best_trial(study):
