@@ -126,7 +126,7 @@ class Runtime:
         **kwargs: Any,
     ) -> DataLoader:
         """A loader of :class:`~elta.data.dataset.Batch`; with ``persistent`` its workers outlive an epoch."""
-        workers = self.loader_workers(len(dataset))
+        workers = self.loader_workers(len(dataset) if hasattr(dataset, "__len__") else None)
         return DataLoader(
             dataset,
             batch_size=(batch_size or self.batch_size) if "batch_sampler" not in kwargs else 1,
