@@ -32,6 +32,7 @@ RUNS = {
         "| test_resnet | 32 px | 8 |",
     ),
     "input_pipeline.py": (["--images", "6", "--repeats", "1", "--workers", "0"], "(d) elta, from the cache"),
+    "bulk_scoring.py": (["--quick", "--no-ray"], "| (c) --shard 0/2 + 1/2 at once, then merge-scores |"),
     "predict_throughput.py": (
         ["--images", "6", "--repeats", "1", "--batch-size", "4", "--no-cli", "--device", "cpu"],
         "(b) elta predict (Predictor)",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,8 +72,9 @@ class _Scorer:
         return frame
 
 
-def _write_inputs(collection: Collection, folder: Path) -> int:
-    """The input table, streamed from the collection into Parquet files; returns the number of rows."""
+def _write_inputs(collection: Collection, folder: Path, per_file: int) -> int:
+    """The input table, streamed from the collection into Parquet files of ``per_file`` rows (Ray's blocks);
+    returns the number of rows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -101,7 +103,7 @@ def _write_inputs(collection: Collection, folder: Path) -> int:
             "data": item.data if is_bytes and not error else None, "error": error,
         })  # fmt: skip
         count += 1
-        if len(rows) >= INPUT_ROWS:
+        if len(rows) >= per_file:
             flush()
     if rows:
         flush()
@@ -137,7 +139,9 @@ def score_with_ray(
     work = out.with_name(out.name + ".ray")
     if work.exists():
         shutil.rmtree(work)
-    count = _write_inputs(collection, work / "inputs")
+    # about four blocks an actor, so that every actor has work; at most INPUT_ROWS rows a block
+    per_file = min(INPUT_ROWS, max(batch_size, math.ceil(collection.count() / (4 * actors))))
+    count = _write_inputs(collection, work / "inputs", per_file)
     if count == 0:
         raise ImageLoadError(", ".join(collection.inputs), "no images here")
     started = False
@@ -150,13 +154,18 @@ def score_with_ray(
     try:
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
-        dataset = ray.data.read_parquet(str(work / "inputs"))
+        files = len(list((work / "inputs").glob("*.parquet")))
+        dataset = ray.data.read_parquet(str(work / "inputs"), override_num_blocks=files)
+        # the actors leave one CPU of the cluster to reading the table and writing the scores
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        cpus_per_actor = max(0.1, min(1.0, (cpus - 1.0) / actors))
         scored = dataset.map_batches(
             _Scorer,
             fn_constructor_args=(make_predictor,),
-            concurrency=actors,
+            compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=batch_size,
             batch_format="pandas",
+            num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor or None,
         )
         scored.write_parquet(str(work / "scores"))
