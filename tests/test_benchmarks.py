@@ -33,6 +33,7 @@ RUNS = {
     ),
     "input_pipeline.py": (["--images", "6", "--repeats", "1", "--workers", "0"], "(d) elta, from the cache"),
     "serve_load.py": (["--quick"], "throughput batching on / off at 4 clients"),
+    "bulk_scoring.py": (["--quick", "--no-ray"], "| (c) --shard 0/2 + 1/2 at once, then merge-scores |"),
     "predict_throughput.py": (
         ["--images", "6", "--repeats", "1", "--batch-size", "4", "--no-cli", "--device", "cpu"],
         "(b) elta predict (Predictor)",

@@ -194,9 +194,9 @@ def test_torchrun_training_validates_every_sample_once_and_resumes(demo_data, tm
     )
 
 
-def test_only_train_runs_under_torchrun(monkeypatch, capsys):
+def test_only_train_and_predict_run_under_torchrun(monkeypatch, capsys):
     from elta.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["evaluate", "--checkpoint", "run/best.pt", "--out", "out"]) == 2
-    assert "only `elta train` runs distributed" in capsys.readouterr().err
+    assert "only `elta train` and `elta predict` run distributed" in capsys.readouterr().err

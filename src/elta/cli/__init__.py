@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     verbosity = -1 if launch.rank() > 0 else args.verbosity  # under torchrun rank 0 reports progress
     _configure_logging({-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity])
     try:
-        if launch.launched_by_torchrun() and args.command != "train":
+        if launch.launched_by_torchrun() and args.command not in ("train", "predict"):
             raise ConfigError(
-                "under torchrun only `elta train` runs distributed; run this command without torchrun"
+                "under torchrun only `elta train` and `elta predict` run distributed; run this command "
+                "without torchrun"
             )
         return args.func(args)
     except KeyboardInterrupt:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from elta.data.images import DEFAULT_MAX_PIXELS, load_image
 from elta.data.transforms import ImageTransform
@@ -24,6 +24,7 @@ __all__ = [
     "AnnotationDataset",
     "EpochBatchSampler",
     "ImageListDataset",
+    "ImageStreamDataset",
     "Batch",
     "collate",
     "dist_columns",
@@ -158,7 +159,12 @@ class ImageListDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
+        return self.sample(self.items[index], index)
+
+    def sample(self, item, index: int) -> dict:
+        """The sample of ``item`` at position ``index`` (its reason when it cannot be used)."""
+        if isinstance(item, ImageLoadError):
+            return {"ok": False, "index": index, "reason": str(item)}
         if self.normalized and isinstance(item, torch.Tensor):
             return {"ok": True, "index": index, "image": item.float()}
         try:
@@ -173,6 +179,31 @@ class ImageListDataset(Dataset):
         if isinstance(item, (torch.Tensor, np.ndarray)):
             return pixels_to_image(item, f"image[{index}]")
         return load_image(item, self.max_pixels, target=self.transform.needed_size)
+
+
+class ImageStreamDataset(IterableDataset):
+    """Images to score from a stream (any item :class:`ImageListDataset` takes, or an ImageLoadError saying why
+    there is none), in blocks of ``block`` consecutive items; samples carry their position as ``index``.
+
+    Loader process w of W takes blocks w, w + W, …, so a DataLoader with ``batch_size=block`` yields the blocks
+    in stream order, one a batch. Each process iterates ``items`` itself: it must start over when iterated
+    again, give the same items each time, and be picklable (a list, or an object such as
+    :class:`~elta.data.sources.Collection`).
+    """
+
+    def __init__(
+        self, items, transform: ImageTransform, block: int, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
+        self.items = items
+        self.block = block
+        self.images = ImageListDataset([], transform, max_pixels)
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        rank, count = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        for position, item in enumerate(self.items):
+            if (position // self.block) % count == rank:
+                yield self.images.sample(item, position)
 
 
 def pixels_to_image(pixels: np.ndarray | torch.Tensor, name: str) -> Image.Image:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from elta.calibration import calibrated_scores
-from elta.data.dataset import AnnotationDataset, ImageListDataset, dist_columns
+from elta.data.dataset import AnnotationDataset, ImageListDataset, ImageStreamDataset, dist_columns
 from elta.data.images import IMAGE_EXTENSIONS, LIST_SUFFIXES, list_images
 from elta.data.transforms import ImageTransform
 from elta.engine.runtime import Runtime
@@ -111,6 +111,52 @@ class Predictor:
     def predict_images(self, items: Sequence, desc: str = "scoring", normalized: bool = False) -> Predictions:
         """Image paths, encoded bytes, PIL images, arrays or tensors (see :class:`ImageListDataset`)."""
         return self.predict(ImageListDataset(list(items), self.transform, normalized=normalized), desc=desc)
+
+    def predict_stream(
+        self, items: Iterable, desc: str = "scoring"
+    ) -> Iterator[tuple[np.ndarray, Predictions]]:
+        """Score a stream of images without holding it: yields (positions, predictions) of consecutive items, in
+        stream order, every position exactly once; memory does not grow with the stream.
+
+        Each run of yielded positions ends at a multiple of the batch size (or at the end of the stream), so a
+        stream restarted at such a position is batched as before and scores the same. ``items`` is iterated
+        by every loader process (see :class:`~elta.data.dataset.ImageStreamDataset`): paths, encoded bytes,
+        or an ImageLoadError for an item known to be unusable (its reason is reported).
+        """
+        block = self.runtime.batch_size
+        dataset = ImageStreamDataset(items, self.transform, block)
+        errors: dict[int, str] = {}
+        done = 0  # every position below has been yielded
+        self.model.eval()
+        for idx, out in self._batches(dataset, self._forward, errors, desc, progress=False):
+            stop = (int(idx[0]) // block + 1) * block
+            yield self._stream_rows(idx, out, errors, done, stop)
+            done = stop
+        if errors:  # trailing blocks in which nothing could be loaded
+            yield self._stream_rows(np.empty(0, np.int64), None, errors, done, max(errors) + 1)
+
+    def _stream_rows(
+        self, idx: np.ndarray, out: ModelOutput | None, errors: dict[int, str], start: int, stop: int
+    ) -> tuple[np.ndarray, Predictions]:
+        """Positions start..stop−1 that were loaded (``idx``, scored as ``out``) or failed (in ``errors``)."""
+        failed = sorted(p for p in errors if start <= p < stop)
+        positions = np.sort(np.concatenate([idx, np.asarray(failed, dtype=np.int64)]))
+        n, k = len(positions), self.spec.num_bins
+        score, std = np.full(n, np.nan), np.full(n, np.nan)
+        dist = np.full((n, k), np.nan) if k else None
+        reasons = [errors.pop(p, "") for p in positions.tolist()]
+        if out is not None:
+            rows = np.searchsorted(positions, idx)
+            score[rows] = out.score.double().cpu().numpy()
+            if out.distribution is not None:
+                dist[rows] = out.distribution.double().cpu().numpy()
+                std[rows] = out.score_std(self.model.centers).double().cpu().numpy()
+        preds = Predictions(score=score, std=std, dist=dist, errors=reasons)
+        if self.calibrated:
+            preds = dataclasses.replace(
+                preds, score=calibrated_scores(self.spec, preds.score), uncalibrated=preds.score
+            )
+        return positions, preds
 
     def predict_features(
         self, frame: pd.DataFrame, features: torch.Tensor, failed: dict[int, str], desc: str = "scoring"

@@ -111,7 +111,7 @@ class Runtime:
         self, dataset: Dataset, *, batch_size: int | None = None, persistent: bool = False, **kwargs: Any
     ) -> DataLoader:
         """A loader of :class:`~elta.data.dataset.Batch`; with ``persistent`` its workers outlive an epoch."""
-        workers = self.loader_workers(len(dataset))
+        workers = self.loader_workers(len(dataset) if hasattr(dataset, "__len__") else None)
         batch_size = (batch_size or self.batch_size) if "batch_sampler" not in kwargs else 1
         options = {"collate_fn": collate, "num_workers": workers, "pin_memory": self.device.type == "cuda"}
         return DataLoader(
