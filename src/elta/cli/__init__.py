@@ -13,7 +13,7 @@ import logging
 import sys
 
 from elta import launch
-from elta.cli import data, score, train
+from elta.cli import data, export, score, train
 from elta.errors import ConfigError, EltaError
 
 __all__ = ["main", "build_parser"]
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_commands(sub)
     score.add_commands(sub)
     data.add_commands(sub)
+    export.add_commands(sub)
     for command in _subparsers(parser):
         _add_verbosity(command, default=argparse.SUPPRESS)  # -q / -v after the command name too
     return parser

@@ -84,7 +84,9 @@ def predict(args: argparse.Namespace) -> int:
     if args.out:
         score_format(args.out)  # an unknown suffix fails before any scoring
     runtime = build_runtime(apply_options(RunConfig(), args).runtime)
-    predictor = Predictor.from_checkpoint(args.checkpoint, runtime, calibrated=not args.no_calibration)
+    predictor = Predictor.from_checkpoint(
+        args.checkpoint, runtime, calibrated=not args.no_calibration, backend=args.runtime
+    )
     frame = predictor.score(args.paths)
     failed = int((frame["error"] != "").sum())
     if args.out:
@@ -175,7 +177,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="score photos with a checkpoint")
     p.add_argument("paths", nargs="+", help="image files, folders (recursive) or .txt lists of paths")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, run folder or exported .onnx")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=("auto", "torch", "onnx"),
+        help="auto (default: .onnx on onnxruntime, a checkpoint on PyTorch), torch, or onnx",
+    )
     p.add_argument(
         "--out", help="scores file: .csv, .json, .jsonl or .parquet (default: CSV on standard output)"
     )
