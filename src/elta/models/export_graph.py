@@ -82,6 +82,7 @@ class ExportGraph(nn.Module):
             else None
         )
         self.distribution = spec.head == "distribution"
+        self.eval()
 
     @property
     def output_names(self) -> list[str]:

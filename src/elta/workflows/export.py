@@ -136,7 +136,7 @@ def _quantize(
     prepared = fp32.with_name("prepared.onnx")
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     if method == "dynamic":
-        quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
         return
     dataset = ImageListDataset(list(images), transform)
 
