@@ -11,6 +11,7 @@ dynamic one) cannot match to 1e-4: its deviation is reported instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -136,7 +137,8 @@ def _quantize(
     prepared = fp32.with_name("prepared.onnx")
     quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     if method == "dynamic":
-        quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
+        with _quiet_root_logger():
+            quantize_dynamic(str(prepared), str(out), weight_type=QuantType.QInt8)
         return
     dataset = ImageListDataset(list(images), transform)
 
@@ -155,15 +157,29 @@ def _quantize(
                 log.warning("INT8 calibration skips %s", reason)
             return {INPUT_NAME: batch.images.numpy()} if len(batch) else self.get_next()
 
-    quantize_static(
-        str(prepared),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-    )
+    with _quiet_root_logger():
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantiser logs a warning on the root logger for every 1-D weight it leaves per-tensor
+    (norm scales, biases); those are expected, so only its errors are shown."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _with_metadata(path: Path, props: dict[str, str]) -> bytes:
