@@ -91,4 +91,5 @@ class UnavailableError(EltaError, RuntimeError):
 
 
 class ExportError(EltaError, RuntimeError):
-    """An exported model does not reproduce the PyTorch model's scores within the tolerance; nothing is written."""
+    """A model cannot be exported: no exporter handles it, or the exported model does not reproduce the PyTorch
+    model's scores within the tolerance. Nothing is written."""

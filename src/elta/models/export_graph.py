@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from elta.calibration import Calibration
+from elta.errors import ExportError
 from elta.models.model import AestheticModel
 
 __all__ = ["CalibrationMap", "ExportGraph"]
@@ -176,7 +177,13 @@ def to_onnx(graph: ExportGraph, example: torch.Tensor, *, opset: int = 18, dynam
         )
     axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in graph.output_names}}
     buffer = io.BytesIO()
-    torch.onnx.export(
-        graph, (example,), buffer, dynamo=False, dynamic_axes=axes if dynamic_batch else None, **names
-    )
+    try:
+        torch.onnx.export(
+            graph, (example,), buffer, dynamo=False, dynamic_axes=axes if dynamic_batch else None, **names
+        )
+    except Exception as exc:
+        raise ExportError(
+            f"{graph.model.spec.backbone}: neither ONNX exporter of torch {torch.__version__} handles this "
+            f"model ({type(exc).__name__}: {exc}); try --format torchscript"
+        ) from exc
     return onnx.load_from_string(buffer.getvalue()), "torch.onnx torchscript"
