@@ -44,16 +44,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dynamic-batch", action="store_true", help="any batch size (default: a fixed batch of 1)"
     )
-    p.add_argument(
-        "--image-size", type=int, metavar="S", help="input px (default: the training size)"
-    )
-    p.add_argument(
+    p.add_argument("--image-size", type=int, metavar="S", help="input px (default: the training size)")
+    calibration = p.add_mutually_exclusive_group()
+    calibration.add_argument(
         "--calibrated",
-        action=argparse.BooleanOptionalAction,
+        dest="calibrated",
+        action="store_true",
         default=True,
-        help="bake the checkpoint's calibration map into the score (default; --no-calibration: the raw score)",
+        help="bake the checkpoint's calibration map into the score (the default)",
     )
-    p.add_argument("--no-calibration", dest="calibrated", action="store_false", help=argparse.SUPPRESS)
+    calibration.add_argument(
+        "--no-calibration", dest="calibrated", action="store_false", help="export the model's own score"
+    )
     p.add_argument("--quantize", help="int8: onnxruntime's INT8 quantisation (its metric cost: docs)")
     p.add_argument(
         "--quantize-method",
