@@ -9,7 +9,8 @@ path of ``elta predict``: JPEG decoding, resize, batching, the model) over a fol
 
   PyTorch eager fp32 · PyTorch bf16 autocast · ONNX Runtime fp32 · ONNX Runtime INT8
 
-at each batch size of --batch-sizes, variants alternated, the model loaded before the clock starts. Prints
+at each batch size of --batch-sizes, the variants taking turns on --chunks parts of the folder, the model loaded
+before the clock starts. Prints
 images/s and the ratio to PyTorch fp32. With --checkpoint it also scores that checkpoint's test split with
 each variant and prints SRCC, PLCC and the tail MAEs, so the INT8 cost is measured, not assumed.
 
@@ -32,6 +33,7 @@ from common import add_photo_arguments, machine, make_photos, timed
 
 from elta.config import RunConfig
 from elta.engine.evaluate import score_metrics, select_split
+from elta.engine.onnx_model import OnnxModel
 from elta.engine.precision import resolve_amp
 from elta.engine.predictor import Predictor
 from elta.engine.prepare import read_dataset
@@ -70,7 +72,7 @@ def exports(checkpoint: Path, tmp: Path, photos: list[Path], calibration_images:
 
 
 def predictors(
-    checkpoint: Path, files: dict[str, Path], device, batch: int, bf16: bool
+    checkpoint: Path, files: dict[str, Path], device, batch: int, bf16: bool, threads: int = 0
 ) -> dict[str, Predictor]:
     plain = Runtime.create(device, amp="off", batch_size=batch)
     found = {"PyTorch fp32": Predictor.from_checkpoint(checkpoint, plain)}
@@ -78,8 +80,8 @@ def predictors(
         found["PyTorch bf16"] = Predictor.from_checkpoint(
             checkpoint, Runtime.create(device, amp="bf16", batch_size=batch)
         )
-    found["ONNX Runtime fp32"] = Predictor.from_checkpoint(files["fp32"], plain)
-    found["ONNX Runtime INT8"] = Predictor.from_checkpoint(files["int8"], plain)
+    found["ONNX Runtime fp32"] = Predictor(OnnxModel.from_file(files["fp32"], device, threads), plain)
+    found["ONNX Runtime INT8"] = Predictor(OnnxModel.from_file(files["int8"], device, threads), plain)
     return found
 
 
@@ -92,13 +94,22 @@ def main() -> None:
     parser.add_argument("--swin-size", type=int, default=128, help="SwinV2's input px (default 128)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--repeats", type=int, default=1, help="timed passes per variant (the median counts)")
+    parser.add_argument("--chunks", type=int, default=5, help="parts of the folder the variants alternate on")
     parser.add_argument("--calibration-images", type=int, default=200, help="static INT8 calibration set")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-bf16", action="store_true", help="leave out PyTorch bf16")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads of PyTorch and ONNX Runtime alike (0: their defaults)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny test models (tests of this script)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         resolve_amp("bf16", device)
         bf16 = not args.no_bf16
@@ -123,27 +134,37 @@ def main() -> None:
                 f"Lite0 @{load_checkpoint(lite0).spec.image_size}{' (demo model)' if args.checkpoint else ''}": lite0,
                 f"SwinV2-T @{args.swin_size}": untrained(tmp, "swinv2", "swinv2_tiny_window8_256", args.swin_size),
             }  # fmt: skip
-        print(f"{args.images} JPEGs of {args.width}×{args.height}; {machine(device)}; device {device}")
+        threads = f"{args.threads} thread(s) for both runtimes" if args.threads else "default threads"
+        print(
+            f"{args.images} JPEGs of {args.width}×{args.height}; {machine(device)}; device {device}; {threads}"
+        )
         print("exporting …")
         files = {name: exports(ckpt, tmp, photos, args.calibration_images) for name, ckpt in models.items()}
 
         rows = []
         for name, ckpt in models.items():
             for batch in args.batch_sizes:
-                scorers = predictors(ckpt, files[name], device, batch, bf16)
+                scorers = predictors(ckpt, files[name], device, batch, bf16, args.threads)
                 for scorer in scorers.values():  # warm-up: allocations, kernels, file cache
                     scorer.score(photos[: 2 * batch])
-                times = {variant: [] for variant in scorers}
+                # The folder in --chunks parts, the variants in turn on each part (rotating who goes first),
+                # so that load from other processes on a shared machine falls on all variants alike.
+                times = {variant: [0.0] * args.repeats for variant in scorers}
                 names = list(scorers)
+                parts = [photos[i :: args.chunks] for i in range(args.chunks)]
                 for r in range(args.repeats):
-                    k = r % len(names)
-                    for variant in names[k:] + names[:k]:
-                        times[variant].append(timed(device, lambda s=scorers[variant]: s.score(folder)))
+                    for p, part in enumerate(parts):
+                        k = (r * len(parts) + p) % len(names)
+                        for variant in names[k:] + names[:k]:
+                            times[variant][r] += timed(device, lambda s=scorers[variant], x=part: s.score(x))
                 base = args.images / statistics.median(times["PyTorch fp32"])
                 for variant in names:
                     rate = args.images / statistics.median(times[variant])
                     rows.append(f"| {name} | {batch} | {variant} | {rate:.1f} | {rate / base:.2f}× |")
-        print(f"\nimages/s scoring {args.images} JPEGs with Predictor.score (median of {args.repeats})\n")
+        print(
+            f"\nimages/s scoring {args.images} JPEGs with Predictor.score (variants alternated on "
+            f"{args.chunks} parts; median of {args.repeats} passes)\n"
+        )
         print("| model | batch | runtime | img/s | × PyTorch fp32 |")
         print("|---|---|---|---|---|")
         print("\n".join(rows))
@@ -153,7 +174,7 @@ def main() -> None:
         checkpoint = load_checkpoint(args.checkpoint)
         frame = select_split(read_dataset(RunConfig.from_dict(checkpoint.config)).frame, "test")
         name = next(iter(models))
-        scorers = predictors(Path(args.checkpoint), files[name], device, 32, bf16)
+        scorers = predictors(Path(args.checkpoint), files[name], device, 32, bf16, args.threads)
         print(f"\n{name}: its test split ({len(frame)} images), each runtime\n")
         print("| runtime | " + " | ".join(label for _, label in METRICS) + " |")
         print("|---" * (len(METRICS) + 1) + "|")
