@@ -65,10 +65,8 @@ def test_split(demo_data):
 def predict_csv(checkpoint, paths, out, *extra) -> pd.DataFrame:
     listing = out.with_suffix(".txt")
     listing.write_text("\n".join(paths) + "\n")
-    code = main(
-        ["predict", str(listing), "--checkpoint", str(checkpoint), "--out", str(out), "--workers", "0"]
-    )
-    assert code == 0
+    argv = ["predict", str(listing), "--checkpoint", str(checkpoint), "--out", str(out), "--workers", "0"]
+    assert main([*argv, *extra]) == 0
     frame = pd.read_csv(out)
     return frame.assign(error=frame["error"].fillna(""))
 
@@ -139,6 +137,16 @@ def test_onnx_export_scores_the_test_split_like_elta_predict(
     # elta.load takes the file too, with the same columns
     frame = elta.load(out, device="cpu", workers=0).score(test_split)
     assert numeric_gap(frame, reference) <= 1e-4
+
+
+def test_a_checkpoint_runs_on_onnxruntime_when_asked(checkpoints, exported, test_split, tmp_path):
+    ckpt = checkpoints["calibrated"]
+    raw = predict_csv(ckpt, test_split, tmp_path / "torch.csv", "--no-calibration")
+    in_memory = predict_csv(ckpt, test_split, tmp_path / "mem.csv", "--runtime", "onnx", "--no-calibration")
+    assert "score_uncalibrated" not in raw and numeric_gap(in_memory, raw) <= 1e-4
+    # an exported file with a baked map still gives the model's own score under --no-calibration
+    from_file = predict_csv(exported["calibrated"], test_split, tmp_path / "file.csv", "--no-calibration")
+    assert numeric_gap(from_file, raw) <= 1e-4
 
 
 def test_onnx_metadata_round_trip(checkpoints, exported):

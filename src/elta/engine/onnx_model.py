@@ -168,11 +168,10 @@ class OnnxModel:
 
 def dataset_name(checkpoint: Checkpoint) -> str:
     """The training dataset as the checkpoint records it: its annotation file and format."""
-    data = (checkpoint.config or {}).get("data", {}) if isinstance(checkpoint.config, dict) else {}
-    name = Path(str(data.get("data") or "")).name
-    fmt = checkpoint.spec.dataset_format
-    if checkpoint.imported_from is not None and not name:
+    if checkpoint.imported_from is not None:
         return "AVA (original ELTA release)"
+    name = Path(str((checkpoint.config or {}).get("data", {}).get("data") or "")).name
+    fmt = checkpoint.spec.dataset_format
     return f"{name} ({fmt})" if name and fmt else name or fmt or "unknown"
 
 

@@ -80,7 +80,7 @@ def _check_inputs(spec, images: Sequence) -> tuple[torch.Tensor, str]:
     dataset = ImageListDataset(list_images(list(images)), transform)
     batch = collate([dataset[i] for i in range(len(dataset))])
     if batch.failures:
-        index, reason = batch.failures[0]
+        _, reason = batch.failures[0]
         raise ConfigError(f"parity image {reason}")
     return batch.images, f"{len(batch)} images"
 
@@ -253,7 +253,7 @@ def export_checkpoint(
         return ExportResult(out, format, exporter, graph.output_names, deviation, checked_on, metadata=meta)
 
     try:
-        import onnx  # noqa: F401
+        import onnx
     except ImportError as exc:
         raise UnavailableError(f"ONNX export needs onnx and onnxruntime: {EXPORT_EXTRA}") from exc
     with torch.no_grad():
@@ -264,17 +264,17 @@ def export_checkpoint(
     meta["dynamic_batch"] = dynamic_batch
     if quantize:
         meta["quantized"] = f"{quantize} {quantize_method}"
-    import onnx
-
     onnx.helper.set_model_props(proto, readable_metadata(meta))
     data = proto.SerializeToString()
     if quantize:
         transform = ImageTransform.from_spec(spec, train=False, normalize=False)
-        chosen = (
-            list_images(list(quantize_images))
-            if quantize_images
-            else (quantization_images(checkpoint, quantize_count) if quantize_method == "static" else [])
-        )
+        chosen = []  # dynamic quantisation needs no images
+        if quantize_method == "static":
+            chosen = (
+                list_images(list(quantize_images))
+                if quantize_images
+                else quantization_images(checkpoint, quantize_count)
+            )
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
             fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
