@@ -151,7 +151,7 @@ def main() -> None:
                 # so that load from other processes on a shared machine falls on all variants alike.
                 times = {variant: [0.0] * args.repeats for variant in scorers}
                 names = list(scorers)
-                parts = [photos[i :: args.chunks] for i in range(args.chunks)]
+                parts = [photos[i :: args.chunks] for i in range(min(args.chunks, len(photos)))]
                 for r in range(args.repeats):
                     for p, part in enumerate(parts):
                         k = (r * len(parts) + p) % len(names)
