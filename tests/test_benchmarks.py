@@ -12,6 +12,23 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 RUNS = {
+    "export_speed.py": (
+        [
+            "--quick",
+            "--images",
+            "4",
+            "--batch-sizes",
+            "2",
+            "--calibration-images",
+            "4",
+            "--width",
+            "320",
+            "--height",
+            "240",
+            "--no-bf16",
+        ],
+        "| test_convnext @48 | 2 | ONNX Runtime INT8 |",
+    ),  # fmt: skip
     "enhancer_overhead.py": (
         [
             "--backbone",

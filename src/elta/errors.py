@@ -22,6 +22,7 @@ __all__ = [
     "CalibrationError",
     "StaleStageError",
     "UnavailableError",
+    "ExportError",
 ]
 
 
@@ -87,3 +88,8 @@ class StaleStageError(EltaError, RuntimeError):
 class UnavailableError(EltaError, RuntimeError):
     """What a setting asks for is not available here: a CUDA device, the compiler stack, an optional package,
     or a folder that another process holds."""
+
+
+class ExportError(EltaError, RuntimeError):
+    """A model cannot be exported: no exporter handles it, or the exported model does not reproduce the PyTorch
+    model's scores within the tolerance. Nothing is written."""

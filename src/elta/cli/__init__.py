@@ -13,7 +13,7 @@ import logging
 import sys
 
 from elta import launch
-from elta.cli import data, score, serve, train
+from elta.cli import data, export, score, serve, train
 from elta.errors import ConfigError, EltaError
 
 __all__ = ["main", "build_parser"]
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_commands(sub)
     data.add_commands(sub)
     serve.add_commands(sub)
+    export.add_commands(sub)
     for command in _subparsers(parser):
         _add_verbosity(command, default=argparse.SUPPRESS)  # -q / -v after the command name too
     return parser

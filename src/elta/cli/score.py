@@ -78,9 +78,13 @@ def calibrate(args: argparse.Namespace) -> int:
     title = f"{selection.chosen} calibration fitted on split '{args.split}' (same rows: SRCC cannot change)"
     print(format_calibration_report(result["report"], title=title))
     if selection.calibration is None:
-        print(f"\nno map serves the tails better than none: {result['checkpoint']} now has no calibration map")
+        print(
+            f"\nno map serves the tails better than none: {result['checkpoint']} now has no calibration map"
+        )
     else:
-        print(f"\nstored in {result['checkpoint']}: predict and evaluate apply it (--no-calibration to switch off)")
+        print(
+            f"\nstored in {result['checkpoint']}: predict and evaluate apply it (--no-calibration to switch off)"
+        )
     return 0
 
 
@@ -88,7 +92,9 @@ def _open_predictor(args: argparse.Namespace, runtime):
     """The one place ``predict`` builds its scorer from the command line."""
     from elta.engine.predictor import Predictor
 
-    return Predictor.from_checkpoint(args.checkpoint, runtime, calibrated=not args.no_calibration)
+    return Predictor.from_checkpoint(
+        args.checkpoint, runtime, calibrated=not args.no_calibration, backend=args.runtime
+    )
 
 
 def _worker_predictor(args: argparse.Namespace):
@@ -358,7 +364,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="image files, folders (recursive), path lists (.txt, .lst, .csv, .parquet) or WebDataset tar "
         "shards (.tar, .tar.gz; glob patterns such as 'shards/*.tar')",
     )
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file, run folder or exported .onnx")
+    p.add_argument(
+        "--runtime",
+        default="auto",
+        choices=("auto", "torch", "onnx"),
+        help="auto (default: .onnx on onnxruntime, a checkpoint on PyTorch), torch, or onnx",
+    )
     p.add_argument(
         "--out",
         help="scores file: .parquet (best for large jobs), .csv, .jsonl or .json (default: CSV on standard "

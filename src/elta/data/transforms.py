@@ -23,7 +23,8 @@ __all__ = ["ImageTransform"]
 
 @dataclass(frozen=True)
 class ImageTransform:
-    """PIL RGB image -> normalised float tensor [3, image_size, image_size]."""
+    """PIL RGB image -> normalised float tensor [3, image_size, image_size] (with ``normalize`` off: RGB in
+    [0, 1], for an exported model that normalises inside its graph)."""
 
     image_size: int
     resize: int
@@ -31,6 +32,7 @@ class ImageTransform:
     std: tuple[float, ...]
     interpolation: str = "bicubic"
     train: bool = False
+    normalize: bool = True
 
     def __call__(self, image: Image.Image, seed: int | None = None) -> torch.Tensor:
         interp = InterpolationMode(self.interpolation)
@@ -45,7 +47,7 @@ class ImageTransform:
         else:
             image = TF.resize(image, [self.image_size, self.image_size], interpolation=interp)
         tensor = TF.pil_to_tensor(image).float().div_(255.0)
-        return TF.normalize(tensor, self.mean, self.std)
+        return TF.normalize(tensor, self.mean, self.std) if self.normalize else tensor
 
     @property
     def needed_size(self) -> int:
@@ -53,6 +55,14 @@ class ImageTransform:
         return self.resize if self.train else self.image_size
 
     @classmethod
-    def from_spec(cls, spec, train: bool = False) -> ImageTransform:
+    def from_spec(cls, spec, train: bool = False, normalize: bool = True) -> ImageTransform:
         """From a :class:`elta.models.ModelSpec` (or anything with the same attributes)."""
-        return cls(spec.image_size, spec.resize, tuple(spec.mean), tuple(spec.std), spec.interpolation, train)
+        return cls(
+            spec.image_size,
+            spec.resize,
+            tuple(spec.mean),
+            tuple(spec.std),
+            spec.interpolation,
+            train,
+            normalize,
+        )

@@ -23,9 +23,10 @@ from elta.calibration import calibrated_scores
 from elta.data.dataset import AnnotationDataset, ImageListDataset, ImageStreamDataset, dist_columns
 from elta.data.images import IMAGE_EXTENSIONS, LIST_SUFFIXES, list_images
 from elta.data.transforms import ImageTransform
+from elta.engine.onnx_model import OnnxModel, open_model
 from elta.engine.runtime import Runtime
 from elta.errors import ConfigError, ImageLoadError, IncompatibleDataError, UnavailableError
-from elta.models.checkpoint import Checkpoint, load_checkpoint
+from elta.models.checkpoint import Checkpoint
 from elta.models.model import AestheticModel, ModelOutput, ModelSpec
 from elta.progress import progress_bar
 from elta.utils import atomic_write, atomic_write_text
@@ -76,7 +77,7 @@ class Predictor:
     """
 
     def __init__(
-        self, model: AestheticModel, runtime: Runtime | None = None, *, calibrated: bool = True
+        self, model: AestheticModel | OnnxModel, runtime: Runtime | None = None, *, calibrated: bool = True
     ) -> None:
         self.runtime = runtime or Runtime()
         self.model = self.runtime.precision.prepare(model.to(self.runtime.device))
@@ -84,13 +85,19 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: Checkpoint | str | Path, runtime: Runtime | None = None, *, calibrated: bool = True
+        cls,
+        checkpoint: Checkpoint | str | Path,
+        runtime: Runtime | None = None,
+        *,
+        calibrated: bool = True,
+        backend: str = "auto",
     ) -> Predictor:
-        """From a checkpoint (elta's, a run folder, or the original release's)."""
-        if not isinstance(checkpoint, Checkpoint):
-            checkpoint = load_checkpoint(checkpoint)
+        """From a checkpoint (elta's, a run folder, or the original release's) or an ``elta export`` ONNX file.
+
+        ``backend``: auto (an ``.onnx`` file on onnxruntime, a checkpoint on PyTorch), torch, or onnx (a
+        checkpoint is exported in memory and run by onnxruntime)."""
         runtime = runtime or Runtime()
-        return cls(checkpoint.build_model(runtime.device), runtime, calibrated=calibrated)
+        return cls(open_model(checkpoint, runtime.device, backend), runtime, calibrated=calibrated)
 
     @property
     def spec(self) -> ModelSpec:
@@ -98,8 +105,9 @@ class Predictor:
 
     @property
     def transform(self) -> ImageTransform:
-        """The eval transform of the model's spec (resize to image_size, its normalisation)."""
-        return ImageTransform.from_spec(self.spec, train=False)
+        """The eval transform of the model's spec (resize to image_size, its normalisation unless the model
+        normalises its input itself, as an exported one does)."""
+        return ImageTransform.from_spec(self.spec, train=False, normalize=not self.model.normalizes_input)
 
     # --- what can be scored -----------------------------------------------------------------------------
 
@@ -265,7 +273,9 @@ class Predictor:
             )
 
     def _forward(self, images: torch.Tensor) -> ModelOutput:
-        """The backbone under the runtime's precision, the head in float32."""
+        """The backbone under the runtime's precision, the head in float32 (an exported model: its graph)."""
+        if isinstance(self.model, OnnxModel):
+            return self.model(images)
         return self.model.forward_head(self.runtime.precision.features(self.model.forward_features, images))
 
     def _head_on_features(self, features: torch.Tensor) -> ModelOutput:
@@ -343,10 +353,12 @@ def load(
     amp: str = "auto",
     workers: int | None = None,
     calibrated: bool = True,
+    backend: str = "auto",
 ) -> Predictor:
-    """Load a checkpoint (file, run folder, or an original-release file) for scoring."""
+    """Load a checkpoint (file, run folder, or an original-release file) or an ``elta export`` ONNX file for
+    scoring; ``backend`` auto | torch | onnx as in :meth:`Predictor.from_checkpoint`."""
     runtime = Runtime.create(device, amp=amp, batch_size=batch_size, workers=workers)
-    return Predictor.from_checkpoint(checkpoint, runtime, calibrated=calibrated)
+    return Predictor.from_checkpoint(checkpoint, runtime, calibrated=calibrated, backend=backend)
 
 
 SCORE_FORMATS = (".csv", ".json", ".jsonl", ".parquet")

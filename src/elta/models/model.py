@@ -83,6 +83,8 @@ class ModelSpec:
 
 
 class AestheticModel(nn.Module):
+    normalizes_input = False  # takes images normalised by the eval transform (an exported graph normalises)
+
     def __init__(self, backbone: nn.Module, spec: ModelSpec, loss: str | None = None) -> None:
         """``loss``: the scalar head's training loss, mse (default) or l1."""
         super().__init__()
