@@ -14,6 +14,20 @@ from pathlib import Path
 import httpx
 
 
+def calibrated_run(data_root: Path, root: Path) -> tuple[Path, Path]:
+    """A tiny trained run in ``root/run`` and a copy of its best.pt with an affine calibration map fitted on the
+    val split (so a page or an answer shows both scores)."""
+    from conftest import tiny_config
+    from elta.cli import main
+    from elta.engine.trainer import train
+
+    train(tiny_config(data_root), root / "run")
+    calibrated = root / "calibrated.pt"
+    args = ["calibrate", "--checkpoint", str(root / "run"), "--method", "affine", "--out", str(calibrated)]
+    assert main([*args, "--device", "cpu", "--workers", "0"]) == 0
+    return root / "run", calibrated
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -19,13 +19,12 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import elta  # noqa: E402
-from conftest import tiny_config  # noqa: E402
 from elta.cli import main  # noqa: E402
-from elta.engine.trainer import train  # noqa: E402
 from elta.errors import UnavailableError  # noqa: E402
 from elta.models.checkpoint import load_checkpoint  # noqa: E402
 from elta.models.model import score_quantiles  # noqa: E402
 from elta.workflows.serve import Batcher, ServeSettings, create_app  # noqa: E402
+from serve_process import calibrated_run  # noqa: E402
 
 CPU = ["--device", "cpu", "--workers", "0"]
 
@@ -33,25 +32,7 @@ CPU = ["--device", "cpu", "--workers", "0"]
 @pytest.fixture(scope="module")
 def checkpoints(demo_data, tmp_path_factory):
     """A tiny trained run and a copy of its best.pt with an affine calibration map fitted on the val split."""
-    root = tmp_path_factory.mktemp("serve_api")
-    train(tiny_config(demo_data), root / "run")
-    calibrated = root / "calibrated.pt"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--checkpoint",
-                str(root / "run"),
-                "--method",
-                "affine",
-                "--out",
-                str(calibrated),
-                *CPU,
-            ]
-        )
-        == 0
-    )
-    return root / "run", calibrated
+    return calibrated_run(demo_data, tmp_path_factory.mktemp("serve_api"))
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from conftest import tiny_config  # noqa: E402
-from elta.cli import main  # noqa: E402
-from elta.engine.trainer import train  # noqa: E402
-from serve_process import running_server  # noqa: E402
+from serve_process import calibrated_run, running_server  # noqa: E402
 
 CHROMIUM = os.environ.get("ELTA_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -44,26 +41,7 @@ def _browser_or_skip():
 @pytest.fixture(scope="module")
 def checkpoint(demo_data, tmp_path_factory):
     """A tiny trained run with an affine calibration map, so the page shows both scores."""
-    root = tmp_path_factory.mktemp("serve_browser")
-    train(tiny_config(demo_data), root / "run")
-    calibrated = root / "calibrated.pt"
-    cpu = ["--device", "cpu", "--workers", "0"]
-    assert (
-        main(
-            [
-                "calibrate",
-                "--checkpoint",
-                str(root / "run"),
-                "--method",
-                "affine",
-                "--out",
-                str(calibrated),
-                *cpu,
-            ]
-        )
-        == 0
-    )
-    return calibrated
+    return calibrated_run(demo_data, tmp_path_factory.mktemp("serve_browser"))[1]
 
 
 def test_the_page_scores_two_dropped_photos_as_the_api_does(checkpoint, demo_data, tmp_path):
