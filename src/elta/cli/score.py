@@ -77,14 +77,11 @@ def calibrate(args: argparse.Namespace) -> int:
         print(format_selection(selection) + "\n")
     title = f"{selection.chosen} calibration fitted on split '{args.split}' (same rows: SRCC cannot change)"
     print(format_calibration_report(result["report"], title=title))
+    where = result["checkpoint"]
     if selection.calibration is None:
-        print(
-            f"\nno map serves the tails better than none: {result['checkpoint']} now has no calibration map"
-        )
+        print(f"\nno map serves the tails better than none: {where} now has no calibration map")
     else:
-        print(
-            f"\nstored in {result['checkpoint']}: predict and evaluate apply it (--no-calibration to switch off)"
-        )
+        print(f"\nstored in {where}: predict and evaluate apply it (--no-calibration to switch off)")
     return 0
 
 
@@ -273,27 +270,13 @@ def pseudo_label(args: argparse.Namespace) -> int:
 
     calibration = None
     if args.calibrate_data:
-        data = DataConfig(
-            data=args.calibrate_data,
-            images=args.calibrate_images,
-            format=args.calibrate_format,
-            splits=args.calibrate_splits,
-        )
-        calibration = RunConfig(data=data)
+        data = {key: getattr(args, f"calibrate_{key}") for key in ("data", "images", "format", "splits")}
+        calibration = RunConfig(data=DataConfig(**data))
     runtime = build_runtime(apply_options(RunConfig(), args).runtime)
+    names = ("calibrate_split", "beta", "threshold", "betas", "thresholds", "min_selected", "weight")
+    options = {name: getattr(args, name) for name in names}
     summary = pseudo_label_run(
-        args.checkpoint,
-        args.unlabeled,
-        args.out,
-        runtime,
-        calibration=calibration,
-        calibrate_split=args.calibrate_split,
-        beta=args.beta,
-        threshold=args.threshold,
-        betas=args.betas,
-        thresholds=args.thresholds,
-        min_selected=args.min_selected,
-        weight=args.weight,
+        args.checkpoint, args.unlabeled, args.out, runtime, calibration=calibration, **options
     )
     if summary["grid"]:
         print(f"calibration grid (selected / MAE), {summary['chosen_by']}:\n{format_grid(summary['grid'])}")
