@@ -186,9 +186,7 @@ def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     Returns ``(value, weight, size)`` of each block, values strictly increasing (equal neighbours are pooled
     too). ``size`` counts the entries of ``y`` in the block, in order.
     """
-    values: list[float] = []
-    weights: list[float] = []
-    sizes: list[int] = []
+    values, weights, sizes = [], [], []
     for v, wt in zip(y.tolist(), w.tolist(), strict=True):
         size = 1
         while values and values[-1] >= v:
@@ -267,10 +265,8 @@ def calibration_report(pred, gt, cal: Calibration, **evaluate_kwargs) -> dict[st
     """
     evaluate_kwargs.setdefault("score_range", cal.score_range)
     p, g = as_pair(pred, gt)
-    return {
-        "before": evaluate(p, g, **evaluate_kwargs),
-        "after": evaluate(cal.apply(p), g, **evaluate_kwargs),
-    }
+    before, after = (evaluate(values, g, **evaluate_kwargs) for values in (p, cal.apply(p)))
+    return {"before": before, "after": after}
 
 
 def _change(key: str, before, after) -> str:
@@ -397,13 +393,7 @@ def _candidates(p, g, score_range, train_gt) -> dict[str, Calibration | None]:
 
 
 def select_calibration(
-    pred,
-    gt,
-    *,
-    score_range: tuple[float, float],
-    train_gt=None,
-    objective: str = "tail",
-    seed: int = 0,
+    pred, gt, *, score_range: tuple[float, float], train_gt=None, objective: str = "tail", seed: int = 0
 ) -> Selection:
     """Choose the map that best serves the tails, never one worse than none on the validation rows.
 

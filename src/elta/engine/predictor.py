@@ -60,13 +60,9 @@ class Predictions:
     def select(self, rows: np.ndarray) -> Predictions:
         """The predictions of ``rows`` (a boolean mask or indices), in that order."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
-        return Predictions(
-            score=self.score[rows],
-            std=self.std[rows],
-            dist=None if self.dist is None else self.dist[rows],
-            errors=[self.errors[i] for i in rows],
-            uncalibrated=None if self.uncalibrated is None else self.uncalibrated[rows],
-        )
+        arrays = {name: getattr(self, name) for name in ("score", "std", "dist", "uncalibrated")}
+        picked = {name: None if values is None else values[rows] for name, values in arrays.items()}
+        return Predictions(**picked, errors=[self.errors[i] for i in rows])
 
 
 class Predictor:
