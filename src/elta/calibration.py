@@ -370,26 +370,24 @@ class Selection:
 
 def _candidates(p, g, score_range, train_gt) -> dict[str, Calibration | None]:
     """Every map of the auto search fitted on (p, g); a map the data do not allow is left out."""
+    fitted: dict[str, Calibration] = {}
+    for method in METHODS:
+        if method == "quantile" and train_gt is None:
+            continue
+        try:
+            fitted[method] = fit_calibration(p, g, method, score_range=score_range, train_gt=train_gt)
+        except CalibrationError:
+            pass
     found: dict[str, Calibration | None] = {"identity": None}
-    try:
-        affine = fit_calibration(p, g, "affine", score_range=score_range)
-    except CalibrationError:
-        affine = None
-    if affine is not None:
+    if "affine" in fitted:
+        affine = fitted.pop("affine")
         a, b = affine.params["a"], affine.params["b"]
         for lam in _BLENDS:
             slope = 1.0 + lam * (a - 1.0)
             if slope > 0:
                 params = {"a": slope, "b": lam * b}
                 found[f"affine λ={lam:g}"] = Calibration("affine", params, score_range, p.size)
-    for method in ("quantile", "isotonic"):
-        if method == "quantile" and train_gt is None:
-            continue
-        try:
-            found[method] = fit_calibration(p, g, method, score_range=score_range, train_gt=train_gt)
-        except CalibrationError:
-            pass
-    return found
+    return found | fitted
 
 
 def select_calibration(
