@@ -90,12 +90,9 @@ def add_photo_arguments(parser: argparse.ArgumentParser) -> None:
 def random_batch(b: int, size: int, device: torch.device) -> Batch:
     """A training batch of random images [b, 3, size, size] with 10-bin vote distributions."""
     dist = torch.softmax(torch.randn(b, 10), 1).to(device)
+    images, mos = torch.randn(b, 3, size, size, device=device), dist @ torch.arange(1.0, 11.0, device=device)
     return Batch(
-        images=torch.randn(b, 3, size, size, device=device),
-        indices=torch.arange(b),
-        mos=dist @ torch.arange(1.0, 11.0, device=device),
-        dist=dist,
-        weight=torch.ones(b, device=device),
+        images=images, indices=torch.arange(b), mos=mos, dist=dist, weight=torch.ones(b, device=device)
     )
 
 

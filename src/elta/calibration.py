@@ -186,9 +186,7 @@ def _pav(y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     Returns ``(value, weight, size)`` of each block, values strictly increasing (equal neighbours are pooled
     too). ``size`` counts the entries of ``y`` in the block, in order.
     """
-    values: list[float] = []
-    weights: list[float] = []
-    sizes: list[int] = []
+    values, weights, sizes = [], [], []
     for v, wt in zip(y.tolist(), w.tolist(), strict=True):
         size = 1
         while values and values[-1] >= v:
@@ -267,10 +265,8 @@ def calibration_report(pred, gt, cal: Calibration, **evaluate_kwargs) -> dict[st
     """
     evaluate_kwargs.setdefault("score_range", cal.score_range)
     p, g = as_pair(pred, gt)
-    return {
-        "before": evaluate(p, g, **evaluate_kwargs),
-        "after": evaluate(cal.apply(p), g, **evaluate_kwargs),
-    }
+    before, after = (evaluate(values, g, **evaluate_kwargs) for values in (p, cal.apply(p)))
+    return {"before": before, "after": after}
 
 
 def _change(key: str, before, after) -> str:
@@ -374,36 +370,28 @@ class Selection:
 
 def _candidates(p, g, score_range, train_gt) -> dict[str, Calibration | None]:
     """Every map of the auto search fitted on (p, g); a map the data do not allow is left out."""
+    fitted: dict[str, Calibration] = {}
+    for method in METHODS:
+        if method == "quantile" and train_gt is None:
+            continue
+        try:
+            fitted[method] = fit_calibration(p, g, method, score_range=score_range, train_gt=train_gt)
+        except CalibrationError:
+            pass
     found: dict[str, Calibration | None] = {"identity": None}
-    try:
-        affine = fit_calibration(p, g, "affine", score_range=score_range)
-    except CalibrationError:
-        affine = None
-    if affine is not None:
+    if "affine" in fitted:
+        affine = fitted.pop("affine")
         a, b = affine.params["a"], affine.params["b"]
         for lam in _BLENDS:
             slope = 1.0 + lam * (a - 1.0)
             if slope > 0:
                 params = {"a": slope, "b": lam * b}
                 found[f"affine λ={lam:g}"] = Calibration("affine", params, score_range, p.size)
-    for method in ("quantile", "isotonic"):
-        if method == "quantile" and train_gt is None:
-            continue
-        try:
-            found[method] = fit_calibration(p, g, method, score_range=score_range, train_gt=train_gt)
-        except CalibrationError:
-            pass
-    return found
+    return found | fitted
 
 
 def select_calibration(
-    pred,
-    gt,
-    *,
-    score_range: tuple[float, float],
-    train_gt=None,
-    objective: str = "tail",
-    seed: int = 0,
+    pred, gt, *, score_range: tuple[float, float], train_gt=None, objective: str = "tail", seed: int = 0
 ) -> Selection:
     """Choose the map that best serves the tails, never one worse than none on the validation rows.
 

@@ -146,11 +146,12 @@ class _Section:
                 raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
             setattr(self, f.name, value)
 
-    def _positive(self, key: str, allow_zero: bool = False) -> None:
-        value = getattr(self, key)
-        if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-            where = setting_name(self.section, key)
-            raise ConfigError(f"{where} must be {'≥' if allow_zero else '>'} 0; got {value!r}")
+    def _positive(self, *keys: str, allow_zero: bool = False) -> None:
+        for key in keys:
+            value = getattr(self, key)
+            if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+                where = setting_name(self.section, key)
+                raise ConfigError(f"{where} must be {'≥' if allow_zero else '>'} 0; got {value!r}")
 
 
 @dataclass
@@ -212,8 +213,7 @@ class ModelConfig(_Section):
 
     def __post_init__(self) -> None:
         self._coerce()
-        self._positive("image_size")
-        self._positive("resize")
+        self._positive("image_size", "resize")
         if self.resize is not None and self.image_size is not None and self.resize < self.image_size:
             raise ConfigError(
                 f"{setting_name('model', 'resize')} ({self.resize}) must be ≥ model.image_size "
@@ -254,16 +254,14 @@ class TrainConfig(_Section):
 
     def __post_init__(self) -> None:
         self._coerce()
-        self._positive("epochs")
-        self._positive("batch_size")
+        self._positive("epochs", "batch_size")
         if self.batch_size < 2:
             where = setting_name("train", "batch_size")
             raise ConfigError(
                 f"{where} must be ≥ 2 (batch statistics need two samples); got {self.batch_size}"
             )
         self._positive("lr")
-        for key in ("weight_decay", "warmup_epochs", "grad_clip", "checkpoint_every"):
-            self._positive(key, allow_zero=True)
+        self._positive("weight_decay", "warmup_epochs", "grad_clip", "checkpoint_every", allow_zero=True)
 
 
 @dataclass

@@ -118,8 +118,7 @@ def emd(pred_dist, gt_dist, r: float = 2.0) -> float:
     pred_dist, gt_dist: [N, K] non-negative weights over K ordered bins; each row is normalised to sum 1, so
     vote counts work as well as probabilities. Per sample ``(mean_k |CDF_pred(k) - CDF_gt(k)|^r)^(1/r)``.
     """
-    p = np.asarray(pred_dist, dtype=np.float64)
-    q = np.asarray(gt_dist, dtype=np.float64)
+    p, q = (np.asarray(d, dtype=np.float64) for d in (pred_dist, gt_dist))
     if p.ndim != 2 or p.shape != q.shape:
         raise ValueError(f"pred_dist {p.shape} and gt_dist {q.shape} must both be [N, K] with the same shape")
     if p.shape[0] == 0:
@@ -131,8 +130,7 @@ def emd(pred_dist, gt_dist, r: float = 2.0) -> float:
                 f"{name}: {bad.size} row(s) not a distribution (non-finite, negative or all zero), "
                 f"first at row {bad[0]}"
             )
-    p = p / p.sum(axis=1, keepdims=True)
-    q = q / q.sum(axis=1, keepdims=True)
+    p, q = (d / d.sum(axis=1, keepdims=True) for d in (p, q))
     cdf_diff = np.abs(np.cumsum(p, axis=1) - np.cumsum(q, axis=1))
     return float(np.mean(np.mean(cdf_diff**r, axis=1) ** (1.0 / r)))
 
@@ -260,9 +258,7 @@ def format_metrics(metrics: dict, title: str | None = None) -> str:
         return f"{label:<{width_l}}  {value:>{width_v}}"
 
     lines = [title] if title else []
-    lines.append(line(*rows[0]))
-    lines.append("-" * (width_l + 2 + width_v))
-    lines += [line(*row) for row in rows[1:]]
+    lines += [line(*rows[0]), "-" * (width_l + 2 + width_v), *(line(*row) for row in rows[1:])]
     if tail:
         lines.append("long tail")
         lines += [line(*row) for row in tail]

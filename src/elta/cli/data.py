@@ -95,12 +95,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="the original checkpoint (.pth with 'state_dict': vit.*, linear_emd.*, …)")
     p.add_argument("out", help="the elta checkpoint to write")
     heads = ("auto", "distribution", "scalar")
-    p.add_argument(
-        "--head",
-        default="auto",
-        choices=heads,
-        help="which of its heads was trained (auto: read from the optimizer state)",
-    )
+    which = "which of its heads was trained (auto: read from the optimizer state)"
+    p.add_argument("--head", default="auto", choices=heads, help=which)
     p.add_argument("--backbone", default=PAPER_BACKBONE, help=f"timm model name (default {PAPER_BACKBONE})")
     p.add_argument("--image-size", type=int, default=256, help="input size in px (default 256)")
     p.set_defaults(func=import_checkpoint)

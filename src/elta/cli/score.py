@@ -77,14 +77,11 @@ def calibrate(args: argparse.Namespace) -> int:
         print(format_selection(selection) + "\n")
     title = f"{selection.chosen} calibration fitted on split '{args.split}' (same rows: SRCC cannot change)"
     print(format_calibration_report(result["report"], title=title))
+    where = result["checkpoint"]
     if selection.calibration is None:
-        print(
-            f"\nno map serves the tails better than none: {result['checkpoint']} now has no calibration map"
-        )
+        print(f"\nno map serves the tails better than none: {where} now has no calibration map")
     else:
-        print(
-            f"\nstored in {result['checkpoint']}: predict and evaluate apply it (--no-calibration to switch off)"
-        )
+        print(f"\nstored in {where}: predict and evaluate apply it (--no-calibration to switch off)")
     return 0
 
 
@@ -132,14 +129,8 @@ def predict(args: argparse.Namespace) -> int:
 def _selection(args: argparse.Namespace):
     from elta.workflows.collection import Selection
 
-    fraction = Selection.parse_fraction
-    return Selection(
-        top=fraction(args.top) if args.top else None,
-        bottom=fraction(args.bottom) if args.bottom else None,
-        min_score=args.min_score,
-        copy_to=args.copy_to,
-        link=args.link,
-    )
+    top, bottom = (Selection.parse_fraction(v) if v else None for v in (args.top, args.bottom))
+    return Selection(top=top, bottom=bottom, min_score=args.min_score, copy_to=args.copy_to, link=args.link)
 
 
 def _runtime_config(args: argparse.Namespace) -> RuntimeConfig:
@@ -181,15 +172,9 @@ def _predict_collection(args: argparse.Namespace) -> int:
 
         if args.shard or args.resume:
             raise ConfigError("--engine ray schedules the whole collection itself: drop --shard and --resume")
-        written = score_with_ray(
-            partial(_worker_predictor, args),
-            collection,
-            args.out,
-            address=args.address,
-            actors=args.actors,
-            gpus_per_actor=args.num_gpus_per_worker,
-            batch_size=runtime.batch_size,
-        )
+        ray = {"address": args.address, "actors": args.actors, "gpus_per_actor": args.num_gpus_per_worker}
+        scorer = partial(_worker_predictor, args)
+        written = score_with_ray(scorer, collection, args.out, batch_size=runtime.batch_size, **ray)
         score_range = _open_predictor(args, runtime).score_range
     else:
         predictor = _open_predictor(args, runtime)
@@ -273,27 +258,13 @@ def pseudo_label(args: argparse.Namespace) -> int:
 
     calibration = None
     if args.calibrate_data:
-        data = DataConfig(
-            data=args.calibrate_data,
-            images=args.calibrate_images,
-            format=args.calibrate_format,
-            splits=args.calibrate_splits,
-        )
-        calibration = RunConfig(data=data)
+        data = {key: getattr(args, f"calibrate_{key}") for key in ("data", "images", "format", "splits")}
+        calibration = RunConfig(data=DataConfig(**data))
     runtime = build_runtime(apply_options(RunConfig(), args).runtime)
+    names = ("calibrate_split", "beta", "threshold", "betas", "thresholds", "min_selected", "weight")
+    options = {name: getattr(args, name) for name in names}
     summary = pseudo_label_run(
-        args.checkpoint,
-        args.unlabeled,
-        args.out,
-        runtime,
-        calibration=calibration,
-        calibrate_split=args.calibrate_split,
-        beta=args.beta,
-        threshold=args.threshold,
-        betas=args.betas,
-        thresholds=args.thresholds,
-        min_selected=args.min_selected,
-        weight=args.weight,
+        args.checkpoint, args.unlabeled, args.out, runtime, calibration=calibration, **options
     )
     if summary["grid"]:
         print(f"calibration grid (selected / MAE), {summary['chosen_by']}:\n{format_grid(summary['grid'])}")
@@ -365,12 +336,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "shards (.tar, .tar.gz; glob patterns such as 'shards/*.tar')",
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file, run folder or exported .onnx")
-    p.add_argument(
-        "--runtime",
-        default="auto",
-        choices=("auto", "torch", "onnx"),
-        help="auto (default: .onnx on onnxruntime, a checkpoint on PyTorch), torch, or onnx",
-    )
+    backends = "auto (default: .onnx on onnxruntime, a checkpoint on PyTorch), torch, or onnx"
+    p.add_argument("--runtime", default="auto", choices=("auto", "torch", "onnx"), help=backends)
     p.add_argument(
         "--out",
         help="scores file: .parquet (best for large jobs), .csv, .jsonl or .json (default: CSV on standard "
@@ -396,13 +363,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--address", help="a Ray cluster's address (auto: this machine's); default: a local Ray")
     r.add_argument("--actors", type=int, default=2, metavar="N", help="scoring actors (default 2)")
-    r.add_argument(
-        "--num-gpus-per-worker",
-        type=float,
-        default=0.0,
-        metavar="G",
-        help="GPUs each actor takes (default 0)",
-    )
+    gpus = "GPUs each actor takes (default 0)"
+    r.add_argument("--num-gpus-per-worker", type=float, default=0.0, metavar="G", help=gpus)
     add_config_options(p, INFERENCE_RUNTIME)
     p.set_defaults(func=predict)
 

@@ -93,15 +93,8 @@ def tune(args: argparse.Namespace) -> int:
         cfg, space = RunConfig(), DEFAULT_SPACE
     cfg = with_checked_enhancers(apply_options(cfg, args))
     search = {key: getattr(args, key) for key in ("trials", "storage", "sampler", "pruner", "study_name")}
-    study = run_tune(
-        cfg,
-        space,
-        args.out,
-        seed=cfg.train.seed,
-        progress=progress(),
-        **search,
-        heartbeat=Heartbeat(args.heartbeat_interval, args.heartbeat_grace),
-    )
+    search["heartbeat"] = Heartbeat(args.heartbeat_interval, args.heartbeat_grace)
+    study = run_tune(cfg, space, args.out, seed=cfg.train.seed, progress=progress(), **search)
     out = Path(args.out)
     print(format_trials(study))
     if (out / "best.yaml").is_file():

@@ -70,8 +70,7 @@ def read_cache_info(root: str | Path) -> CacheInfo | None:
     if not marker.is_file():
         return None
     try:
-        raw = json.loads(marker.read_text(encoding="utf-8"))
-        info = CacheInfo(**raw)
+        info = CacheInfo(**json.loads(marker.read_text(encoding="utf-8")))
     except (ValueError, TypeError) as exc:
         raise CacheError(
             f"{marker}: not a readable elta cache marker ({exc}); rebuild the cache with `elta data cache`"

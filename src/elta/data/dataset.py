@@ -107,13 +107,8 @@ class AnnotationDataset(Dataset):
             inputs = self._input(index, epoch)
         except ImageLoadError as exc:
             return {"ok": False, "index": index, "reason": str(exc)}
-        sample = {
-            "ok": True,
-            "index": index,
-            "image": inputs,
-            "mos": self.mos[index],
-            "weight": self.weight[index],
-        }
+        sample = {"ok": True, "index": index, "image": inputs}
+        sample |= {"mos": self.mos[index], "weight": self.weight[index]}
         if self.dist is not None:
             sample["dist"] = self.dist[index]
         return sample

@@ -509,9 +509,7 @@ def read_csv(path: Path) -> tuple[list[str], pd.DataFrame, list[dict]]:
     """Header, data rows as strings (plus column `_line`, 1-based), and problems for rows with a wrong field
     count. The header is line 1 when the file has no leading blank lines."""
     header: list[str] | None = None
-    rows: list[list[str]] = []
-    lines: list[int] = []
-    problems: list[dict] = []
+    rows, lines, problems = [], [], []
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle, delimiter=_delimiter(first_line(path)))
@@ -597,9 +595,8 @@ def whitespace_table(path: Path, columns: Sequence[str], what: str) -> tuple[pd.
             records.append(fields)
             lines.append(line_no)
         else:
-            problems.append(
-                problem(path.name, line_no, f"{len(fields)} fields, expected {len(columns)} ({what})")
-            )
+            reason = f"{len(fields)} fields, expected {len(columns)} ({what})"
+            problems.append(problem(path.name, line_no, reason))
     table = pd.DataFrame(records, columns=list(columns), dtype=str)
     table["_line"] = np.asarray(lines, dtype=np.int64)
     return table, problems

@@ -46,8 +46,7 @@ class _GatherRows(torch.autograd.Function):
         parts = [torch.empty_like(padded) for _ in range(processes.world_size)]
         dist.all_gather(parts, padded)
         ctx.start = sum(counts[: processes.rank])
-        ctx.count = tensor.shape[0]
-        ctx.world_size = processes.world_size
+        ctx.count, ctx.world_size = tensor.shape[0], processes.world_size
         return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
 
     @staticmethod
@@ -106,9 +105,7 @@ class Processes:
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rows [n_r, ...] of every process concatenated in rank order (see :class:`_GatherRows`)."""
-        if not self.distributed:
-            return tensor
-        return _GatherRows.apply(tensor, self)
+        return _GatherRows.apply(tensor, self) if self.distributed else tensor
 
     def gather_objects(self, obj) -> list:
         """Every process's picklable ``obj``, in rank order."""
@@ -189,8 +186,7 @@ def start_processes(device_name: str) -> tuple[Processes, torch.device | None, b
         torch.cuda.set_device(device)
     created = not dist.is_initialized()
     if created:
-        backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
     processes = Processes(rank=launch.rank(), world_size=launch.world_size())
     log.info("process %d of %d on %s (%s)", processes.rank, processes.world_size, device, dist.get_backend())
     return processes, device, created

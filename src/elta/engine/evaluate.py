@@ -57,12 +57,9 @@ def score_metrics(
     cols = dist_columns(frame)
     gt = frame["mos"].to_numpy(dtype=np.float64)
     groups = frame["group"].astype(str).to_numpy()
-    use_dist = preds.dist is not None and bool(cols)
-    dists = (
-        {"pred_dist": preds.dist[ok], "gt_dist": frame[cols].to_numpy(dtype=np.float64)[ok]}
-        if use_dist
-        else {}
-    )
+    dists = {}
+    if preds.dist is not None and cols:
+        dists = {"pred_dist": preds.dist[ok], "gt_dist": frame[cols].to_numpy(dtype=np.float64)[ok]}
     use_groups = spec.group_counts and (groups != "").any()
     grouped = {"groups": groups[ok], "group_counts": spec.group_counts} if use_groups else {}
     scale = {"threshold": spec.acc_threshold, "score_range": tuple(spec.score_range)}
@@ -131,8 +128,7 @@ def evaluate_checkpoint(
         metrics["calibration"] = spec.calibration["method"]
         metrics["before_calibration"] = score_metrics(frame, preds.uncalibrated_view(), spec, where)
         _warn_if_tails_worse(spec.calibration, metrics, split)
-    metrics["split"] = split
-    metrics["checkpoint"] = checkpoint.path
+    metrics |= {"split": split, "checkpoint": checkpoint.path}
     title = f"{Path(checkpoint.path).name} on {split}"
     write_evaluation(Path(out), frame, preds, spec, metrics, title=title)
     return metrics

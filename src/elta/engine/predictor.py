@@ -60,13 +60,9 @@ class Predictions:
     def select(self, rows: np.ndarray) -> Predictions:
         """The predictions of ``rows`` (a boolean mask or indices), in that order."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
-        return Predictions(
-            score=self.score[rows],
-            std=self.std[rows],
-            dist=None if self.dist is None else self.dist[rows],
-            errors=[self.errors[i] for i in rows],
-            uncalibrated=None if self.uncalibrated is None else self.uncalibrated[rows],
-        )
+        arrays = {name: getattr(self, name) for name in ("score", "std", "dist", "uncalibrated")}
+        picked = {name: None if values is None else values[rows] for name, values in arrays.items()}
+        return Predictions(**picked, errors=[self.errors[i] for i in rows])
 
 
 class Predictor:
@@ -149,22 +145,10 @@ class Predictor:
         """Positions start..stop−1 that were loaded (``idx``, scored as ``out``) or failed (in ``errors``)."""
         failed = sorted(p for p in errors if start <= p < stop)
         positions = np.sort(np.concatenate([idx, np.asarray(failed, dtype=np.int64)]))
-        n, k = len(positions), self.spec.num_bins
-        score, std = np.full(n, np.nan), np.full(n, np.nan)
-        dist = np.full((n, k), np.nan) if k else None
-        reasons = [errors.pop(p, "") for p in positions.tolist()]
+        preds = self._unscored([errors.pop(p, "") for p in positions.tolist()])
         if out is not None:
-            rows = np.searchsorted(positions, idx)
-            score[rows] = out.score.double().cpu().numpy()
-            if out.distribution is not None:
-                dist[rows] = out.distribution.double().cpu().numpy()
-                std[rows] = out.score_std(self.model.centers).double().cpu().numpy()
-        preds = Predictions(score=score, std=std, dist=dist, errors=reasons)
-        if self.calibrated:
-            preds = dataclasses.replace(
-                preds, score=calibrated_scores(self.spec, preds.score), uncalibrated=preds.score
-            )
-        return positions, preds
+            self._fill(preds, np.searchsorted(positions, idx), out)
+        return positions, self._calibrate(preds)
 
     def predict_features(
         self, frame: pd.DataFrame, features: torch.Tensor, failed: dict[int, str], desc: str = "scoring"
@@ -184,11 +168,7 @@ class Predictor:
             preds = self._predict_local(dataset, forward, desc, self.runtime.progress)
         else:
             preds = self._predict_sharded(dataset, forward, desc)
-        if self.calibrated:
-            preds = dataclasses.replace(
-                preds, score=calibrated_scores(self.spec, preds.score), uncalibrated=preds.score
-            )
-        return preds
+        return self._calibrate(preds)
 
     def backbone_features(
         self, frame: pd.DataFrame, desc: str = "caching features"
@@ -235,10 +215,10 @@ class Predictor:
         if preds.dist is not None:
             for k in range(preds.dist.shape[1]):
                 frame[f"p{k + 1}"] = preds.dist[:, k]
-        if (
-            preds.uncalibrated is not None
-        ):  # the distribution is the model's own; the score went through the map
+        # the distribution is the model's own; the score went through the map
+        if preds.uncalibrated is not None:
             frame["score_uncalibrated"] = preds.uncalibrated
+
         frame["error"] = preds.errors
         return frame
 
@@ -294,20 +274,32 @@ class Predictor:
             if len(batch):
                 yield batch.indices.numpy(), forward(batch.images.to(device, non_blocking=True))
 
+    def _unscored(self, errors: list[str]) -> Predictions:
+        """Predictions of ``len(errors)`` items, NaN until :meth:`_fill` writes their outputs."""
+        n, k = len(errors), self.spec.num_bins
+        dist = np.full((n, k), np.nan) if k else None
+        return Predictions(score=np.full(n, np.nan), std=np.full(n, np.nan), dist=dist, errors=errors)
+
+    def _fill(self, preds: Predictions, rows: np.ndarray, out: ModelOutput) -> None:
+        """Write one batch's outputs into ``rows`` of ``preds``."""
+        preds.score[rows] = out.score.double().cpu().numpy()
+        if out.distribution is not None:
+            preds.dist[rows] = out.distribution.double().cpu().numpy()
+            preds.std[rows] = out.score_std(self.model.centers).double().cpu().numpy()
+
+    def _calibrate(self, preds: Predictions) -> Predictions:
+        if not self.calibrated:
+            return preds
+        return dataclasses.replace(
+            preds, score=calibrated_scores(self.spec, preds.score), uncalibrated=preds.score
+        )
+
     def _predict_local(self, dataset: Dataset, forward: Callable, desc: str, progress: bool) -> Predictions:
-        n = len(dataset)
-        k = self.spec.num_bins
-        score = np.full(n, np.nan, dtype=np.float64)
-        std = np.full(n, np.nan, dtype=np.float64)
-        dist = np.full((n, k), np.nan, dtype=np.float64) if k else None
-        errors = [""] * n
+        preds = self._unscored([""] * len(dataset))
         self.model.eval()
-        for idx, out in self._batches(dataset, forward, errors, desc, progress):
-            score[idx] = out.score.double().cpu().numpy()
-            if out.distribution is not None:
-                dist[idx] = out.distribution.double().cpu().numpy()
-                std[idx] = out.score_std(self.model.centers).double().cpu().numpy()
-        return Predictions(score=score, std=std, dist=dist, errors=errors)
+        for idx, out in self._batches(dataset, forward, preds.errors, desc, progress):
+            self._fill(preds, idx, out)
+        return preds
 
     def _predict_sharded(self, dataset: Dataset, forward: Callable, desc: str) -> Predictions:
         processes = self.runtime.processes

@@ -115,9 +115,7 @@ def prepare_data(cfg: RunConfig, run_dir: Path, progress: bool = False, write: b
             )
         train_df = pd.concat([train_df, pseudo.reindex(columns=train_df.columns)])
         log.info("added %d pseudo-labelled rows from %s", len(pseudo), cfg.data.pseudo_labels)
-    split_table = pd.concat([train_df.assign(split="train"), val_df.assign(split="val")])[
-        ["image_id", "split"]
-    ]
+    split_table = pd.concat([train_df.assign(split="train"), val_df.assign(split="val")])
     if write:
-        atomic_write_text(run_dir / "split.csv", split_table.to_csv(index=False))
+        atomic_write_text(run_dir / "split.csv", split_table[["image_id", "split"]].to_csv(index=False))
     return PreparedData(train_df.reset_index(drop=True), val_df.reset_index(drop=True), info, problems)

@@ -345,8 +345,7 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     rank = (processes.rank,) if processes.distributed else ()
     torch.manual_seed(derive_seed(t.seed, state.epoch, state.step, 1, *rank))
     to = state.runtime.device
-    weight = batch.weight.to(to) if batch.weight is not None else None
-    dist = batch.dist.to(to) if batch.dist is not None else None
+    weight, dist = (None if x is None else x.to(to) for x in (batch.weight, batch.dist))
     images = batch.images.to(to, non_blocking=True)
     terms = state.forward(images, batch.mos.to(to), dist, weight, batch.indices.to(to), state.epoch)
     state.optimizer.zero_grad(set_to_none=True)
@@ -606,10 +605,8 @@ def _datasets(cfg: RunConfig, run_dir: Path, model: AestheticModel, data: Prepar
     frozen backbone (computed once by rank 0, stored in the run folder or --feature-cache)."""
     t = cfg.train
     if not t.cache_features:
-        train_set = AnnotationDataset(
-            data.train, ImageTransform.from_spec(model.spec, train=True), seed=t.seed
-        )
-        return train_set, AnnotationDataset(data.val, ImageTransform.from_spec(model.spec, train=False))
+        train, val = (ImageTransform.from_spec(model.spec, train=flag) for flag in (True, False))
+        return AnnotationDataset(data.train, train, seed=t.seed), AnnotationDataset(data.val, val)
     cache_path = Path(t.feature_cache) if t.feature_cache else run_dir / "feature_cache.pt"
     processes = runtime.processes
     if not processes.is_main:

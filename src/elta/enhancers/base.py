@@ -131,15 +131,11 @@ def register_enhancer(cls: type[Enhancer]) -> type[Enhancer]:
     return cls
 
 
-def _settings_class(name: Any) -> type:
-    if name not in ENHANCERS:
-        raise ConfigError(f"unknown enhancer {name!r}; known: {', '.join(sorted(ENHANCERS))}")
-    return ENHANCERS[name].Settings
-
-
 def _coerce_settings(name: str, values: dict[str, Any]) -> dict[str, Any]:
     """``values`` read as the types of enhancer ``name``'s ``Settings`` (``"1e-5"`` -> 1e-5 for a float)."""
-    settings_cls = _settings_class(name)
+    if name not in ENHANCERS:
+        raise ConfigError(f"unknown enhancer {name!r}; known: {', '.join(sorted(ENHANCERS))}")
+    settings_cls = ENHANCERS[name].Settings
     hints = typing.get_type_hints(settings_cls)
     known = {f.name for f in dataclasses.fields(settings_cls)}
     bad = set(values) - known

@@ -133,21 +133,12 @@ def build_model(
     net = create_backbone(backbone, weights=weights, image_size=image_size)
     data_cfg = backbone_data_config(net)
     size = image_size or data_cfg["input_size"]
-    spec = ModelSpec(
-        backbone=backbone,
-        head=head,
-        centers=[float(c) for c in centers],
-        score_range=[float(v) for v in score_range],
-        image_size=int(size),
-        resize=int(resize or round(size * 300 / 256)),
-        mean=data_cfg["mean"],
-        std=data_cfg["std"],
-        interpolation=data_cfg["interpolation"],
-        neck_dim=neck_dim,
-        dropout=dropout,
-        acc_threshold=acc_threshold,
-        dataset_format=dataset_format,
-        group_counts=dict(group_counts or {}),
-        score_quantiles=[float(q) for q in score_quantiles],
-    )
+    scale = {"centers": [float(c) for c in centers], "score_range": [float(v) for v in score_range]}
+    resize = int(resize or round(size * 300 / 256))
+    geometry = {"image_size": int(size), "resize": resize, "neck_dim": neck_dim, "dropout": dropout}
+    pipeline = {key: data_cfg[key] for key in ("mean", "std", "interpolation")}
+    quantiles = [float(q) for q in score_quantiles]
+    facts = {"acc_threshold": acc_threshold, "dataset_format": dataset_format, "score_quantiles": quantiles}
+    facts["group_counts"] = dict(group_counts or {})
+    spec = ModelSpec(backbone, head, **scale, **geometry, **pipeline, **facts)
     return AestheticModel(net, spec, loss)

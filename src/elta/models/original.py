@@ -118,11 +118,7 @@ def _check_against(converted: dict, expected: dict[str, torch.Size], backbone_na
     missing = [k for k in expected if k not in converted]
     extra = [k for k in converted if k not in expected]
     fitting = [(k, shape) for k, shape in expected.items() if k in converted]
-    wrong = [
-        f"{k} {tuple(converted[k].shape)} vs {tuple(shape)}"
-        for k, shape in fitting
-        if converted[k].shape != shape
-    ]
+    wrong = [f"{k} {tuple(converted[k].shape)} vs {tuple(s)}" for k, s in fitting if converted[k].shape != s]
     if missing or extra or wrong:
         problems = [
             f"{label}: {', '.join(items[:4])}{' …' if len(items) > 4 else ''}"

@@ -75,12 +75,7 @@ def calibrate_checkpoint(
         split,
         target,
     )
-    return {
-        "calibration": stored,
-        "selection": selection,
-        "report": report,
-        "checkpoint": str(target),
-    }
+    return {"calibration": stored, "selection": selection, "report": report, "checkpoint": str(target)}
 
 
 def _identity(score_range, n: int) -> Calibration:

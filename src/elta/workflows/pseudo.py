@@ -220,13 +220,9 @@ def _pseudo_frame(
 ) -> pd.DataFrame:
     root = Path(os.path.commonpath([str(p.parent) for p in paths])) if paths else Path()
     ids = [p.relative_to(root).as_posix() for p in paths]
-    frame = pd.DataFrame({"image_id": ids, "path": [str(p) for p in paths], "mos": preds.score})
-    for k in range(preds.dist.shape[1]):
-        frame[f"p{k + 1}"] = preds.dist[:, k]
-    frame["confidence"] = confidence
-    frame["weight"] = float(weight)
-    frame["source"] = "pseudo"
-    return frame
+    columns = {"image_id": ids, "path": [str(p) for p in paths], "mos": preds.score}
+    columns |= {f"p{k + 1}": preds.dist[:, k] for k in range(preds.dist.shape[1])}
+    return pd.DataFrame(columns | {"confidence": confidence, "weight": float(weight), "source": "pseudo"})
 
 
 def _write_unreadable(path: Path, paths: list[Path], preds: Predictions) -> Path | None:

@@ -150,9 +150,8 @@ def self_train(
         pseudo = _pseudo_stage(previous, round_dir, request, cfg, unlabeled, progress)
         student_cfg = cfg.override("data", pseudo_labels=str(round_dir / "pseudo.csv"))
         log.info("round %d: student on labelled + %d pseudo-labelled images", r, pseudo["counts"]["selected"])
-        student = _stage(
-            f"round{r}", train(student_cfg, round_dir / "student", resume=True, progress=progress)
-        )
+        run = train(student_cfg, round_dir / "student", resume=True, progress=progress)
+        student = _stage(f"round{r}", run)
         student.update(pseudo_csv=str(round_dir / "pseudo.csv"), pseudo_json=str(round_dir / "pseudo.json"))
         student.update(teacher=str(previous), beta=pseudo["beta"], threshold=pseudo["threshold"])
         student["pseudo_rows"] = pseudo["counts"]["selected"]

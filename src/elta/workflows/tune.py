@@ -327,13 +327,6 @@ def _grid(params: dict[str, Param]) -> dict[str, list]:
     return {p.name: list(p.choices) for p in params.values()}
 
 
-def _pruner(optuna, name: str):
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    # Steps are 1-based epochs: no trial is stopped on its first epoch alone.
-    return optuna.pruners.MedianPruner(n_warmup_steps=2)
-
-
 def _flat(raw: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in raw.items():
@@ -384,11 +377,6 @@ def _recover(optuna, study, owned: bool) -> None:
         interrupted = trial.number in killed or failed
         if interrupted and trial.number not in retried and "retry_of" not in trial.user_attrs:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-
-
-def _finished(optuna, study) -> int:
-    state = optuna.trial.TrialState
-    return len(study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED)))
 
 
 class _Surplus(Exception):
@@ -503,12 +491,14 @@ def run_tune(
         where = f"study {study_name!r} in {storage or out / 'study.db'}"
         _check_same_search(study, _search_record(base, params), where)
         _recover(optuna, study, owned=storage is None)
-        done = _finished(optuna, study)
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        done = len(study.get_trials(deepcopy=False, states=states))
         study.sampler = _sampler(optuna, sampler, params, seed + len(study.trials), trials)
-        study.pruner = _pruner(optuna, pruner)
+        # Steps are 1-based epochs: no trial is stopped on its first epoch alone.
+        median = optuna.pruners.MedianPruner(n_warmup_steps=2)
+        study.pruner = optuna.pruners.NopPruner() if pruner == "none" else median
         if done < trials:
             log.info("tuning: %d of %d trials finished; running the rest", done, trials)
-            states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
             stop = optuna.study.MaxTrialsCallback(trials, states=states)
             objective = _objective(optuna, base, params, out, progress, trials)
             study.optimize(objective, trials - done, callbacks=[stop], catch=(_Surplus,))
