@@ -24,7 +24,7 @@ from elta.cli import main
 from elta.engine.trainer import train
 from elta.workflows.collection import read_frames
 
-N_IMAGES = 240
+N_IMAGES = 3000  # the size of the resume check the collection-scoring issue asks for
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def run(demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def photos(demo_data, tmp_path_factory):
-    """400 distinct small JPEGs (crops, flips and tints of the demo photos) in two folders."""
+    """N_IMAGES distinct small JPEGs (crops, flips and tints of the demo photos) in two folders."""
     root = tmp_path_factory.mktemp("photos")
     sources = sorted((demo_data / "images").glob("*.jpg"))
     rng = np.random.default_rng(0)
@@ -65,9 +65,9 @@ def _read(path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def reference(run, photos, tmp_path_factory):
-    """One uninterrupted streamed run over the 400 photos (batch 8, parts of 16 rows)."""
+    """One uninterrupted streamed run over the photos (batch 32, parts of 64 rows)."""
     out = tmp_path_factory.mktemp("reference") / "scores.parquet"
-    assert _predict(photos, "--checkpoint", run, "--out", out, "--batch-size", "8", "--part-rows", "16") == 0
+    assert _predict(photos, "--checkpoint", run, "--out", out, "--batch-size", "32", "--part-rows", "64") == 0
     return _read(out)
 
 
@@ -83,7 +83,7 @@ def test_streamed_scores_equal_the_predictors_and_every_format_reads_back(run, p
         out = tmp_path / f"scores{suffix}"
         assert (
             _predict(
-                photos / "a", "--checkpoint", run, "--out", out, "--batch-size", "8", "--part-rows", "16"
+                photos / "a", "--checkpoint", run, "--out", out, "--batch-size", "32", "--part-rows", "64"
             )
             == 0
         )
@@ -100,7 +100,7 @@ def test_a_killed_run_resumes_to_every_image_once_with_the_same_scores(run, phot
     out = tmp_path / "scores.parquet"
     parts = tmp_path / "scores.parquet.parts"
     args = [sys.executable, "-m", "elta", "predict", str(photos), "--checkpoint", str(run), "--out", str(out),
-            "--device", "cpu", "--workers", "0", "--batch-size", "8", "--part-rows", "16"]  # fmt: skip
+            "--device", "cpu", "--workers", "0", "--batch-size", "32", "--part-rows", "64"]  # fmt: skip
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -111,7 +111,7 @@ def test_a_killed_run_resumes_to_every_image_once_with_the_same_scores(run, phot
     proc.wait()
     assert not out.exists() and parts.is_dir(), "the run finished before it could be killed"
     done = len(list(parts.glob("part-*")))
-    assert 3 <= done < N_IMAGES // 16
+    assert 3 <= done < N_IMAGES // 64
 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
@@ -129,7 +129,7 @@ def test_an_unfinished_run_is_not_overwritten_without_resume(run, photos, tmp_pa
 def test_two_shards_merged_equal_one_run(run, photos, reference, tmp_path, capsys):
     out = tmp_path / "scores.parquet"
     for shard in ("0/2", "1/2"):
-        assert _predict(photos, "--checkpoint", run, "--out", out, "--batch-size", "8", "--shard", shard) == 0
+        assert _predict(photos, "--checkpoint", run, "--out", out, "--batch-size", "32", "--shard", shard) == 0
     shards = [_read(tmp_path / f"scores.shard-{i}-of-2.parquet") for i in range(2)]
     assert 0 < len(shards[0]) < N_IMAGES and len(shards[0]) + len(shards[1]) == N_IMAGES
     assert main(["merge-scores", str(out), "--shards", "2", "--top", "5%"]) == 0
@@ -138,7 +138,7 @@ def test_two_shards_merged_equal_one_run(run, photos, reference, tmp_path, capsy
                                   reference.drop(columns=["score", "std", "score_uncalibrated"], errors="ignore"),
                                   check_exact=False, atol=1e-6)  # fmt: skip
     np.testing.assert_allclose(merged["score"], reference["score"], rtol=0, atol=1e-6)
-    assert "selected 12 (top 5%" in capsys.readouterr().out
+    assert f"selected {round(0.05 * N_IMAGES)} (top 5%" in capsys.readouterr().out
     assert main(["merge-scores", str(tmp_path / "other.parquet"), "--shards", "2"]) == 2
     assert "shard files missing" in capsys.readouterr().err
 
@@ -148,18 +148,19 @@ def test_top_and_bottom_select_exactly_that_share(run, photos, reference, tmp_pa
     best = tmp_path / "best"
     assert _predict(photos, "--checkpoint", run, "--out", out, "--top", "5%", "--copy-to", best) == 0
     chosen = pd.read_csv(tmp_path / "scores.selected.csv")
-    k = round(0.05 * N_IMAGES)  # 12: no tie at the cut here; k = ⌊0.05·N + ½⌋
+    k = round(0.05 * N_IMAGES)  # no tie at the cut here; k = ⌊0.05·N + ½⌋
     expected = reference.sort_values(["score", "path"], ascending=[False, True]).head(k)
     assert chosen["path"].tolist() == expected["path"].tolist()
     assert chosen["rank"].tolist() == list(range(1, k + 1))
     copies = sorted(best.iterdir())
-    assert len(copies) == k and copies[0].name == f"01-{Path(expected['path'].iloc[0]).name}"
+    rank = f"{1:0{len(str(k))}d}"  # ranks are zero-padded to the width of k, so the folder sorts by rank
+    assert len(copies) == k and copies[0].name == f"{rank}-{Path(expected['path'].iloc[0]).name}"
     assert copies[0].read_bytes() == Path(expected["path"].iloc[0]).read_bytes()
 
     assert _predict(photos, "--checkpoint", run, "--out", out, "--bottom", "2.5%", "--min-score", "0",
                     "--copy-to", tmp_path / "worst", "--link") == 0  # fmt: skip
     chosen = pd.read_csv(tmp_path / "scores.selected.csv")
-    assert chosen["path"].tolist() == reference.nsmallest(6, "score")["path"].tolist()
+    assert chosen["path"].tolist() == reference.nsmallest(round(0.025 * N_IMAGES), "score")["path"].tolist()
     assert all(p.is_symlink() for p in (tmp_path / "worst").iterdir())
 
     cut = float(np.median(reference["score"]))
@@ -245,11 +246,11 @@ def test_predict_runs_one_shard_a_process_under_torchrun(run, photos, reference,
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "elta", "predict",
          str(photos), "--checkpoint", str(run), "--out", str(out), "--device", "cpu", "--workers", "0",
-         "--batch-size", "8", "--top", "5%"],
+         "--batch-size", "32", "--top", "5%"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     merged = _read(out)
     assert merged["path"].tolist() == reference["path"].tolist()
     np.testing.assert_allclose(merged["score"], reference["score"], rtol=0, atol=1e-6)
-    assert len(pd.read_csv(tmp_path / "scores.selected.csv")) == 12
+    assert len(pd.read_csv(tmp_path / "scores.selected.csv")) == round(0.05 * N_IMAGES)
