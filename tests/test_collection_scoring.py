@@ -129,7 +129,9 @@ def test_an_unfinished_run_is_not_overwritten_without_resume(run, photos, tmp_pa
 def test_two_shards_merged_equal_one_run(run, photos, reference, tmp_path, capsys):
     out = tmp_path / "scores.parquet"
     for shard in ("0/2", "1/2"):
-        assert _predict(photos, "--checkpoint", run, "--out", out, "--batch-size", "32", "--shard", shard) == 0
+        assert (
+            _predict(photos, "--checkpoint", run, "--out", out, "--batch-size", "32", "--shard", shard) == 0
+        )
     shards = [_read(tmp_path / f"scores.shard-{i}-of-2.parquet") for i in range(2)]
     assert 0 < len(shards[0]) < N_IMAGES and len(shards[0]) + len(shards[1]) == N_IMAGES
     assert main(["merge-scores", str(out), "--shards", "2", "--top", "5%"]) == 0
