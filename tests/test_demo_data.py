@@ -144,3 +144,22 @@ def test_low_mos_images_are_far_from_their_sources_clean_look(full: Path) -> Non
     assert len(low) >= 10 and len(high) >= 10
     auc = stats.mannwhitneyu(low, high).statistic / (len(low) * len(high))
     assert auc > 0.95
+
+
+def test_hard_difficulty_has_noisier_votes_wider_tails_and_pixels_that_tell_less(tmp_path: Path) -> None:
+    made = {
+        d: make_demo_dataset(tmp_path / d, n=400, seed=5, image_size=96, difficulty=d)
+        for d in ("standard", "hard")
+    }
+    tables = {d: _read_ava(path) for d, path in made.items()}
+    votes = tables["hard"][:, 2:12].sum(1)
+    assert votes.min() >= 10 and votes.max() <= 60  # 50-200 in the standard set
+    mos = {d: _mos(table) for d, table in tables.items()}
+    assert abs(mos["hard"].mean() - 5.4) < 0.2 and mos["hard"].std() > 1.3 * mos["standard"].std()
+    srcc = {}
+    for d, path in made.items():
+        features = np.array([_pixel_features(path.parent / f"images/{i}.jpg") for i in range(1, 401)])
+        srcc[d] = _cross_validated_srcc(features, mos[d])
+    assert 0.3 < srcc["hard"] < srcc["standard"] - 0.05  # still learnable, but the pixels tell less
+    with pytest.raises(ValueError, match="--difficulty extreme: choose one of standard, hard"):
+        make_demo_dataset(tmp_path / "x", n=10, difficulty="extreme")

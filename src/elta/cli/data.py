@@ -45,7 +45,9 @@ def data_cache(args: argparse.Namespace) -> int:
 def demo_data(args: argparse.Namespace) -> int:
     from elta.data.demo import make_demo_dataset
 
-    path = make_demo_dataset(args.out, n=args.n, seed=args.seed, progress=progress())
+    path = make_demo_dataset(
+        args.out, n=args.n, seed=args.seed, progress=progress(), difficulty=args.difficulty
+    )
     print(f"demo dataset: {path} ({args.n} images in {Path(args.out) / 'images'})")
     return 0
 
@@ -105,6 +107,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output folder")
     p.add_argument("--n", type=int, default=1500, help="number of images (default 1500)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--difficulty", default="standard", choices=("standard", "hard"),
+        help="standard (default: pixels tell the score) or hard (AVA's regime: noisy votes, heavier tails, "
+        "a taste no pixel shows)",
+    )  # fmt: skip
     p.set_defaults(func=demo_data)
 
     p = sub.add_parser("demo", help="build demo data, train, evaluate and print the metrics")

@@ -11,6 +11,12 @@ is that MOS. Layout written to ``out``::
     train.txt val.txt test.txt  image ids, a seeded 70 / 15 / 15 split
 
 AVA.txt is written last, once every image exists, so its presence marks a complete dataset.
+
+``difficulty="hard"`` (:data:`DIFFICULTIES`) makes a set in AVA's regime instead of an easy one: heavier tails
+(Student-t with 3 degrees of freedom, sd ~1), fewer and noisier raters (10-60 votes of sd 1.5-2.0, so the
+recorded MOS is itself noisy), and pixels that only partly tell the score — the distortion severity follows the
+true score plus a per-image "taste" offset (sd 0.8 on the 1..10 scale) that no pixel shows, each distortion's
+strength jitters by ±30 %, and every image gets one more distortion of random severity unrelated to the score.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from elta.errors import ConfigError, UnavailableError
 from elta.progress import progress_bar
 from elta.utils import atomic_write_text
 
-__all__ = ["make_demo_dataset", "demo_dataset_exists", "severity_of_mos"]
+__all__ = ["DIFFICULTIES", "make_demo_dataset", "demo_dataset_exists", "severity_of_mos"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,25 @@ N_RATINGS = 10  # AVA's rating scale 1..10
 STRUCTURAL = ("blur", "noise", "jpeg")
 PHOTOMETRIC = ("exposure", "contrast", "saturation")
 SAVE_QUALITY = 95
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """How far the labels are from what the pixels show (see the module docstring)."""
+
+    tail_dof: float = 4.0  # Student-t degrees of freedom of the true scores (lower: heavier tails)
+    mos_scale: float = 0.57  # scale of that t distribution on the 1..10 scale
+    raters: tuple[int, int] = (50, 200)  # votes per image, inclusive
+    vote_sd: tuple[float, float] = (1.2, 1.5)  # spread of one image's votes
+    taste_sd: float = 0.0  # per-image score offset the pixels do not show
+    jitter: float = 0.05  # relative jitter of each distortion's severity
+    nuisance: bool = False  # one extra distortion of random severity, unrelated to the score
+
+
+DIFFICULTIES = {
+    "standard": Difficulty(),
+    "hard": Difficulty(3.0, 0.75, (10, 60), (1.5, 2.0), taste_sd=0.8, jitter=0.3, nuisance=True),
+}
 
 
 @dataclass(frozen=True)
@@ -77,9 +102,9 @@ def _source_photos() -> list[Image.Image]:
     return [Image.fromarray(a[..., :3]).convert("RGB") for a in arrays]
 
 
-def _target_mos(rng: np.random.Generator, n: int) -> np.ndarray:
-    """Long-tailed target scores: Student-t (4 dof) with sd ~0.8 around 5.4, clipped to 1.2..9.8."""
-    return np.clip(MOS_CENTRE + 0.57 * rng.standard_t(4, size=n), *MOS_RANGE)
+def _target_mos(rng: np.random.Generator, n: int, level: Difficulty) -> np.ndarray:
+    """Long-tailed target scores around 5.4, clipped to 1.2..9.8: Student-t (standard: 4 dof, sd ~0.8)."""
+    return np.clip(MOS_CENTRE + level.mos_scale * rng.standard_t(level.tail_dof, size=n), *MOS_RANGE)
 
 
 def _vote_probabilities(mos: np.ndarray, sd: np.ndarray) -> np.ndarray:
@@ -99,15 +124,15 @@ def _vote_probabilities(mos: np.ndarray, sd: np.ndarray) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
-def _vote_counts(rng: np.random.Generator, mos: np.ndarray) -> np.ndarray:
-    """Vote counts [n, 10] from 50-200 raters per image, each vote an integer on 1..10 around the target.
+def _vote_counts(rng: np.random.Generator, mos: np.ndarray, level: Difficulty) -> np.ndarray:
+    """Vote counts [n, 10] from (standard) 50-200 raters per image, each an integer on 1..10 around the target.
 
     Raters are drawn by systematic (stratified) sampling of the vote distribution: every vote keeps its
     marginal distribution, and the mean of the votes stays within a few hundredths of the target.
     """
     n = len(mos)
-    raters = rng.integers(50, 201, size=n)
-    probs = _vote_probabilities(mos, rng.uniform(1.2, 1.5, size=n))
+    raters = rng.integers(level.raters[0], level.raters[1] + 1, size=n)
+    probs = _vote_probabilities(mos, rng.uniform(*level.vote_sd, size=n))
     counts = np.zeros((n, N_RATINGS), dtype=np.int64)
     for i in range(n):
         u = (np.arange(raters[i]) + rng.random()) / raters[i]
@@ -116,7 +141,9 @@ def _vote_counts(rng: np.random.Generator, mos: np.ndarray) -> np.ndarray:
     return counts
 
 
-def _recipe(rng: np.random.Generator, photo: Image.Image, source: int, severity: float, size: int) -> _Recipe:
+def _recipe(
+    rng: np.random.Generator, photo: Image.Image, source: int, severity: float, size: int, level: Difficulty
+) -> _Recipe:
     """Random crop, flip and distortion set for one image of the given severity."""
     short = min(photo.size)
     # a crop much smaller than the output would be upsampled, adding blur unrelated to the score
@@ -129,11 +156,15 @@ def _recipe(rng: np.random.Generator, photo: Image.Image, source: int, severity:
     names = [primary, *(str(d) for d in rng.choice(others, size=extra, replace=False))]
     order = PHOTOMETRIC + STRUCTURAL  # camera-like order: tone first, then optics, sensor noise, compression
     names.sort(key=order.index)
-    distortions = tuple(
-        (name, float(np.clip(severity * rng.uniform(0.95, 1.05), 0.0, 1.0)), int(rng.choice([-1, 1])))
+    jitter = (1.0 - level.jitter, 1.0 + level.jitter)
+    distortions = [
+        (name, float(np.clip(severity * rng.uniform(*jitter), 0.0, 1.0)), int(rng.choice([-1, 1])))
         for name in names
-    )
-    return _Recipe(source, box, bool(rng.random() < 0.5), distortions)
+    ]
+    if level.nuisance:  # a distortion whose strength says nothing about the score
+        name = str(rng.choice([d for d in PHOTOMETRIC if d not in names]))
+        distortions.insert(0, (name, float(rng.uniform(0.0, 0.6)), int(rng.choice([-1, 1]))))
+    return _Recipe(source, box, bool(rng.random() < 0.5), tuple(distortions))
 
 
 def _distort(
@@ -189,14 +220,22 @@ def _remove_stale_images(images: Path, n: int) -> None:
 
 
 def make_demo_dataset(
-    out: str | Path, n: int = 1500, seed: int = 0, image_size: int = 256, progress: bool = False
+    out: str | Path,
+    n: int = 1500,
+    seed: int = 0,
+    image_size: int = 256,
+    progress: bool = False,
+    difficulty: str = "standard",
 ) -> Path:
     """Build the demo dataset of ``n`` images into ``out`` (AVA layout) and return the path of its AVA.txt.
 
-    Deterministic: the same ``seed``, ``n`` and ``image_size`` give the same files, byte for byte.
+    Deterministic: the same ``seed``, ``n``, ``image_size`` and ``difficulty`` give the same files, byte for byte.
     """
     if n < 3:
         raise ConfigError(f"--n {n}: the demo dataset needs at least 3 images (one per split)")
+    if difficulty not in DIFFICULTIES:
+        raise ConfigError(f"--difficulty {difficulty}: choose one of {', '.join(DIFFICULTIES)}")
+    level = DIFFICULTIES[difficulty]
     out = Path(out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -207,14 +246,18 @@ def make_demo_dataset(
     photos = _source_photos()
     weights = 0.6 ** np.arange(len(photos))  # long-tailed content groups: the last photo is a minority group
     sources = rng.choice(len(photos), size=n, p=weights / weights.sum())
-    counts = _vote_counts(rng, _target_mos(rng, n))
+    counts = _vote_counts(rng, _target_mos(rng, n, level), level)
     mos = (counts * np.arange(1, N_RATINGS + 1)).sum(1) / counts.sum(1)
-    severity = severity_of_mos(mos)  # from the recorded MOS, so label and pixels agree exactly
+    # standard: from the recorded MOS, so label and pixels agree exactly; hard: a taste the pixels do not show
+    taste = np.random.default_rng([seed, 1]).normal(0.0, level.taste_sd, n) if level.taste_sd else 0.0
+    severity = severity_of_mos(mos + taste)
     splits = _split_ids(rng, n)
 
     image_rngs = progress_bar(rng.spawn(n), desc="demo images", unit="img", enabled=progress)
     for i, image_rng in enumerate(image_rngs):
-        recipe = _recipe(image_rng, photos[sources[i]], int(sources[i]), float(severity[i]), image_size)
+        recipe = _recipe(
+            image_rng, photos[sources[i]], int(sources[i]), float(severity[i]), image_size, level
+        )
         img = _render(photos[sources[i]], recipe, image_size, image_rng)
         img.save(images / f"{i + 1}.jpg", format="JPEG", quality=SAVE_QUALITY)
 
