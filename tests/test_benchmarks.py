@@ -70,3 +70,12 @@ def test_benchmark_script_runs(script):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert expected in done.stdout, done.stdout[-2000:]
+
+
+def test_plain_loop_reference_runs(demo_data):
+    args = ["--data", str(demo_data), "--backbone", "test_convnext", "--weights", "none", "--epochs", "1",
+            "--image-size", "48", "--batch-size", "16"]  # fmt: skip
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "plain_loop.py"), *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "plain loop, test_convnext @ 48 px, 1 epochs" in done.stdout and "| mae_high " in done.stdout
