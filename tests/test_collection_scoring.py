@@ -24,7 +24,7 @@ from elta.cli import main
 from elta.engine.trainer import train
 from elta.workflows.collection import read_frames
 
-N_IMAGES = 3000  # the size of the resume check the collection-scoring issue asks for
+N_IMAGES = 3000  # a collection large enough that a kill lands mid-way through many parts
 
 
 @pytest.fixture(scope="module")
