@@ -57,6 +57,22 @@ class Predictions:
             return self
         return dataclasses.replace(self, score=self.uncalibrated, uncalibrated=None)
 
+    def table(self, paths: Sequence, index: Sequence[int] | None = None) -> pd.DataFrame:
+        """One row per item, the columns of every scores file: path, score, std, p1..pK (a distribution head),
+        score_uncalibrated (with a calibration map), index (when given), error."""
+        frame = pd.DataFrame({"path": list(paths), "score": self.score, "std": self.std})
+        if self.dist is not None:
+            for k in range(self.dist.shape[1]):
+                frame[f"p{k + 1}"] = self.dist[:, k]
+        if (
+            self.uncalibrated is not None
+        ):  # the distribution is the model's own; the score went through the map
+            frame["score_uncalibrated"] = self.uncalibrated
+        if index is not None:
+            frame["index"] = np.asarray(index, dtype=np.int64)
+        frame["error"] = self.errors
+        return frame
+
     def select(self, rows: np.ndarray) -> Predictions:
         """The predictions of ``rows`` (a boolean mask or indices), in that order."""
         rows = np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows, dtype=np.int64)
@@ -210,17 +226,7 @@ class Predictor:
         if not items:
             given = ", ".join(map(str, images)) or "(nothing given)"
             raise ImageLoadError(given, f"no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) here")
-        preds = self.predict_images(items, normalized=normalized)
-        frame = pd.DataFrame({"path": names, "score": preds.score, "std": preds.std})
-        if preds.dist is not None:
-            for k in range(preds.dist.shape[1]):
-                frame[f"p{k + 1}"] = preds.dist[:, k]
-        # the distribution is the model's own; the score went through the map
-        if preds.uncalibrated is not None:
-            frame["score_uncalibrated"] = preds.uncalibrated
-
-        frame["error"] = preds.errors
-        return frame
+        return self.predict_images(items, normalized=normalized).table(names)
 
     @property
     def score_range(self) -> tuple[float, float]:

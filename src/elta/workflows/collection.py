@@ -271,18 +271,10 @@ def _frame(positions: list[tuple[int, Item]], preds: Predictions, seen: set[int]
             errors[row] = f"{item.key}: {DUPLICATE}"
         else:
             seen.add(digest)
-    frame = pd.DataFrame(
-        {"path": [item.key for _, item in positions], "score": preds.score, "std": preds.std}
-    )
-    if preds.dist is not None:
-        for k in range(preds.dist.shape[1]):
-            frame[f"p{k + 1}"] = preds.dist[:, k]
-    if preds.uncalibrated is not None:
-        frame["score_uncalibrated"] = preds.uncalibrated
-    numbers = [c for c in frame.columns if c != "path"]
-    frame.loc[duplicate, numbers] = np.nan
-    frame["index"] = np.array([index for index, _ in positions], dtype=np.int64)
+    frame = preds.table([item.key for _, item in positions], index=[index for index, _ in positions])
     frame["error"] = errors
+    numbers = [c for c in frame.columns if c not in ("path", "index", "error")]
+    frame.loc[duplicate, numbers] = np.nan
     return frame
 
 

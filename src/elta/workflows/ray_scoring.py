@@ -61,15 +61,7 @@ class _Scorer:
             else:
                 items.append(bytes(data) if data is not None and not file else Path(file))
         preds = self.predictor.predict_images(items, desc="ray batch")
-        frame = pd.DataFrame({"path": batch["path"].to_numpy(), "score": preds.score, "std": preds.std})
-        if preds.dist is not None:
-            for k in range(preds.dist.shape[1]):
-                frame[f"p{k + 1}"] = preds.dist[:, k]
-        if preds.uncalibrated is not None:
-            frame["score_uncalibrated"] = preds.uncalibrated
-        frame["index"] = batch["index"].to_numpy(dtype=np.int64)
-        frame["error"] = preds.errors
-        return frame
+        return preds.table(batch["path"].to_numpy(), index=batch["index"].to_numpy(dtype=np.int64))
 
 
 def _write_inputs(collection: Collection, folder: Path, per_file: int) -> int:
