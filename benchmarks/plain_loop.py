@@ -21,6 +21,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from elta.functional import emd_loss
 from elta.metrics import evaluate
 from elta.models.backbones import backbone_data_config, create_backbone
 
@@ -46,10 +47,6 @@ def load(paths, size: int, mean, std, flip: torch.Tensor | None = None) -> torch
         image = TF.resize(TF.to_tensor(Image.open(path).convert("RGB")), [size, size], antialias=True)
         images.append(TF.hflip(image) if flip is not None and flip[k] else image)
     return TF.normalize(torch.stack(images), mean, std)
-
-
-def emd(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return ((p.cumsum(1) - q.cumsum(1)) ** 2).mean(1).sqrt().mean()
 
 
 def main() -> None:
@@ -80,7 +77,7 @@ def main() -> None:
             rows = order[start : start + args.batch_size]
             flips = torch.rand(len(rows)) < 0.5
             images = load([paths[i] for i in rows], args.image_size, norm["mean"], norm["std"], flips)
-            loss = emd(head(backbone(images)).softmax(1), targets[rows])
+            loss = emd_loss(head(backbone(images)).softmax(1), targets[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
