@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -59,3 +60,10 @@ def tiny_train_args(data_root, out, *, backbone="test_convnext", epochs=1) -> li
         "--weights", "none", "--image-size", "48", "--resize", "56", "--epochs", str(epochs),
         "--batch-size", "16", "--lr", "1e-3", "--device", "cpu", "--workers", "0",
     ]  # fmt: skip
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

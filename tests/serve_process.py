@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+
+from conftest import free_port
 
 
 def calibrated_run(data_root: Path, root: Path) -> tuple[Path, Path]:
@@ -26,12 +27,6 @@ def calibrated_run(data_root: Path, root: Path) -> tuple[Path, Path]:
     args = ["calibrate", "--checkpoint", str(root / "run"), "--method", "affine", "--out", str(calibrated)]
     assert main([*args, "--device", "cpu", "--workers", "0"]) == 0
     return root / "run", calibrated
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -11,7 +11,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_train_args
+from conftest import free_port, tiny_train_args
 
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("psycopg")
@@ -31,12 +30,6 @@ TRIALS = 6
 def _postgres_bin(name: str) -> str | None:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found[-1] if found else shutil.which(name)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def postgres_url():
     if os.geteuid() == 0:  # initdb refuses root: the server runs as the postgres system user
         shutil.chown(root, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
+    data, port = root / "data", free_port()
     subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth", "trust", "-E", "UTF8"],
                    check=True, capture_output=True)  # fmt: skip
     options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
@@ -157,7 +150,7 @@ def test_unreachable_database_and_missing_driver_are_one_line_errors(
     from elta.cli import main
 
     args = [*tiny_train_args(demo_data, tmp_path / "t")[1:], "--trials", "1", "--freeze-backbone"]
-    url = f"postgresql://elta:secret@127.0.0.1:{_free_port()}/nowhere"
+    url = f"postgresql://elta:secret@127.0.0.1:{free_port()}/nowhere"
     assert main(["tune", *args, "--storage", url]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot open the study database" in err

@@ -7,7 +7,6 @@ single-node run with two processes, and a node killed in the middle leaves a ``l
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import free_port
 from elta.models.checkpoint import load_checkpoint
 from test_distributed import _train_args, kill_launcher_and_workers, quiet_env, torchrun
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers in /proc (Linux)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node(port: int, run_id: str, *args: str) -> subprocess.Popen:
@@ -39,7 +33,7 @@ def _node(port: int, run_id: str, *args: str) -> subprocess.Popen:
 
 
 def _two_nodes(run_id: str, *args: str, timeout: float = 300) -> None:
-    port = _free_port()
+    port = free_port()
     nodes = [_node(port, run_id, *args) for _ in range(2)]
     for node in nodes:
         try:
@@ -76,7 +70,7 @@ def test_two_nodes_train_as_one_node_with_two_processes_and_resume_after_a_node_
 
     # Kill one node in the middle: the other stops too (its peer is gone); the run resumes on two nodes.
     run = tmp_path / "killed"
-    port = _free_port()
+    port = free_port()
     nodes = [_node(port, "killed", "-m", "elta", *_train_args(demo_data, run)) for _ in range(2)]
     deadline = time.time() + 180
     while not (run / "last.pt").exists() and time.time() < deadline and nodes[1].poll() is None:
