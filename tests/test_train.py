@@ -37,7 +37,9 @@ def test_training_writes_a_complete_run_directory(demo_data, tmp_path):
     assert metrics["train_loss"].notna().all()
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["backbone"] == "test_convnext"
-    assert RunConfig.from_yaml(run / "config.yaml") == tiny_config(demo_data, epochs=2)
+    # saved with the recipe's values filled in: the run reproduces whatever the defaults become
+    assert RunConfig.from_yaml(run / "config.yaml") == tiny_config(demo_data, epochs=2).resolved()
+    assert saved["train"]["recipe"] == "finetune" and saved["train"]["optimizer"] == "adamw"
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt.spec.centers == [float(c) for c in range(1, 11)]
     assert ckpt.spec.acc_threshold == 5.0

@@ -28,6 +28,8 @@ __all__ = [
     "RunConfig",
     "SECTIONS",
     "PAPER_BACKBONE",
+    "RECIPES",
+    "recipe_for",
     "coerce_value",
     "flag_for",
     "setting_name",
@@ -41,6 +43,27 @@ SCHEDULES = ("constant", "cosine")
 FORMATS = ("auto", "ava", "elta-csv", "csv", "koniq", "para", "aadb")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 LOG_TARGETS = ("none", "tensorboard")
+
+# Optimisation recipes: what a run's unset (None) train settings become. `paper` is the paper's (SwinV2-B,
+# batch 48, 20 epochs); `finetune` is the one measured best for short convolutional fine-tunes
+# (docs/benchmarks.md, "The default recipe"). `auto` picks by backbone family, see recipe_for.
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": dict(lr=1e-5, optimizer="adam", weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
+                  grad_clip=0.0, head_lr_scale=1.0, layer_decay=1.0, ema=0.0),
+    "finetune": dict(lr=1e-3, optimizer="adamw", weight_decay=1e-4, schedule="cosine", warmup_epochs=0.5,
+                     grad_clip=5.0, head_lr_scale=1.0, layer_decay=1.0, ema=0.0),
+}  # fmt: skip
+# timm families trained with the paper's transformer recipe under `auto`
+TRANSFORMER_FAMILIES = ("swin", "vit", "deit", "beit", "eva", "cait", "xcit", "pvt", "twins", "maxvit", "coat",
+                        "levit", "crossvit", "mvit", "flexivit", "test_vit")  # fmt: skip
+
+
+def recipe_for(backbone: str, recipe: str = "auto") -> str:
+    """The recipe a run uses: ``recipe`` unless ``auto``, then ``paper`` for transformers, ``finetune`` else."""
+    if recipe != "auto":
+        return recipe
+    return "paper" if backbone.lower().startswith(TRANSFORMER_FAMILIES) else "finetune"
+
 
 # Keys that older configs kept in data/train and that now live in runtime. Saved run folders
 # (RUN_DIR/config.yaml, read by --resume) and `elta tune` base configs still carry them there.
@@ -142,7 +165,7 @@ class _Section:
             where = setting_name(self.section, f.name)
             value = coerce_value(getattr(self, f.name), hints[f.name], where)
             choices = f.metadata.get("choices")
-            if choices is not None and value not in choices:
+            if choices is not None and value is not None and value not in choices:
                 raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
             setattr(self, f.name, value)
 
@@ -226,18 +249,32 @@ class ModelConfig(_Section):
 
 @dataclass
 class TrainConfig(_Section):
-    """Optimisation. Defaults are the paper's: Adam, lr 1e-5, batch 48, 20 epochs, constant lr."""
+    """Optimisation. Settings left unset come from the recipe: ``auto`` gives transformers the paper's (Adam,
+    lr 1e-5, constant) and other backbones ``finetune`` (see :data:`RECIPES`)."""
 
     section: typing.ClassVar[str] = "train"
 
     epochs: int = setting(20, "epochs (default 20)")
     batch_size: int = setting(48, "training batch size (default 48)")
-    lr: float = setting(1e-5, "learning rate (default 1e-5)")
-    optimizer: str = setting("adam", "optimizer (default adam)", choices=OPTIMIZERS)
-    weight_decay: float = setting(0.0, "weight decay (default 0)")
-    schedule: str = setting("constant", "learning-rate schedule (default constant)", choices=SCHEDULES)
-    warmup_epochs: float = setting(0.0, "linear warm-up length in epochs (default 0)")
-    grad_clip: float = setting(0.0, "clip the gradient norm to this value (0 = off)")
+    recipe: str = setting(
+        "auto",
+        "defaults of the optimisation settings below: paper (Adam 1e-5, constant), finetune (AdamW 1e-3, cosine"
+        ", warm-up, clipping), auto = paper for transformers, finetune otherwise",
+        choices=("auto", *RECIPES),
+    )
+    lr: float | None = setting(None, "learning rate of the backbone (default: the recipe's)")
+    head_lr_scale: float | None = setting(None, "learning rate of the neck and head = lr × this (recipe's)")
+    layer_decay: float | None = setting(
+        None, "< 1: each earlier backbone layer's lr × this (timm's layer groups; transformers)"
+    )
+    optimizer: str | None = setting(None, "optimizer (default: the recipe's)", choices=OPTIMIZERS)
+    weight_decay: float | None = setting(None, "weight decay (default: the recipe's)")
+    schedule: str | None = setting(None, "learning-rate schedule (default: the recipe's)", choices=SCHEDULES)
+    warmup_epochs: float | None = setting(None, "linear warm-up length in epochs (default: the recipe's)")
+    grad_clip: float | None = setting(None, "clip the gradient norm to this value (0 = off; recipe's)")
+    ema: float | None = setting(
+        None, "> 0: validate and keep an exponential moving average of the weights with this decay (recipe's)"
+    )
     loss: str = setting(
         "auto", "loss: auto = emd when the dataset has vote distributions, else mse", choices=LOSSES
     )
@@ -260,8 +297,20 @@ class TrainConfig(_Section):
             raise ConfigError(
                 f"{where} must be ≥ 2 (batch statistics need two samples); got {self.batch_size}"
             )
-        self._positive("lr")
+        self._positive("lr", "head_lr_scale", "layer_decay")
         self._positive("weight_decay", "warmup_epochs", "grad_clip", "checkpoint_every", allow_zero=True)
+        if self.layer_decay is not None and self.layer_decay > 1.0:
+            raise ConfigError(
+                f"{setting_name('train', 'layer_decay')} must be in (0, 1]; got {self.layer_decay}"
+            )
+        if self.ema is not None and not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"{setting_name('train', 'ema')} must be in [0, 1); got {self.ema}")
+
+    def resolved(self, backbone: str) -> TrainConfig:
+        """A copy with the unset settings filled from the recipe (``auto``: by ``backbone``'s family)."""
+        name = recipe_for(backbone, self.recipe)
+        unset = {k: v for k, v in RECIPES[name].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, recipe=name, **unset)
 
 
 @dataclass
@@ -372,6 +421,11 @@ class RunConfig:
         from elta.utils import atomic_write_text
 
         return atomic_write_text(path, self.yaml_text())
+
+    def resolved(self, backbone: str | None = None) -> RunConfig:
+        """A copy whose train settings are all set: those left unset come from the recipe of ``backbone``
+        (default model.backbone; a run from --init-from trains the checkpoint's backbone)."""
+        return dataclasses.replace(self, train=self.train.resolved(backbone or self.model.backbone))
 
     def override(self, section: str, **values: Any) -> RunConfig:
         """A copy with the non-None ``values`` replaced in ``section`` (re-checked)."""

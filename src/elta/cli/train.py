@@ -40,7 +40,12 @@ def train(args: argparse.Namespace) -> int:
     else:
         cfg = _config(args)
     if args.print_config:
-        print(cfg.yaml_text(), end="")
+        backbone = None
+        if cfg.model.init_from:  # the run trains the checkpoint's backbone, with its recipe
+            from elta.models.checkpoint import load_checkpoint
+
+            backbone = load_checkpoint(cfg.model.init_from).spec.backbone
+        print(cfg.resolved(backbone).yaml_text(), end="")
         return 0
     if not args.resume and not args.out:
         raise ConfigError("--out RUN_DIR is required (or --resume RUN_DIR)")

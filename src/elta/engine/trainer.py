@@ -10,6 +10,7 @@ Under torchrun the processes share each batch (:mod:`elta.engine.distributed`); 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -54,6 +55,7 @@ __all__ = [
     "train",
     "TrainState",
     "setup",
+    "update_ema",
     "fit",
     "step",
     "validate",
@@ -172,6 +174,7 @@ class TrainState:
     val_set: AnnotationDataset
     sample_weights: torch.Tensor | None  # per-row sampling weights, None: plain shuffling
     forward: nn.Module | None = None  # StepForward (under DistributedDataParallel in a distributed run)
+    ema: AestheticModel | None = None  # --ema: the weights' moving average, validated, kept in best.pt
     # progress: completed epochs, batches done in the current epoch, optimizer steps in all
     epoch: int = 0
     step: int = 0
@@ -195,6 +198,11 @@ class TrainState:
     @property
     def best_path(self) -> Path:
         return self.run_dir / "best.pt"
+
+    @property
+    def kept_model(self) -> AestheticModel:
+        """The weights a run validates and keeps in best.pt: the moving average with --ema, else the model."""
+        return self.model if self.ema is None else self.ema
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, D] in float32: the backbone (or the neck on cached features) under autocast."""
@@ -356,6 +364,8 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.scheduler.step()
+    if state.ema is not None:
+        update_ema(state.ema, state.model, t.ema, state.global_step)
     values = processes.mean(torch.stack([v.detach().float() for v in terms.values()]))
     values = dict(zip(terms, values.tolist(), strict=True))
     if not math.isfinite(values["loss"]):
@@ -373,9 +383,23 @@ def step(state: TrainState, batch: Batch) -> dict[str, float] | None:
     return values
 
 
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, steps: int) -> None:
+    """Move ``ema`` towards ``model``: e ← e + (1 − d)(p − e), with d = min(decay, (1 + steps) / (10 + steps))
+    so that the first steps are not averaged with the initial weights; integer buffers are copied."""
+    d = min(decay, (1 + steps) / (10 + steps))
+    with torch.no_grad():
+        pairs = [*zip(ema.parameters(), model.parameters(), strict=True)]
+        pairs += zip(ema.buffers(), model.buffers(), strict=True)
+        for mine, theirs in pairs:
+            if mine.is_floating_point():
+                mine.lerp_(theirs, 1.0 - d)
+            else:
+                mine.copy_(theirs)
+
+
 def validate(state: TrainState) -> dict:
     """Validation loss (the head's, on the predictions) and metrics, on the rows whose images loaded."""
-    model, processes = state.model, state.processes
+    model, processes = state.kept_model, state.processes
     processes.broadcast_buffers(model)  # all processes score with the weights rank 0 saves
     preds = Predictor(model, state.runtime).predict(state.val_set, desc="validating")
     frame, ok, spec = state.data.val, preds.ok, model.spec
@@ -397,14 +421,18 @@ def save(state: TrainState, path: Path, full: bool = True) -> None:
     resume needs (optimizer, scheduler, scaler, enhancers, progress); else the weights, spec, config and
     the epoch they are from (best.pt)."""
     state.processes.broadcast_buffers(state.model)
+    if state.ema is not None:
+        state.processes.broadcast_buffers(state.ema)
     if not state.processes.is_main:
         return
     training = {"epoch": state.epoch, "best_metric": state.best_metric}
     if full:
         training |= {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()}
+        training |= {"ema": state.ema.state_dict()} if state.ema is not None else {}
         training |= {"scaler": state.scaler.state_dict(), "enhancers": state.enhancers.state_dict()}
         training |= {k: getattr(state, k) for k in PROGRESS}
-    save_checkpoint(path, state.model, config=state.cfg.to_dict(), training=training)
+    model = state.model if full else state.kept_model
+    save_checkpoint(path, model, config=state.cfg.to_dict(), training=training)
 
 
 def _restore(state: TrainState, checkpoint: Checkpoint) -> None:
@@ -414,6 +442,8 @@ def _restore(state: TrainState, checkpoint: Checkpoint) -> None:
     saved = checkpoint.training
     state.enhancers.load_state_dict(saved.get("enhancers", {}))
     state.optimizer.load_state_dict(saved["optimizer"])
+    if state.ema is not None:
+        state.ema.load_state_dict(saved["ema"])
     state.scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(saved["scaler"])
@@ -462,13 +492,16 @@ def setup(
             f"--batch-size {t.batch_size} is the global batch, shared by {processes.world_size} "
             f"processes: give at least {processes.world_size}"
         )
-    if processes.is_main:
-        cfg.to_yaml(run_dir / "config.yaml")
     data = prepare_data(cfg, run_dir, progress=progress, write=processes.is_main)
     info = data.info
     loss = resolve_loss(t.loss, info.has_distribution, scalar_head_users(cfg.enhancers))
     saved = load_checkpoint(run_dir / "last.pt") if resume else None
     model = precision.prepare(_initial_model(cfg, data, loss, saved).to(device))
+    # the recipe's values for the unset settings, by the backbone trained (--init-from's own)
+    cfg = cfg.resolved(model.spec.backbone)
+    t = cfg.train
+    if processes.is_main:
+        cfg.to_yaml(run_dir / "config.yaml")
     processes.sync_batch_norm(model, device)
     enhancers = build_enhancers(cfg.enhancers)
     spec = model.spec
@@ -487,6 +520,7 @@ def setup(
     if not t.cache_features:
         check_cache_fits(info.images_root, model.spec.resize)
     train_set, val_set = _datasets(cfg, run_dir, model, data, runtime)
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if t.ema > 0 else None
     if runtime.compile and t.cache_features:
         log.info("--compile: nothing to compile, the backbone's features are cached")
     elif runtime.compile:
@@ -497,7 +531,7 @@ def setup(
         cfg=cfg, run_dir=run_dir, data=data, model=model, enhancers=enhancers, optimizer=optimizer,
         scheduler=_scheduler(optimizer, cfg, steps_per_epoch), scaler=precision.grad_scaler(),
         runtime=runtime, train_set=train_set, val_set=val_set, sample_weights=sample_weights,
-        problems=list(data.problems),
+        problems=list(data.problems), ema=ema,
     )  # fmt: skip
     state.forward = processes.wrap(StepForward(model, enhancers, state.features, processes), device)
     if saved is not None:
@@ -515,12 +549,23 @@ def setup(
 
 
 def _optimizer(model: AestheticModel, cfg: RunConfig, enhancers: nn.ModuleList) -> torch.optim.Optimizer:
-    """Adam or AdamW over the model's trainable parameters, plus the enhancers' own parameter groups
-    (e.g. BMC's σ, with its own learning rate and no weight decay)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Adam or AdamW: the backbone at lr (each earlier layer × layer_decay when < 1, timm's layer groups),
+    the neck and head at lr × head_lr_scale, plus the enhancers' own groups (e.g. BMC's σ)."""
     t = cfg.train
+    head = [p for part in (model.neck, model.head) for p in part.parameters() if p.requires_grad]
+    if t.layer_decay < 1.0:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(
+            model.backbone, weight_decay=t.weight_decay, layer_decay=t.layer_decay
+        )
+        for group in groups:
+            group["lr"] = t.lr * group.pop("lr_scale")
+    else:
+        groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad]}]
+    groups = [g for g in groups if g["params"]] + [{"params": head, "lr": t.lr * t.head_lr_scale}]
     kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    optimizer = kind(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = kind(groups, lr=t.lr, weight_decay=t.weight_decay)
     for enhancer in enhancers:
         for group in enhancer.param_groups():
             optimizer.add_param_group(group)
