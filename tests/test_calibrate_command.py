@@ -144,3 +144,13 @@ def test_evaluate_warns_when_the_stored_map_raises_the_tail_mae(run, tmp_path, c
     assert (
         "raises the tail MAE on split 'test'" in warned
     )  # pulling every score to the middle hurts the tails
+
+
+def test_train_with_calibrate_stores_the_validation_map_in_best_pt(demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [*tiny_train_args(demo_data, out, backbone="test_resnet"), "--calibrate", "affine"]
+    assert main(args) == 0
+    stored = load_checkpoint(out / "best.pt").spec.calibration
+    validation = len((demo_data / "val.txt").read_text().split())
+    assert stored["method"] == "affine" and stored["n_fit"] == validation  # fitted on the validation split
+    assert f"calibration: affine stored in {out / 'best.pt'}" in capsys.readouterr().out

@@ -43,7 +43,7 @@ def test_unset_settings_come_from_the_recipe_of_the_backbone_family():
 
 @pytest.mark.parametrize(
     ("train", "named"), [({"ema": 1.0}, "train.ema"), ({"layer_decay": 1.5}, "train.layer_decay"),
-                         ({"head_lr_scale": 0}, "train.head_lr_scale"), ({"recipe": "fast"}, "train.recipe")]
+                         ({"backbone_lr_scale": 0}, "train.backbone_lr_scale"), ({"recipe": "fast"}, "train.recipe")]
 )  # fmt: skip
 def test_bad_recipe_settings_are_one_line_errors_naming_the_setting(train, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
@@ -66,9 +66,9 @@ def test_print_config_shows_the_values_the_run_will_use(demo_data):
 
 
 def test_head_learns_at_its_own_rate_and_layer_decay_slows_the_early_layers(demo_data, tmp_path):
-    state = setup(tiny_config(demo_data, train={"lr": 1e-3, "head_lr_scale": 10}), tmp_path / "a")
+    state = setup(tiny_config(demo_data, train={"lr": 1e-3, "backbone_lr_scale": 0.1}), tmp_path / "a")
     rates = [g["initial_lr"] for g in state.optimizer.param_groups]
-    assert rates == [pytest.approx(1e-3), pytest.approx(1e-2)]  # backbone, then neck + head
+    assert rates == [pytest.approx(1e-4), pytest.approx(1e-3)]  # backbone, then neck + head
     head = set(map(id, state.model.head.parameters()))
     assert head == set(map(id, state.optimizer.param_groups[1]["params"]))
 
@@ -76,7 +76,7 @@ def test_head_learns_at_its_own_rate_and_layer_decay_slows_the_early_layers(demo
     rates = [g["initial_lr"] for g in setup(decayed, tmp_path / "b").optimizer.param_groups]
     backbone = rates[:-1]
     assert max(backbone) == pytest.approx(1e-3) and min(backbone) < 1e-3 / 2  # the embedding, layers below
-    assert rates[-1] == pytest.approx(1e-3)  # the head, at lr × head_lr_scale (1 in the paper's recipe)
+    assert rates[-1] == pytest.approx(1e-3)  # the head, at lr
 
 
 def test_ema_moves_towards_the_weights_by_the_hand_computed_factor():

@@ -49,9 +49,9 @@ LOG_TARGETS = ("none", "tensorboard")
 # (docs/benchmarks.md, "The default recipe"). `auto` picks by backbone family, see recipe_for.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(lr=1e-5, optimizer="adam", weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
-                  grad_clip=0.0, head_lr_scale=1.0, layer_decay=1.0, ema=0.0),
+                  grad_clip=0.0, backbone_lr_scale=1.0, layer_decay=1.0, ema=0.0),
     "finetune": dict(lr=1e-3, optimizer="adamw", weight_decay=1e-4, schedule="cosine", warmup_epochs=0.5,
-                     grad_clip=5.0, head_lr_scale=1.0, layer_decay=1.0, ema=0.0),
+                     grad_clip=5.0, backbone_lr_scale=0.1, layer_decay=1.0, ema=0.99),
 }  # fmt: skip
 # timm families trained with the paper's transformer recipe under `auto`
 TRANSFORMER_FAMILIES = ("swin", "vit", "deit", "beit", "eva", "cait", "xcit", "pvt", "twins", "maxvit", "coat",
@@ -262,8 +262,8 @@ class TrainConfig(_Section):
         ", warm-up, clipping), auto = paper for transformers, finetune otherwise",
         choices=("auto", *RECIPES),
     )
-    lr: float | None = setting(None, "learning rate of the backbone (default: the recipe's)")
-    head_lr_scale: float | None = setting(None, "learning rate of the neck and head = lr × this (recipe's)")
+    lr: float | None = setting(None, "learning rate of the neck and head (default: the recipe's)")
+    backbone_lr_scale: float | None = setting(None, "learning rate of the backbone = lr × this (recipe's)")
     layer_decay: float | None = setting(
         None, "< 1: each earlier backbone layer's lr × this (timm's layer groups; transformers)"
     )
@@ -297,7 +297,7 @@ class TrainConfig(_Section):
             raise ConfigError(
                 f"{where} must be ≥ 2 (batch statistics need two samples); got {self.batch_size}"
             )
-        self._positive("lr", "head_lr_scale", "layer_decay")
+        self._positive("lr", "backbone_lr_scale", "layer_decay")
         self._positive("weight_decay", "warmup_epochs", "grad_clip", "checkpoint_every", allow_zero=True)
         if self.layer_decay is not None and self.layer_decay > 1.0:
             raise ConfigError(

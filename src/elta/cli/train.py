@@ -58,7 +58,24 @@ def train(args: argparse.Namespace) -> int:
     print(f"best {summary['metric']} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}")
     print(f"checkpoints: {summary['best']}  {summary['last']}")
     print(f"per-epoch metrics: {summary['metrics_csv']}")
+    if args.calibrate != "none":
+        _calibrate_best(summary["best"], cfg, args.calibrate)
     return 0
+
+
+def _calibrate_best(best: str, cfg: RunConfig, method: str) -> None:
+    """``--calibrate``: fit the map on the validation split and store it in best.pt."""
+    from elta.calibration import format_selection
+    from elta.cli.options import build_runtime
+    from elta.workflows.calibrate import calibrate_checkpoint
+
+    result = calibrate_checkpoint(best, cfg, build_runtime(cfg.runtime), method=method)
+    if method == "auto":
+        print(format_selection(result["selection"]))
+    stored = result["calibration"]
+    print(
+        f"calibration: {stored['method'] if stored else 'none (no map lowers the tail MAE)'} stored in {best}"
+    )
 
 
 def ablate(args: argparse.Namespace) -> int:
@@ -124,6 +141,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from RUN_DIR/last.pt")
     show = "print the resolved config (file + options) and exit"
     p.add_argument("--print-config", action="store_true", help=show)
+    p.add_argument(
+        "--calibrate", default="none", choices=("none", "auto", "affine", "quantile", "isotonic"),
+        help="then fit a calibration map on the validation split and store it in best.pt, as elta calibrate "
+        "--method does (auto: the map, or none, with the lowest tail MAE)",
+    )  # fmt: skip
     _training_options(p)
     p.set_defaults(func=train)
 

@@ -549,9 +549,10 @@ def setup(
 
 
 def _optimizer(model: AestheticModel, cfg: RunConfig, enhancers: nn.ModuleList) -> torch.optim.Optimizer:
-    """Adam or AdamW: the backbone at lr (each earlier layer × layer_decay when < 1, timm's layer groups),
-    the neck and head at lr × head_lr_scale, plus the enhancers' own groups (e.g. BMC's σ)."""
+    """Adam or AdamW: the neck and head at lr, the backbone at lr × backbone_lr_scale (each earlier layer
+    × layer_decay more when < 1, timm's layer groups), plus the enhancers' own groups (e.g. BMC's σ)."""
     t = cfg.train
+    backbone_lr = t.lr * t.backbone_lr_scale
     head = [p for part in (model.neck, model.head) for p in part.parameters() if p.requires_grad]
     if t.layer_decay < 1.0:
         from timm.optim import param_groups_layer_decay
@@ -560,10 +561,10 @@ def _optimizer(model: AestheticModel, cfg: RunConfig, enhancers: nn.ModuleList) 
             model.backbone, weight_decay=t.weight_decay, layer_decay=t.layer_decay
         )
         for group in groups:
-            group["lr"] = t.lr * group.pop("lr_scale")
+            group["lr"] = backbone_lr * group.pop("lr_scale")
     else:
-        groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad]}]
-    groups = [g for g in groups if g["params"]] + [{"params": head, "lr": t.lr * t.head_lr_scale}]
+        groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": backbone_lr}]
+    groups = [g for g in groups if g["params"]] + [{"params": head}]
     kind = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
     optimizer = kind(groups, lr=t.lr, weight_decay=t.weight_decay)
     for enhancer in enhancers:
