@@ -50,6 +50,14 @@ def test_bad_recipe_settings_are_one_line_errors_naming_the_setting(train, named
         RunConfig.from_dict({"train": train})
 
 
+def test_a_run_config_saved_before_recipes_resumes_with_the_settings_it_was_run_with():
+    old = {"model": {"backbone": "tf_efficientnet_lite0"}, "train": {"lr": 1e-3, "optimizer": "adamw", "weight_decay": 0,
+           "schedule": "cosine", "warmup_epochs": 0.5, "grad_clip": 5.0}}  # fmt: skip
+    train = RunConfig.from_dict(old).resolved().train
+    assert (train.backbone_lr_scale, train.layer_decay, train.ema) == (1.0, 1.0, 0.0)
+    assert (train.lr, train.optimizer, train.schedule) == (1e-3, "adamw", "cosine")
+
+
 def test_print_config_shows_the_values_the_run_will_use(demo_data):
     args = [
         "train",

@@ -69,6 +69,10 @@ def recipe_for(backbone: str, recipe: str = "auto") -> str:
 # (RUN_DIR/config.yaml, read by --resume) and `elta tune` base configs still carry them there.
 LEGACY_RUNTIME_KEYS = {"train": ("device", "amp", "channels_last", "compile"), "data": ("workers",)}
 
+# A train section that sets all of these but no recipe was saved before recipes existed (RUN_DIR/config.yaml
+# lists every setting): it gets the paper recipe, whose backbone_lr_scale, layer_decay and ema it was run with.
+PRE_RECIPE_KEYS = ("lr", "optimizer", "weight_decay", "schedule", "warmup_epochs", "grad_clip")
+
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 _NULL = ("null", "none", "~", "")
@@ -381,6 +385,8 @@ class RunConfig:
             for key in keys:
                 if key in sections[name]:
                     sections["runtime"].setdefault(key, sections[name].pop(key))
+        if "recipe" not in sections["train"] and all(k in sections["train"] for k in PRE_RECIPE_KEYS):
+            sections["train"]["recipe"] = "paper"
         kwargs: dict[str, Any] = {}
         for name, section_cls in SECTIONS.items():
             known = {f.name for f in dataclasses.fields(section_cls)}

@@ -17,7 +17,13 @@ def demo_config(data_dir: str | Path, device: str = "auto") -> RunConfig:
     """The demo's training recipe: EfficientNet-Lite0 (ImageNet weights that load offline), fine-tuned with one
     learning rate for the whole model and no weight averaging (the numbers in the README are from it)."""
     recipe = {"epochs": 4, "batch_size": 32, "lr": 1e-3, "optimizer": "adamw", "weight_decay": 1e-4}
-    recipe |= {"schedule": "cosine", "warmup_epochs": 0.5, "grad_clip": 5.0, "backbone_lr_scale": 1.0, "ema": 0.0}
+    recipe |= {
+        "schedule": "cosine",
+        "warmup_epochs": 0.5,
+        "grad_clip": 5.0,
+        "backbone_lr_scale": 1.0,
+        "ema": 0.0,
+    }
     return RunConfig(
         data=DataConfig(data=str(Path(data_dir) / "AVA.txt")),
         model=ModelConfig(backbone="tf_efficientnet_lite0", weights="imagenet", image_size=192, resize=208),
