@@ -51,7 +51,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(lr=1e-5, optimizer="adam", weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
                   grad_clip=0.0, backbone_lr_scale=1.0, layer_decay=1.0, ema=0.0),
     "finetune": dict(lr=1e-3, optimizer="adamw", weight_decay=1e-4, schedule="cosine", warmup_epochs=0.5,
-                     grad_clip=5.0, backbone_lr_scale=0.1, layer_decay=1.0, ema=0.99),
+                     grad_clip=5.0, backbone_lr_scale=0.3, layer_decay=1.0, ema=0.99),
 }  # fmt: skip
 # timm families trained with the paper's transformer recipe under `auto`
 TRANSFORMER_FAMILIES = ("swin", "vit", "deit", "beit", "eva", "cait", "xcit", "pvt", "twins", "maxvit", "coat",
