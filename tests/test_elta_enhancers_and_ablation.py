@@ -170,6 +170,9 @@ def test_ablation_table_over_variants_and_seeds(demo_data, tmp_path):
     assert "| tfa+flsa |" in md and "Δsrcc" in md and "**" in md and " ± " in md
     csv = pd.read_csv(tmp_path / "abl" / "ablation.csv")
     assert list(csv.columns[:3]) == ["variant", "seed", "plcc"]
+    tails = (csv["mae_low"] + csv["mae_high"]).to_numpy() / 2
+    assert csv["mae_tail"].to_numpy() == pytest.approx(tails, rel=1e-5)  # the CSV keeps 6 digits
+    assert "Δmae_tail" in md
     # Running it again reuses every finished run and gives the same table.
     again = run_ablation(base, ["baseline", "tfa", "tfa+flsa"], seeds=2, out=tmp_path / "abl")
     pd.testing.assert_frame_equal(table, again)
