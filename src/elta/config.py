@@ -262,8 +262,8 @@ class TrainConfig(_Section):
     batch_size: int = setting(48, "training batch size (default 48)")
     recipe: str = setting(
         "auto",
-        "defaults of the optimisation settings below: paper (Adam 1e-5, constant), finetune (AdamW 1e-3, cosine"
-        ", warm-up, clipping), auto = paper for transformers, finetune otherwise",
+        "defaults of the optimisation settings below: paper (Adam 1e-5, constant), finetune (AdamW, head 1e-3, "
+        "backbone 0.3×, warm-up + cosine, clipping, weight EMA), auto = paper for transformers, finetune otherwise",
         choices=("auto", *RECIPES),
     )
     lr: float | None = setting(None, "learning rate of the neck and head (default: the recipe's)")
