@@ -114,15 +114,16 @@ def test_ema_run_keeps_the_average_in_best_pt_and_resumes_exactly(demo_data, tmp
         train(cfg, tmp_path / "resumed", on_epoch=stop_after_first)
     train(cfg, tmp_path / "resumed", resume=True)
     reference, resumed = (load_checkpoint(tmp_path / r / "last.pt") for r in ("reference", "resumed"))
-    for key, value in reference.training["ema"].items():
-        assert torch.equal(value, resumed.training["ema"][key]), key
-    for key, value in reference.weights.items():
+    for key, value in reference.training["raw_weights"].items():
+        assert torch.equal(value, resumed.training["raw_weights"][key]), key
+    for key, value in reference.weights.items():  # the average
         assert torch.equal(value, resumed.weights[key]), key
 
 
-def test_best_pt_holds_the_average_not_the_last_steps_weights(demo_data, tmp_path):
+def test_checkpoints_hold_the_average_that_validation_scored(demo_data, tmp_path):
     train(tiny_config(demo_data, epochs=1, train={"ema": 0.5}), tmp_path / "run")
     last, best = (load_checkpoint(tmp_path / "run" / name) for name in ("last.pt", "best.pt"))
-    assert "ema" not in best.training and best.training["epoch"] == 1
-    assert all(torch.equal(best.weights[k], v) for k, v in last.training["ema"].items())
-    assert not all(torch.equal(best.weights[k], v) for k, v in last.weights.items())
+    assert "raw_weights" not in best.training and best.training["epoch"] == 1
+    assert all(torch.equal(best.weights[k], v) for k, v in last.weights.items())
+    raw = last.training["raw_weights"]  # the last step's weights, kept for a resume
+    assert not all(torch.equal(best.weights[k], v) for k, v in raw.items())

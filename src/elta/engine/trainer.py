@@ -417,9 +417,10 @@ def validate(state: TrainState) -> dict:
 
 
 def save(state: TrainState, path: Path, full: bool = True) -> None:
-    """Write a checkpoint (rank 0), after giving every process rank 0's buffers. ``full``: everything a
-    resume needs (optimizer, scheduler, scaler, enhancers, progress); else the weights, spec, config and
-    the epoch they are from (best.pt)."""
+    """Write a checkpoint (rank 0), after giving every process rank 0's buffers. Its weights are the ones
+    validation scores (the moving average with --ema). ``full``: also everything a resume needs (optimizer,
+    scheduler, scaler, enhancers, progress, and with --ema the trained weights); else only the weights, spec,
+    config and the epoch they are from (best.pt)."""
     state.processes.broadcast_buffers(state.model)
     if state.ema is not None:
         state.processes.broadcast_buffers(state.ema)
@@ -428,11 +429,10 @@ def save(state: TrainState, path: Path, full: bool = True) -> None:
     training = {"epoch": state.epoch, "best_metric": state.best_metric}
     if full:
         training |= {"optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict()}
-        training |= {"ema": state.ema.state_dict()} if state.ema is not None else {}
+        training |= {"raw_weights": state.model.state_dict()} if state.ema is not None else {}
         training |= {"scaler": state.scaler.state_dict(), "enhancers": state.enhancers.state_dict()}
         training |= {k: getattr(state, k) for k in PROGRESS}
-    model = state.model if full else state.kept_model
-    save_checkpoint(path, model, config=state.cfg.to_dict(), training=training)
+    save_checkpoint(path, state.kept_model, config=state.cfg.to_dict(), training=training)
 
 
 def _restore(state: TrainState, checkpoint: Checkpoint) -> None:
@@ -442,8 +442,8 @@ def _restore(state: TrainState, checkpoint: Checkpoint) -> None:
     saved = checkpoint.training
     state.enhancers.load_state_dict(saved.get("enhancers", {}))
     state.optimizer.load_state_dict(saved["optimizer"])
-    if state.ema is not None:
-        state.ema.load_state_dict(saved["ema"])
+    if state.ema is not None:  # the checkpoint's weights are the average, the model's its raw_weights
+        state.ema.load_state_dict(checkpoint.weights)
     state.scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(saved["scaler"])
@@ -624,7 +624,7 @@ def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpo
     if source is not None:
         _load_initial_weights(model, source, m.init_from, m.reset_head)
     if saved is not None:  # before the datasets: a feature cache is keyed by these backbone weights
-        model.load_state_dict(saved.weights)
+        model.load_state_dict(saved.training.get("raw_weights", saved.weights))  # with --ema: not the average
     if m.freeze_backbone:
         model.backbone.requires_grad_(False)
     return model
