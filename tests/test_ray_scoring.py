@@ -43,6 +43,7 @@ def test_ray_with_two_actors_equals_the_in_process_run(demo_data, tmp_path):
     assert len(a) == 92 and a["path"].tolist() == b["path"].tolist()
     assert a["error"].tolist() == b["error"].tolist()
     assert (a["error"] != "").sum() == 2 and "duplicate key" in a["error"].iloc[-1]
+    # the actors' float32 sums may run on other thread counts: a few ulps (≈ 5e-7 at a score of 5) apart
     for column in [c for c in a.columns if c not in ("path", "error")]:
-        np.testing.assert_allclose(b[column], a[column], rtol=0, atol=1e-6, err_msg=column)
+        np.testing.assert_allclose(b[column], a[column], rtol=0, atol=1e-5, err_msg=column)
     assert not (tmp_path / "ray.parquet.ray").exists()
