@@ -62,6 +62,27 @@ def tiny_train_args(data_root, out, *, backbone="test_convnext", epochs=1) -> li
     ]  # fmt: skip
 
 
+def reference_and_resumed(cfg, tmp_path):
+    """Train ``cfg`` uninterrupted, and again stopped after its first epoch and resumed; their last.pt."""
+    from elta.engine.trainer import train
+    from elta.models.checkpoint import load_checkpoint
+
+    train(cfg, tmp_path / "reference")
+
+    def stop(epoch, _row):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    try:
+        train(cfg, tmp_path / "resumed", on_epoch=stop)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the run was not stopped after its first epoch")
+    train(cfg, tmp_path / "resumed", resume=True)
+    return tuple(load_checkpoint(tmp_path / run / "last.pt") for run in ("reference", "resumed"))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config
+from conftest import reference_and_resumed, tiny_config
 from elta.config import RECIPES, RunConfig
 from elta.engine.trainer import setup, train, update_ema
 from elta.errors import ConfigError
@@ -100,20 +100,7 @@ def test_ema_moves_towards_the_weights_by_the_hand_computed_factor():
 
 
 def test_ema_run_keeps_the_average_in_best_pt_and_resumes_exactly(demo_data, tmp_path):
-    cfg = tiny_config(demo_data, epochs=2, train={"ema": 0.5})
-    train(cfg, tmp_path / "reference")
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(epoch, row):
-        if epoch == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "resumed", on_epoch=stop_after_first)
-    train(cfg, tmp_path / "resumed", resume=True)
-    reference, resumed = (load_checkpoint(tmp_path / r / "last.pt") for r in ("reference", "resumed"))
+    reference, resumed = reference_and_resumed(tiny_config(demo_data, epochs=2, train={"ema": 0.5}), tmp_path)
     for key, value in reference.training["raw_weights"].items():
         assert torch.equal(value, resumed.training["raw_weights"][key]), key
     for key, value in reference.weights.items():  # the average

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import elta
-from conftest import tiny_config, tiny_train_args
+from conftest import reference_and_resumed, tiny_config, tiny_train_args
 from elta.cli import main
 from elta.config import RunConfig, RuntimeConfig
 from elta.data.annotations import read_annotations
@@ -186,17 +186,8 @@ def test_bf16_and_channels_last_train_with_finite_losses(demo_data, tmp_path, am
 
 def test_bf16_run_stopped_after_an_epoch_resumes_to_the_same_weights(demo_data, tmp_path):
     cfg = tiny_config(demo_data, epochs=2, image_size=32, runtime={"amp": "bf16"})
-    train(cfg, tmp_path / "reference")
-
-    def stop(epoch, _row):
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, tmp_path / "stopped", on_epoch=stop)
-    train(cfg, tmp_path / "stopped", resume=True)
-    a = load_checkpoint(tmp_path / "reference" / "last.pt").weights
-    b = load_checkpoint(tmp_path / "stopped" / "last.pt").weights
+    reference, resumed = reference_and_resumed(cfg, tmp_path)
+    a, b = reference.weights, resumed.weights
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
