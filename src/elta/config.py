@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from elta.errors import ConfigError
+from elta.utils import atomic_write_text
 
 __all__ = [
     "DataConfig",
@@ -173,12 +174,16 @@ class _Section:
                 raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))}; got {value!r}")
             setattr(self, f.name, value)
 
+    def _reject(self, key: str, bad: bool, rule: str) -> None:
+        """Raise ``section.key (--flag) must be RULE; got VALUE`` when ``bad``."""
+        if bad:
+            raise ConfigError(f"{setting_name(self.section, key)} must be {rule}; got {getattr(self, key)!r}")
+
     def _positive(self, *keys: str, allow_zero: bool = False) -> None:
         for key in keys:
             value = getattr(self, key)
-            if value is not None and (value < 0 or (value == 0 and not allow_zero)):
-                where = setting_name(self.section, key)
-                raise ConfigError(f"{where} must be {'≥' if allow_zero else '>'} 0; got {value!r}")
+            negative = value is not None and (value < 0 or (value == 0 and not allow_zero))
+            self._reject(key, negative, "≥ 0" if allow_zero else "> 0")
 
 
 @dataclass
@@ -213,9 +218,7 @@ class DataConfig(_Section):
 
     def __post_init__(self) -> None:
         self._coerce()
-        if not 0.0 < self.val_fraction < 1.0:
-            where = setting_name("data", "val_fraction")
-            raise ConfigError(f"{where} must be in (0, 1); got {self.val_fraction}")
+        self._reject("val_fraction", not 0.0 < self.val_fraction < 1.0, "in (0, 1)")
         if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
             where = setting_name("data", "score_range")
             raise ConfigError(f"{where} must be [low, high] with low < high; got {list(self.score_range)}")
@@ -247,8 +250,7 @@ class ModelConfig(_Section):
                 f"({self.image_size})"
             )
         self._positive("neck_dim", allow_zero=True)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{setting_name('model', 'dropout')} must be in [0, 1); got {self.dropout}")
+        self._reject("dropout", not 0.0 <= self.dropout < 1.0, "in [0, 1)")
 
 
 @dataclass
@@ -296,19 +298,11 @@ class TrainConfig(_Section):
     def __post_init__(self) -> None:
         self._coerce()
         self._positive("epochs", "batch_size")
-        if self.batch_size < 2:
-            where = setting_name("train", "batch_size")
-            raise ConfigError(
-                f"{where} must be ≥ 2 (batch statistics need two samples); got {self.batch_size}"
-            )
+        self._reject("batch_size", self.batch_size < 2, "≥ 2 (batch statistics need two samples)")
         self._positive("lr", "backbone_lr_scale", "layer_decay")
         self._positive("weight_decay", "warmup_epochs", "grad_clip", "checkpoint_every", allow_zero=True)
-        if self.layer_decay is not None and self.layer_decay > 1.0:
-            raise ConfigError(
-                f"{setting_name('train', 'layer_decay')} must be in (0, 1]; got {self.layer_decay}"
-            )
-        if self.ema is not None and not 0.0 <= self.ema < 1.0:
-            raise ConfigError(f"{setting_name('train', 'ema')} must be in [0, 1); got {self.ema}")
+        self._reject("layer_decay", self.layer_decay is not None and self.layer_decay > 1.0, "in (0, 1]")
+        self._reject("ema", self.ema is not None and not 0.0 <= self.ema < 1.0, "in [0, 1)")
 
     def resolved(self, backbone: str) -> TrainConfig:
         """A copy with the unset settings filled from the recipe (``auto``: by ``backbone``'s family)."""
@@ -424,8 +418,6 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def to_yaml(self, path: str | Path) -> Path:
-        from elta.utils import atomic_write_text
-
         return atomic_write_text(path, self.yaml_text())
 
     def resolved(self, backbone: str | None = None) -> RunConfig:
