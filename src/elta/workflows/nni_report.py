@@ -17,7 +17,7 @@ from elta import launch
 from elta.config import RunConfig
 from elta.errors import UnavailableError
 
-__all__ = ["ORIGINAL_NAMES", "under_nni", "nni_parameters", "nni_callback", "report_final", "nni_wrap"]
+__all__ = ["ORIGINAL_NAMES", "under_nni", "nni_wrap"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,16 @@ def under_nni() -> bool:
     return bool(os.environ.get("NNI_TRIAL_COMMAND_CHANNEL")) or platform not in ("", "unittest")
 
 
-def _nni():
+def _ignore(summary: dict) -> None:
+    """Outside NNI there is nothing to report."""
+
+
+def nni_wrap(cfg: RunConfig) -> tuple[RunConfig, Callable[[int, dict], None] | None, Callable[[dict], None]]:
+    """``(cfg, on_epoch, final)`` for ``train``: under NNI the config with the tuner's parameters applied
+    (original names translated), a per-epoch reporter of ``val_<train.metric>`` and a reporter of the run's
+    best (``train``'s summary) as the trial's final result; elsewhere ``(cfg, None, a no-op)``."""
+    if not under_nni():
+        return cfg, None, _ignore
     try:
         import nni
     except ImportError as exc:
@@ -46,53 +55,27 @@ def _nni():
             f"running as an NNI trial (NNI_PLATFORM={os.environ.get('NNI_PLATFORM')!r}) but the nni package "
             "is not importable in this environment: pip install nni"
         ) from exc
-    return nni
-
-
-def nni_parameters() -> dict:
-    """The tuner's parameters for this trial, by dotted setting name (original names translated)."""
-    raw = _nni().get_next_parameter() or {}
-    return {ORIGINAL_NAMES.get(name, name): value for name, value in raw.items()}
-
-
-def nni_callback(metric: str = "srcc") -> Callable[[int, dict], None] | None:
-    """An ``on_epoch`` callback reporting ``val_<metric>`` to NNI each epoch; None outside NNI."""
-    if not under_nni():
-        return None
-    nni = _nni()
-
-    def report(epoch: int, row: dict) -> None:
-        value = float(row[f"val_{metric}"])
-        if math.isfinite(value):  # NNI's manager cannot parse NaN
-            nni.report_intermediate_result(value)
-
-    return report
-
-
-def report_final(summary: dict) -> None:
-    """Report the run's best validation metric (``train``'s summary) as the trial's final result."""
-    value = float(summary["best_metric"])
-    if not math.isfinite(value):
-        log.warning("no finite validation %s: no final result reported to NNI", summary.get("metric"))
-        return
-    _nni().report_final_result(value)
-
-
-def _ignore(summary: dict) -> None:
-    """Outside NNI there is nothing to report."""
-
-
-def nni_wrap(cfg: RunConfig) -> tuple[RunConfig, Callable[[int, dict], None] | None, Callable[[dict], None]]:
-    """``(cfg, on_epoch, final)`` for ``train``: under NNI the config with the tuner's parameters applied,
-    the per-epoch reporter and :func:`report_final`; elsewhere ``(cfg, None, a no-op)``."""
-    if not under_nni():
-        return cfg, None, _ignore
     from elta.workflows.tune import apply_params
 
-    params = nni_parameters()
+    raw = nni.get_next_parameter() or {}
+    params = {ORIGINAL_NAMES.get(name, name): value for name, value in raw.items()}
     if params:
         log.info("NNI trial %s: %s", os.environ.get("NNI_TRIAL_JOB_ID", "?"), params)
         cfg = apply_params(cfg, params)
     if launch.rank() > 0:  # a distributed trial reports once, from rank 0
         return cfg, None, _ignore
-    return cfg, nni_callback(cfg.train.metric), report_final
+    metric = cfg.train.metric
+
+    def on_epoch(epoch: int, row: dict) -> None:
+        value = float(row[f"val_{metric}"])
+        if math.isfinite(value):  # NNI's manager cannot parse NaN
+            nni.report_intermediate_result(value)
+
+    def final(summary: dict) -> None:
+        value = float(summary["best_metric"])
+        if math.isfinite(value):
+            nni.report_final_result(value)
+        else:
+            log.warning("no finite validation %s: no final result reported to NNI", summary.get("metric"))
+
+    return cfg, on_epoch, final
