@@ -56,16 +56,6 @@ PRUNERS = ("median", "none")
 _VOLATILE = {"runtime.device", "runtime.workers", "runtime.batch_size", "train.feature_cache", "train.log_to"}
 
 
-def _import_optuna():
-    try:
-        import optuna
-    except ImportError as exc:
-        raise UnavailableError(
-            'elta tune needs Optuna: pip install optuna (or, in the elta checkout, pip install -e ".[tune]")'
-        ) from exc
-    return optuna
-
-
 # ---------------------------------------------------------------------------------------- search space
 
 
@@ -93,10 +83,6 @@ def _setting_type(name: str, source: str) -> Any:
     return hints[parts[-1]]
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class Param:
     """One searched setting: a list of choices, or a numeric range (integer when the setting is)."""
@@ -116,10 +102,6 @@ class Param:
         if self.integer:
             return trial.suggest_int(self.name, self.low, self.high, step=self.step or 1, log=self.log)
         return trial.suggest_float(self.name, self.low, self.high, step=self.step, log=self.log)
-
-    def corners(self) -> list:
-        """Values that every trial's config must accept: each choice, or both ends of the range."""
-        return list(self.choices) if self.choices is not None else [self.low, self.high]
 
 
 def _parse_param(name: str, spec: Any, source: str) -> Param:
@@ -292,16 +274,14 @@ def _storage(optuna, out: Path, url: str | None, heartbeat: Heartbeat):
             raise UnavailableError(
                 f"--storage {_safe(url)}: cannot open the study database: {reason}"
             ) from exc
-    raise AssertionError("unreachable")
 
 
 def _retry_stale_once(optuna) -> dict:
-    """The storage argument that retries a dead worker's trial once (renamed in Optuna 4.9)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
-            return {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(1)}
-        return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
+    """The storage argument that retries a dead worker's trial once (renamed in Optuna 4.9); experimental,
+    so called where :func:`_storage` silences Optuna's ExperimentalWarning."""
+    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
+        return {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(1)}
+    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
 
 
 def _safe(url: str) -> str:
@@ -462,7 +442,12 @@ def run_tune(
     database URL) any number of workers, on any machines, share the study and together finish exactly
     ``trials``; they may share ``out`` (trial folders are numbered by the database). Returns the
     ``optuna.Study``."""
-    optuna = _import_optuna()
+    try:
+        import optuna
+    except ImportError as exc:
+        raise UnavailableError(
+            'elta tune needs Optuna: pip install optuna (or, in the elta checkout, pip install -e ".[tune]")'
+        ) from exc
     params = parse_space(space)
     if trials < 1:
         raise ConfigError(f"--trials must be ≥ 1; got {trials}")
@@ -475,8 +460,8 @@ def run_tune(
     out = Path(out)
     if base.train.cache_features and not base.train.feature_cache:  # one backbone pass for all trials
         base = base.override("train", feature_cache=str(out / "feature_cache.pt"))
-    for p in params.values():  # every value must make a valid config before any trial runs
-        for value in p.corners():
+    for p in params.values():  # every choice, or both ends of a range, must make a valid config
+        for value in p.choices if p.choices is not None else (p.low, p.high):
             try:
                 apply_params(base, {p.name: value})
             except ValueError as exc:
@@ -543,18 +528,22 @@ def _write_results(study, base: RunConfig, params: dict[str, Param], out: Path) 
     atomic_write_text(out / "best.yaml", header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def _format_value(value: Any) -> str:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return f"{value:g}" if is_number else str(value)
+
+
 def format_trials(study, limit: int = 20) -> str:
     """A short table of the trials (best first) and the best one's settings."""
     names = list(dict.fromkeys(name for t in study.trials for name in t.params))
     rows = _trial_rows(study, names)
     rows.sort(key=lambda r: (r["value"] is None, -(r["value"] or 0.0), r["number"]))
-    short = {name: name.removeprefix("enhancers.") for name in names}
-    head = ["trial", "state", "value", *short.values(), "epochs"]
+    head = ["trial", "state", "value", *(name.removeprefix("enhancers.") for name in names), "epochs"]
     lines = [head]
     for r in rows[:limit]:
         value = "" if r["value"] is None else f"{r['value']:.4f}"
         cells = [str(r["number"]), r["state"].lower(), value]
-        cells += [f"{r[n]:g}" if _is_real(r[n]) else str(r[n]) for n in names]
+        cells += [_format_value(r[n]) for n in names]
         lines.append([*cells, str(r["epochs"])])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
@@ -562,6 +551,6 @@ def format_trials(study, limit: int = 20) -> str:
         text += f"\n… {len(rows) - limit} more in trials.csv"
     best = _best_trial(study)
     if best is not None:
-        settings = ", ".join(f"{k}={v:g}" if _is_real(v) else f"{k}={v}" for k, v in best.params.items())
+        settings = ", ".join(f"{k}={_format_value(v)}" for k, v in best.params.items())
         text += f"\nbest: trial {best.number}, value {best.value:.4f}: {settings}"
     return text
