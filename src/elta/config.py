@@ -30,7 +30,6 @@ __all__ = [
     "SECTIONS",
     "PAPER_BACKBONE",
     "RECIPES",
-    "recipe_for",
     "coerce_value",
     "flag_for",
     "setting_name",
@@ -47,7 +46,7 @@ LOG_TARGETS = ("none", "tensorboard")
 
 # Optimisation recipes: what a run's unset (None) train settings become. `paper` is the paper's (SwinV2-B,
 # batch 48, 20 epochs); `finetune` is the one measured best for short convolutional fine-tunes
-# (docs/benchmarks.md, "The default recipe"). `auto` picks by backbone family, see recipe_for.
+# (docs/benchmarks.md, "The default recipe"). `auto` picks by backbone family, see TrainConfig.resolved.
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": dict(lr=1e-5, optimizer="adam", weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
                   grad_clip=0.0, backbone_lr_scale=1.0, layer_decay=1.0, ema=0.0),
@@ -57,13 +56,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 # timm families trained with the paper's transformer recipe under `auto`
 TRANSFORMER_FAMILIES = ("swin", "vit", "deit", "beit", "eva", "cait", "xcit", "pvt", "twins", "maxvit", "coat",
                         "levit", "crossvit", "mvit", "flexivit", "test_vit")  # fmt: skip
-
-
-def recipe_for(backbone: str, recipe: str = "auto") -> str:
-    """The recipe a run uses: ``recipe`` unless ``auto``, then ``paper`` for transformers, ``finetune`` else."""
-    if recipe != "auto":
-        return recipe
-    return "paper" if backbone.lower().startswith(TRANSFORMER_FAMILIES) else "finetune"
 
 
 # Keys that older configs kept in data/train and that now live in runtime. Saved run folders
@@ -305,8 +297,11 @@ class TrainConfig(_Section):
         self._reject("ema", self.ema is not None and not 0.0 <= self.ema < 1.0, "in [0, 1)")
 
     def resolved(self, backbone: str) -> TrainConfig:
-        """A copy with the unset settings filled from the recipe (``auto``: by ``backbone``'s family)."""
-        name = recipe_for(backbone, self.recipe)
+        """A copy with the unset settings filled from the recipe; ``auto`` is ``paper`` for a transformer
+        ``backbone``, ``finetune`` else."""
+        name = self.recipe
+        if name == "auto":
+            name = "paper" if backbone.lower().startswith(TRANSFORMER_FAMILIES) else "finetune"
         unset = {k: v for k, v in RECIPES[name].items() if getattr(self, k) is None}
         return dataclasses.replace(self, recipe=name, **unset)
 
