@@ -12,6 +12,7 @@ from elta.cli.options import (
     add_config_options,
     add_enhancer_options,
     apply_options,
+    build_runtime,
     progress,
     with_checked_enhancers,
 )
@@ -58,24 +59,19 @@ def train(args: argparse.Namespace) -> int:
     print(f"best {summary['metric']} {summary['best_metric']:.4f} at epoch {summary['best_epoch']}")
     print(f"checkpoints: {summary['best']}  {summary['last']}")
     print(f"per-epoch metrics: {summary['metrics_csv']}")
-    if args.calibrate != "none":
-        _calibrate_best(summary["best"], cfg, args.calibrate)
+    if args.calibrate != "none":  # fit the map on the validation split and store it in best.pt
+        from elta.calibration import format_selection
+        from elta.workflows.calibrate import calibrate_checkpoint
+
+        best = summary["best"]
+        result = calibrate_checkpoint(best, cfg, build_runtime(cfg.runtime), method=args.calibrate)
+        if args.calibrate == "auto":
+            print(format_selection(result["selection"]))
+        stored = result["calibration"]
+        print(
+            f"calibration: {stored['method'] if stored else 'none (no map lowers the tail MAE)'} stored in {best}"
+        )
     return 0
-
-
-def _calibrate_best(best: str, cfg: RunConfig, method: str) -> None:
-    """``--calibrate``: fit the map on the validation split and store it in best.pt."""
-    from elta.calibration import format_selection
-    from elta.cli.options import build_runtime
-    from elta.workflows.calibrate import calibrate_checkpoint
-
-    result = calibrate_checkpoint(best, cfg, build_runtime(cfg.runtime), method=method)
-    if method == "auto":
-        print(format_selection(result["selection"]))
-    stored = result["calibration"]
-    print(
-        f"calibration: {stored['method'] if stored else 'none (no map lowers the tail MAE)'} stored in {best}"
-    )
 
 
 def ablate(args: argparse.Namespace) -> int:
