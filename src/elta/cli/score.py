@@ -198,11 +198,11 @@ def _predict_collection(args: argparse.Namespace) -> int:
             time.sleep(1.0)
         written = merge_shards(args.out, shard.count)
     summary = finish(written, score_range=score_range, selection=selection, collection=collection)
-    _print_summary(summary)
-    return 0 if summary["scored"] else 1
+    return _report_scores(summary)
 
 
-def _print_summary(summary: dict) -> None:
+def _report_scores(summary: dict) -> int:
+    """Print :func:`~elta.workflows.collection.finish`'s summary; the exit status, 1 when nothing was scored."""
     print(f"scored {summary['scored']} images ({summary['failed']} unreadable) -> {summary['output']}")
     if summary["failures"]:
         print("  failures: " + ", ".join(f"{n} {kind}" for kind, n in summary["failures"].items()))
@@ -224,6 +224,7 @@ def _print_summary(summary: dict) -> None:
     print(f", histogram: {summary['histogram_png']}" if "histogram_png" in summary else "")
     for error in summary["failure_examples"]:
         print(f"  unreadable: {error}", file=sys.stderr)
+    return 0 if summary["scored"] else 1
 
 
 def merge_scores(args: argparse.Namespace) -> int:
@@ -235,21 +236,7 @@ def merge_scores(args: argparse.Namespace) -> int:
     summary_0 = shard_output(args.out, Shard(0, args.shards))
     saved = summary_0.with_name(summary_0.stem + ".summary.json")
     score_range = json.loads(saved.read_text()).get("score_range") if saved.is_file() else None
-    summary = finish(written, score_range=score_range, selection=_selection(args))
-    _print_summary(summary)
-    return 0 if summary["scored"] else 1
-
-
-def _print_pseudo(summary: dict) -> None:
-    c = summary["counts"]
-    print(
-        f"pseudo-labelled {c['selected']} of {c['scored']} images (β={summary['beta']:g}, "
-        f"t={summary['threshold']:g}, {summary['chosen_by']}) -> {summary['csv']}"
-    )
-    if c["labelled_skipped"]:
-        print(f"left out {c['labelled_skipped']} images that are labelled in the calibration dataset")
-    if c["unreadable"]:
-        print(f"{c['unreadable']} unreadable images listed in {summary['unreadable_list']}")
+    return _report_scores(finish(written, score_range=score_range, selection=_selection(args)))
 
 
 def pseudo_label(args: argparse.Namespace) -> int:
@@ -268,7 +255,15 @@ def pseudo_label(args: argparse.Namespace) -> int:
     )
     if summary["grid"]:
         print(f"calibration grid (selected / MAE), {summary['chosen_by']}:\n{format_grid(summary['grid'])}")
-    _print_pseudo(summary)
+    c = summary["counts"]
+    print(
+        f"pseudo-labelled {c['selected']} of {c['scored']} images (β={summary['beta']:g}, "
+        f"t={summary['threshold']:g}, {summary['chosen_by']}) -> {summary['csv']}"
+    )
+    if c["labelled_skipped"]:
+        print(f"left out {c['labelled_skipped']} images that are labelled in the calibration dataset")
+    if c["unreadable"]:
+        print(f"{c['unreadable']} unreadable images listed in {summary['unreadable_list']}")
     print(f"details: {Path(args.out).with_suffix('.json')}")
     return 0
 
