@@ -32,8 +32,7 @@ def add_apds_options(p: argparse.ArgumentParser) -> None:
     beta = "sharpening strength β (per AVA-equivalent score unit); with --threshold, skips the grid search"
     g.add_argument("--beta", type=float, help=beta)
     g.add_argument("--threshold", type=float, help="selection threshold t on max_k q_k (with --beta)")
-    for flag, grid in (("--betas", DEFAULT_BETAS), ("--thresholds", DEFAULT_THRESHOLDS)):
-        symbol = "β" if flag == "--betas" else "t"
+    for flag, symbol, grid in (("--betas", "β", DEFAULT_BETAS), ("--thresholds", "t", DEFAULT_THRESHOLDS)):
         g.add_argument(
             flag, type=float_list, default=float_list(grid), help=f"{symbol} grid (default {grid})"
         )

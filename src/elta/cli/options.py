@@ -121,10 +121,8 @@ def apply_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     for section, cls in SECTIONS.items():
         values = {f.name: given(args, section, f.name) for f in dataclasses.fields(cls)}
         cfg = cfg.override(section, **values)
-    if hasattr(args, "enhancer"):
-        enhancers = _enhancers_from_args(cfg.enhancers, args)
-        if enhancers != cfg.enhancers:
-            cfg = dataclasses.replace(cfg, enhancers=enhancers)
+    if hasattr(args, "enhancer"):  # a command with the enhancer options
+        cfg = dataclasses.replace(cfg, enhancers=_enhancers_from_args(cfg.enhancers, args))
     return cfg
 
 
