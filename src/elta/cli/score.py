@@ -19,7 +19,7 @@ from elta.cli.options import (
     build_runtime,
     given,
 )
-from elta.config import FORMATS, DataConfig, RunConfig, RuntimeConfig
+from elta.config import FORMATS, DataConfig, RunConfig, RuntimeConfig, flag_for
 from elta.errors import ConfigError
 
 __all__ = ["add_commands"]
@@ -30,11 +30,11 @@ log = logging.getLogger(__name__)
 def _data_config(args: argparse.Namespace, saved: dict | None) -> RunConfig:
     """Data settings from the command line, falling back to the checkpoint's training data (``saved``)."""
     cfg = RunConfig()
-    if given(args, "data", "data") is None and saved:
+    if given(args, "data", "data") is None:
+        if not saved:
+            raise ConfigError("--data is required (the checkpoint records no dataset)")
         cfg = dataclasses.replace(RunConfig.from_dict(saved), runtime=RuntimeConfig())  # where it runs: here
         log.info("no --data given: evaluating on the checkpoint's training dataset %s", cfg.data.data)
-    elif given(args, "data", "data") is None:
-        raise ConfigError("--data is required (the checkpoint records no dataset)")
     return apply_options(cfg, args)
 
 
@@ -113,17 +113,17 @@ def predict(args: argparse.Namespace) -> int:
     elif given_flags := [f for f in COLLECTION_FLAGS if getattr(args, f, None)] + (
         ["engine"] if args.engine != "local" else []
     ):
-        raise ConfigError(f"--{given_flags[0].replace('_', '-')} needs --out (a scores file)")
+        raise ConfigError(f"{flag_for(given_flags[0])} needs --out (a scores file)")
     if args.out or launch.launched_by_torchrun():
         return _predict_collection(args)
     runtime = build_runtime(apply_options(RunConfig(), args).runtime)
     predictor = _open_predictor(args, runtime)
     frame = predictor.score(args.paths)
-    failed = int((frame["error"] != "").sum())
+    unreadable = frame[frame["error"] != ""]
     print(frame.to_csv(index=False, float_format="%.4f"), end="")
-    for _, row in frame[frame["error"] != ""].head(10).iterrows():
+    for _, row in unreadable.head(10).iterrows():
         print(f"  unreadable: {row['error']}", file=sys.stderr)
-    return 0 if failed < len(frame) else 1
+    return 0 if len(unreadable) < len(frame) else 1
 
 
 def _selection(args: argparse.Namespace):
@@ -372,7 +372,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="the --out given to the shards' predict commands")
     p.add_argument("--shards", type=int, required=True, metavar="N", help="the number of shards")
     _add_selection_options(p.add_argument_group("selection"))
-    p.set_defaults(func=merge_scores, copy_to=None)
+    p.set_defaults(func=merge_scores)
 
     p = sub.add_parser(
         "pseudo-label",
