@@ -45,7 +45,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-_INT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})  # 16/32-bit integer or float
 _DRIVE = re.compile(r"[A-Za-z]:")
 
 
@@ -88,8 +88,6 @@ def _opened(source: Path | bytes, name: str | Path) -> Iterator[Image.Image]:
         try:
             with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
                 yield img
-        except ImageLoadError:
-            raise
         except _PIL_ERRORS as err:
             raise _open_error(name, err) from err
 
@@ -103,22 +101,16 @@ def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     return size
 
 
-def _int_to_uint8(img: Image.Image) -> np.ndarray:
-    """16/32-bit integer greyscale to uint8: the 16-bit range maps linearly onto 0..255 (65535 -> 255)."""
-    values = np.asarray(img).astype(np.float64)
-    if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
-        # Values outside the 16-bit range: no natural scale, stretch min..max onto 0..255.
-        lo, hi = values.min(), values.max()
-        return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    return np.round(values / 257.0).astype(np.uint8)
-
-
-def _float_to_uint8(img: Image.Image) -> np.ndarray:
-    """Float greyscale to uint8: [0, 1] maps onto 0..255, any other range is stretched min..max."""
-    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    if lo >= 0.0 and hi <= 1.0:
-        return np.round(values * 255.0).astype(np.uint8)
+def _grey_to_uint8(img: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float greyscale to uint8 (H, W): integers 0..65535 or floats in [0, 1] map linearly
+    onto 0..255; other values have no natural scale and are stretched min..max (non-finite floats count as 0)."""
+    values = np.asarray(img, dtype=np.float64)
+    full = 1.0 if img.mode == "F" else 65535.0
+    if img.mode == "F":
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, full)
+    if lo >= 0.0 and hi <= full:
+        return np.round(values * (255.0 / full)).astype(np.uint8)
     if hi == lo:
         return np.zeros(values.shape, dtype=np.uint8)
     return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
@@ -135,9 +127,8 @@ def _to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode in _INT16_MODES or mode in ("I", "F"):
-        grey = _float_to_uint8(img) if mode == "F" else _int_to_uint8(img)  # (H, W) uint8
-        return Image.fromarray(grey).convert("RGB")
+    if mode in _GREY_MODES:
+        return Image.fromarray(_grey_to_uint8(img)).convert("RGB")
     try:
         return img.convert("RGB")
     except ValueError as err:
@@ -151,15 +142,6 @@ def _exif_transpose(img: Image.Image, path: str | Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError, KeyError, TypeError) as err:
         logger.warning("%s: EXIF orientation ignored (%s)", path, err)
         return img.copy()
-
-
-def _draft(img: Image.Image, target: int) -> None:
-    """Let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling) with both sides still ≥ `target`.
-
-    Only for JPEGs whose shorter side is at least 2 × `target`: smaller images decode in full, unchanged.
-    """
-    if img.format == "JPEG" and min(img.size) >= 2 * target:
-        img.draft("RGB", (target, target))
 
 
 def load_image(
@@ -180,8 +162,8 @@ def load_image(
         raise ImageLoadError(name, "HEIC/HEIF images need the pillow-heif package: pip install pillow-heif")
     with _opened(source, name) as img:
         _check_size(name, img.size, max_pixels)
-        if target is not None:
-            _draft(img, target)
+        if target is not None and img.format == "JPEG" and min(img.size) >= 2 * target:
+            img.draft("RGB", (target, target))  # libjpeg's DCT scaling by 1/2, 1/4 or 1/8, sides ≥ target
         img.load()
         return _to_rgb(_exif_transpose(img, name), name)
 
