@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from elta.data.annotations import Annotations
-from elta.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_size
+from elta.data.images import load_image, read_image_size
 from elta.errors import ImageLoadError
 from elta.progress import progress_bar
 from elta.utils import atomic_write_text
@@ -80,6 +80,7 @@ def check_images(df: pd.DataFrame, deep: bool = True, progress: bool = False) ->
     """Problems with the images of an annotation table: missing files and, with `deep`, files that do not
     decode (without `deep`, only the header is read: fast, but misses truncated data)."""
     problems = []
+    read = load_image if deep else read_image_size
     rows = df[["source", "row", "image_id", "path"]].itertuples(index=False, name=None)
     for row in progress_bar(rows, desc="checking images", total=len(df), unit="img", enabled=progress):
         path = Path(row[3])
@@ -87,10 +88,7 @@ def check_images(df: pd.DataFrame, deep: bool = True, progress: bool = False) ->
             problems.append(_image_problem(row, f"image not found: {path}"))
             continue
         try:
-            if deep:
-                load_image(path, max_pixels=DEFAULT_MAX_PIXELS)
-            else:
-                read_image_size(path, max_pixels=DEFAULT_MAX_PIXELS)
+            read(path)
         except ImageLoadError as err:
             problems.append(_image_problem(row, f"unreadable image: {err.reason}"))
     return problems
