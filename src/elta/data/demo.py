@@ -90,11 +90,6 @@ def _source_photos() -> list[Image.Image]:
     return [Image.fromarray(a[..., :3]).convert("RGB") for a in arrays]
 
 
-def _target_mos(rng: np.random.Generator, n: int, level: Difficulty) -> np.ndarray:
-    """Long-tailed target scores around 5.4, clipped to 1.2..9.8: Student-t (standard: 4 dof, sd ~0.8)."""
-    return np.clip(MOS_CENTRE + level.mos_scale * rng.standard_t(level.tail_dof, size=n), *MOS_RANGE)
-
-
 def _vote_probabilities(mos: np.ndarray, sd: np.ndarray) -> np.ndarray:
     """Discretised Gaussians over ratings 1..10, [n, 10], whose centre is solved so that the mean is ``mos``.
 
@@ -225,7 +220,8 @@ def make_demo_dataset(
     photos = _source_photos()
     weights = 0.6 ** np.arange(len(photos))  # long-tailed content groups: the last photo is a minority group
     sources = rng.choice(len(photos), size=n, p=weights / weights.sum())
-    counts = _vote_counts(rng, _target_mos(rng, n, level), level)
+    target = np.clip(MOS_CENTRE + level.mos_scale * rng.standard_t(level.tail_dof, size=n), *MOS_RANGE)
+    counts = _vote_counts(rng, target, level)  # votes around long-tailed target scores
     mos = (counts * np.arange(1, N_RATINGS + 1)).sum(1) / counts.sum(1)
     # standard: from the recorded MOS, so label and pixels agree exactly; hard: a taste the pixels do not show
     taste = np.random.default_rng([seed, 1]).normal(0.0, level.taste_sd, n) if level.taste_sd else 0.0
