@@ -74,10 +74,8 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class Annotations:
-    """What `read_annotations` returns: the table, the dataset's facts, and the skipped rows.
-
-    `problems` are dicts with file, row (1-based line) and reason.
-    """
+    """What `read_annotations` returns: the table, the dataset's facts, and the skipped rows (`problems`:
+    dicts with file, row (1-based line) and reason)."""
 
     frame: pd.DataFrame
     info: DatasetInfo

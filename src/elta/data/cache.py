@@ -204,8 +204,8 @@ def build_cache(
     into folder ``out``, at their paths relative to ``annotations.info.images_root``.
 
     ``workers`` > 0 decodes in that many processes. Unreadable sources are listed in ``out/bad_images.csv``,
-    never fatal. Returns a summary: cache, images, written, reused,
-    bad, bad_list (path or None), bytes (cached files), size, mode, quality.
+    never fatal. Returns a summary: cache, images, written, reused, bad, bad_list (path or None), bytes
+    (cached files), size, mode, quality.
     """
     if mode not in MODES:
         raise ConfigError(f"cache mode must be one of {', '.join(MODES)}; got {mode!r}")

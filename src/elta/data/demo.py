@@ -12,9 +12,9 @@ is that MOS. Layout written to ``out``::
 
 AVA.txt is written last, once every image exists, so its presence marks a complete dataset.
 
-``difficulty="hard"`` (:data:`DIFFICULTIES`) makes a set in AVA's regime instead of an easy one: heavier tails,
-fewer and noisier raters (so the recorded MOS is itself noisy), and pixels that only partly tell the score (a
-per-image "taste" offset no pixel shows, jittered severities, and one distortion unrelated to the score).
+``difficulty="hard"`` (:data:`DIFFICULTIES`) makes a set in AVA's regime instead of an easy one: heavier
+tails, fewer and noisier raters (so the recorded MOS is itself noisy), and pixels that only partly tell the
+score (a per-image "taste" offset no pixel shows, jittered severities, one distortion unrelated to the score).
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ def _distort(
 def _image(
     rng: np.random.Generator, photo: Image.Image, severity: float, size: int, level: Difficulty
 ) -> Image.Image:
-    """A random square crop of ``photo``, resized to ``size``, maybe flipped, and distorted at ``severity``."""
+    """A random square crop of ``photo``, resized to ``size``, maybe flipped, distorted at ``severity``."""
     short = min(photo.size)
     # a crop much smaller than the output would be upsampled, adding blur unrelated to the score
     low = min(1.0, max(0.4, 0.8 * size / short))

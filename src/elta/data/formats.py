@@ -244,8 +244,7 @@ def _read_para(file: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     semantic = _group_column(header, ("semantic", "scene"))
     group = table[semantic] if semantic else ""
     std = table["aestheticScore_std"] if "aestheticScore_std" in header else ""
-    raw = block(file.name, table, table["imageName"], name, split, group, std, votes=_PARA_VOTES)
-    return raw, bad
+    return block(file.name, table, table["imageName"], name, split, group, std, votes=_PARA_VOTES), bad
 
 
 register_format(

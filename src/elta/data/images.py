@@ -76,11 +76,8 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBo
 @contextmanager
 def _opened(source: Path | bytes, name: str | Path) -> Iterator[Image.Image]:
     """``Image.open`` of an existing file or of encoded bytes; whatever PIL raises in the block becomes an
-    ImageLoadError naming ``name``.
-
-    PIL's DecompressionBombWarning is silenced: callers apply their own ``max_pixels`` check, and PIL's hard
-    limit still raises and is translated.
-    """
+    ImageLoadError naming ``name``. PIL's DecompressionBombWarning is silenced: callers apply their own
+    ``max_pixels`` check, and PIL's hard limit still raises and is translated."""
     if isinstance(source, Path) and not source.is_file():
         raise ImageLoadError(name, "file not found" if not source.exists() else "not a file")
     with warnings.catch_warnings():
@@ -102,8 +99,9 @@ def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
 
 
 def _grey_to_uint8(img: Image.Image) -> np.ndarray:
-    """16/32-bit integer or float greyscale to uint8 (H, W): integers 0..65535 or floats in [0, 1] map linearly
-    onto 0..255; other values have no natural scale and are stretched min..max (non-finite floats count as 0)."""
+    """16/32-bit integer or float greyscale to uint8 (H, W): integers 0..65535 or floats in [0, 1] map
+    linearly onto 0..255; other values have no natural scale and are stretched min..max (non-finite floats
+    count as 0)."""
     values = np.asarray(img, dtype=np.float64)
     full = 1.0 if img.mode == "F" else 65535.0
     if img.mode == "F":
@@ -255,10 +253,8 @@ def _images_in_list(list_file: Path) -> list[Path]:
 
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand image files, folders (recursive, sorted) and .txt/.lst list files into image paths.
-
-    Order is preserved and a path given twice is kept once.
-    """
+    """Expand image files, folders (recursive, sorted) and .txt/.lst list files into image paths, in the order
+    given; a path given twice is kept once."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     found: dict[Path, None] = {}
