@@ -103,7 +103,7 @@ def _split_counts(split: pd.Series) -> dict[str, int]:
 
 def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = False) -> CheckReport:
     """Annotation problems plus image problems, and MOS statistics of the ok rows."""
-    df, annotation_problems = annotations.frame, list(annotations.problems)
+    df = annotations.frame
     image_problems = check_images(df, deep=deep, progress=progress)
     bad = {(p["file"], p["row"]) for p in image_problems}
     ok = df[[(s, r) not in bad for s, r in zip(df["source"], df["row"], strict=True)]]
@@ -115,8 +115,7 @@ def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = 
     stats["splits"] = _split_counts(ok["split"])
     if image_problems:
         logger.warning("%d image problem(s), first: %s", len(image_problems), image_problems[0]["reason"])
-    problems = annotation_problems + image_problems
-    return CheckReport(annotations.info.rows_read, len(ok), problems, stats, mos)
+    return CheckReport(annotations.info.rows_read, len(ok), annotations.problems + image_problems, stats, mos)
 
 
 def write_problems(problems: list[dict], path: str | Path) -> Path:

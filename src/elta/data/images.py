@@ -116,30 +116,20 @@ def _grey_to_uint8(img: Image.Image) -> np.ndarray:
 
 def _to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     """Any PIL mode as 8-bit RGB; transparency is composited onto white."""
-    mode = img.mode
-    if "transparency" in img.info and mode in {"P", "L", "RGB"}:
-        img, mode = img.convert("RGBA"), "RGBA"
-    if mode == "RGB":
+    if "transparency" in img.info and img.mode in {"P", "L", "RGB"}:
+        img = img.convert("RGBA")
+    if img.mode == "RGB":
         return img
-    if mode in _ALPHA_MODES:
+    if img.mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode in _GREY_MODES:
+    if img.mode in _GREY_MODES:
         return Image.fromarray(_grey_to_uint8(img)).convert("RGB")
     try:
         return img.convert("RGB")
     except ValueError as err:
-        raise ImageLoadError(path, f"unsupported image mode {mode!r} ({err})") from err
-
-
-def _exif_transpose(img: Image.Image, path: str | Path) -> Image.Image:
-    """A copy of `img` with the EXIF orientation applied; a malformed EXIF block keeps the stored pixels."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, KeyError, TypeError) as err:
-        logger.warning("%s: EXIF orientation ignored (%s)", path, err)
-        return img.copy()
+        raise ImageLoadError(path, f"unsupported image mode {img.mode!r} ({err})") from err
 
 
 def load_image(
@@ -163,7 +153,12 @@ def load_image(
         if target is not None and img.format == "JPEG" and min(img.size) >= 2 * target:
             img.draft("RGB", (target, target))  # libjpeg's DCT scaling by 1/2, 1/4 or 1/8, sides ≥ target
         img.load()
-        return _to_rgb(_exif_transpose(img, name), name)
+        try:
+            upright = ImageOps.exif_transpose(img)  # a copy, turned as the EXIF orientation says
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError) as err:  # malformed EXIF block
+            logger.warning("%s: EXIF orientation ignored (%s)", name, err)
+            upright = img.copy()  # the stored pixels
+        return _to_rgb(upright, name)
 
 
 def resolve_image_path(root: str | Path, image_id: str) -> Path:
