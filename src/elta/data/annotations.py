@@ -34,11 +34,9 @@ from elta.data.formats import (
 from elta.data.images import IMAGE_EXTENSIONS, resolve_image_path
 from elta.errors import AnnotationError
 
-__all__ = ["BASE_COLUMNS", "Annotations", "DatasetInfo", "read_annotations"]
+__all__ = ["Annotations", "DatasetInfo", "read_annotations"]
 
 logger = logging.getLogger(__name__)
-
-BASE_COLUMNS = ("image_id", "path", "mos", "std", "split", "group", "source", "row")
 
 _SPLIT_FILES = {
     "train": ("train.txt", "train.csv"),
@@ -76,10 +74,8 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class Annotations:
-    """What `read_annotations` returns: the table, the dataset's facts, and the skipped rows.
-
-    `problems` are dicts with file, row (1-based line) and reason.
-    """
+    """What `read_annotations` returns: the table, the dataset's facts, and the skipped rows (`problems`:
+    dicts with file, row (1-based line) and reason)."""
 
     frame: pd.DataFrame
     info: DatasetInfo
@@ -134,22 +130,18 @@ def _apply_split_lists(table: pd.DataFrame, files: list[tuple[str, Path]], sourc
     return sorted(problems, key=lambda p: (order[p["file"]], p["row"]))
 
 
-def _split_folder(
-    splits: str | Path | None, beside: bool, base: Path
-) -> tuple[list[tuple[str, Path]], Path | None]:
-    if splits is not None:
-        folder = Path(splits)
-        if not folder.is_dir():
-            what = "is a file" if folder.exists() else "does not exist"
-            raise AnnotationError(f"{folder} {what}: splits must be a folder holding train/val/test lists")
-        files = _split_list_files(folder)
-        if not files:
-            raise AnnotationError(f"{folder}: no train.txt, val.txt, test.txt (or .csv) split lists in it")
-        return files, folder
-    if beside:
-        files = _split_list_files(base)
-        return files, (base if files else None)
-    return [], None
+def _split_lists(splits: str | Path | None, beside: bool, base: Path) -> list[tuple[str, Path]]:
+    """(split, file) of the split lists to apply: those in folder `splits`, else (with `beside`) in `base`."""
+    if splits is None:
+        return _split_list_files(base) if beside else []
+    folder = Path(splits)
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise AnnotationError(f"{folder} {what}: splits must be a folder holding train/val/test lists")
+    files = _split_list_files(folder)
+    if not files:
+        raise AnnotationError(f"{folder}: no train.txt, val.txt, test.txt (or .csv) split lists in it")
+    return files
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -361,11 +353,11 @@ def read_annotations(
     root = (Path(images) if images is not None else _default_images_root(base, fmt.image_folders)).absolute()
     if not root.is_dir():
         logger.warning("%s: image folder %s does not exist", path, root)
-    split_files, split_folder = _split_folder(splits, fmt.split_lists, base)
+    split_files = _split_lists(splits, fmt.split_lists, base)
     given = (float(score_range[0]), float(score_range[1])) if score_range is not None else fmt.score_range
     table, problems, (lo, hi) = _finish(rows, str(path), root, bins, given, split_files)
     names = "/".join(dict.fromkeys(f.name for _, f in split_files))
-    split_source = f"split lists {names} in {split_folder}" if split_folder is not None else rows.split_source
+    split_source = f"split lists {names} in {split_files[0][1].parent}" if split_files else rows.split_source
 
     n_read = sum(len(b) for b in rows.blocks) + len(rows.problems)
     if n_read == 0:

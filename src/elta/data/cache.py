@@ -19,6 +19,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -203,8 +204,8 @@ def build_cache(
     into folder ``out``, at their paths relative to ``annotations.info.images_root``.
 
     ``workers`` > 0 decodes in that many processes. Unreadable sources are listed in ``out/bad_images.csv``,
-    never fatal. Returns a summary: cache, images, written, reused,
-    bad, bad_list (path or None), bytes (cached files), size, mode, quality.
+    never fatal. Returns a summary: cache, images, written, reused, bad, bad_list (path or None), bytes
+    (cached files), size, mode, quality.
     """
     if mode not in MODES:
         raise ConfigError(f"cache mode must be one of {', '.join(MODES)}; got {mode!r}")
@@ -224,12 +225,16 @@ def build_cache(
     reused = len(index)
 
     bar = progress_bar(desc="caching images", total=len(jobs), unit="img", enabled=progress)
-    if workers > 0 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = pool.map(_cache_one, [job for _, _, job in jobs], chunksize=16)
-            _collect(jobs, results, index, problems, bar)
-    else:
-        _collect(jobs, map(_cache_one, (job for _, _, job in jobs)), index, problems, bar)
+    work = [job for _, _, job in jobs]
+    parallel = workers > 0 and len(jobs) > 1
+    with ProcessPoolExecutor(max_workers=workers) if parallel else nullcontext() as pool:
+        results = pool.map(_cache_one, work, chunksize=16) if parallel else map(_cache_one, work)
+        for (entry, problem, _job), result in zip(jobs, results, strict=True):
+            if "reason" in result:
+                problems.append({**problem, "reason": result["reason"]})
+            else:
+                index.append({**entry, **result})
+            bar.update()
     bar.close()
 
     table = pd.DataFrame(index, columns=list(INDEX_COLUMNS)).sort_values("image")
@@ -248,12 +253,3 @@ def build_cache(
     summary["bad_list"] = str(bad_list) if problems else None
     summary["bytes"] = int(sum((out / name).stat().st_size for name in table["image"]))
     return summary | dict(size=size, mode=mode, quality=quality)
-
-
-def _collect(jobs, results, index: list[dict], problems: list[dict], bar) -> None:
-    for (entry, problem, _job), result in zip(jobs, results, strict=True):
-        if "reason" in result:
-            problems.append({**problem, "reason": result["reason"]})
-        else:
-            index.append({**entry, **result})
-        bar.update()

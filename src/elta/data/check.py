@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from elta.data.annotations import Annotations
-from elta.data.images import DEFAULT_MAX_PIXELS, load_image, read_image_size
+from elta.data.images import load_image, read_image_size
 from elta.errors import ImageLoadError
 from elta.progress import progress_bar
 from elta.utils import atomic_write_text
@@ -80,6 +80,7 @@ def check_images(df: pd.DataFrame, deep: bool = True, progress: bool = False) ->
     """Problems with the images of an annotation table: missing files and, with `deep`, files that do not
     decode (without `deep`, only the header is read: fast, but misses truncated data)."""
     problems = []
+    read = load_image if deep else read_image_size
     rows = df[["source", "row", "image_id", "path"]].itertuples(index=False, name=None)
     for row in progress_bar(rows, desc="checking images", total=len(df), unit="img", enabled=progress):
         path = Path(row[3])
@@ -87,10 +88,7 @@ def check_images(df: pd.DataFrame, deep: bool = True, progress: bool = False) ->
             problems.append(_image_problem(row, f"image not found: {path}"))
             continue
         try:
-            if deep:
-                load_image(path, max_pixels=DEFAULT_MAX_PIXELS)
-            else:
-                read_image_size(path, max_pixels=DEFAULT_MAX_PIXELS)
+            read(path)
         except ImageLoadError as err:
             problems.append(_image_problem(row, f"unreadable image: {err.reason}"))
     return problems
@@ -105,7 +103,7 @@ def _split_counts(split: pd.Series) -> dict[str, int]:
 
 def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = False) -> CheckReport:
     """Annotation problems plus image problems, and MOS statistics of the ok rows."""
-    df, annotation_problems = annotations.frame, list(annotations.problems)
+    df = annotations.frame
     image_problems = check_images(df, deep=deep, progress=progress)
     bad = {(p["file"], p["row"]) for p in image_problems}
     ok = df[[(s, r) not in bad for s, r in zip(df["source"], df["row"], strict=True)]]
@@ -117,8 +115,7 @@ def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = 
     stats["splits"] = _split_counts(ok["split"])
     if image_problems:
         logger.warning("%d image problem(s), first: %s", len(image_problems), image_problems[0]["reason"])
-    problems = annotation_problems + image_problems
-    return CheckReport(annotations.info.rows_read, len(ok), problems, stats, mos)
+    return CheckReport(annotations.info.rows_read, len(ok), annotations.problems + image_problems, stats, mos)
 
 
 def write_problems(problems: list[dict], path: str | Path) -> Path:

@@ -163,17 +163,15 @@ class ImageListDataset(Dataset):
         if self.normalized and isinstance(item, torch.Tensor):
             return {"ok": True, "index": index, "image": item.float()}
         try:
-            image = self._image(item, index)
+            if hasattr(item, "convert"):
+                image = item.convert("RGB")
+            elif isinstance(item, (torch.Tensor, np.ndarray)):
+                image = pixels_to_image(item, f"image[{index}]")
+            else:
+                image = load_image(item, self.max_pixels, target=self.transform.needed_size)
         except ImageLoadError as exc:
             return {"ok": False, "index": index, "reason": str(exc)}
         return {"ok": True, "index": index, "image": self.transform(image)}
-
-    def _image(self, item, index: int) -> Image.Image:
-        if hasattr(item, "convert"):
-            return item.convert("RGB")
-        if isinstance(item, (torch.Tensor, np.ndarray)):
-            return pixels_to_image(item, f"image[{index}]")
-        return load_image(item, self.max_pixels, target=self.transform.needed_size)
 
 
 class ImageStreamDataset(IterableDataset):
@@ -186,12 +184,10 @@ class ImageStreamDataset(IterableDataset):
     :class:`~elta.data.sources.Collection`).
     """
 
-    def __init__(
-        self, items, transform: ImageTransform, block: int, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> None:
+    def __init__(self, items, transform: ImageTransform, block: int) -> None:
         self.items = items
         self.block = block
-        self.images = ImageListDataset([], transform, max_pixels)
+        self.images = ImageListDataset([], transform)
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()

@@ -12,11 +12,9 @@ is that MOS. Layout written to ``out``::
 
 AVA.txt is written last, once every image exists, so its presence marks a complete dataset.
 
-``difficulty="hard"`` (:data:`DIFFICULTIES`) makes a set in AVA's regime instead of an easy one: heavier tails
-(Student-t with 3 degrees of freedom, sd ~1), fewer and noisier raters (10-60 votes of sd 1.5-2.0, so the
-recorded MOS is itself noisy), and pixels that only partly tell the score — the distortion severity follows the
-true score plus a per-image "taste" offset (sd 0.8 on the 1..10 scale) that no pixel shows, each distortion's
-strength jitters by ±30 %, and every image gets one more distortion of random severity unrelated to the score.
+``difficulty="hard"`` (:data:`DIFFICULTIES`) makes a set in AVA's regime instead of an easy one: heavier
+tails, fewer and noisier raters (so the recorded MOS is itself noisy), and pixels that only partly tell the
+score (a per-image "taste" offset no pixel shows, jittered severities, one distortion unrelated to the score).
 """
 
 from __future__ import annotations
@@ -66,16 +64,6 @@ DIFFICULTIES = {
 }
 
 
-@dataclass(frozen=True)
-class _Recipe:
-    """How one image is made: source photo, square crop box (x, y, side) in source pixels, flip, distortions."""
-
-    source: int
-    box: tuple[int, int, int]
-    flip: bool
-    distortions: tuple[tuple[str, float, int], ...]  # (name, severity in [0, 1], direction +1 / -1)
-
-
 def demo_dataset_exists(out: str | Path) -> bool:
     """True when ``out`` holds a completely written demo dataset (its AVA.txt)."""
     return (Path(out) / "AVA.txt").is_file()
@@ -100,11 +88,6 @@ def _source_photos() -> list[Image.Image]:
         ) from exc
     arrays = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.stereo_motorcycle()[0]]
     return [Image.fromarray(a[..., :3]).convert("RGB") for a in arrays]
-
-
-def _target_mos(rng: np.random.Generator, n: int, level: Difficulty) -> np.ndarray:
-    """Long-tailed target scores around 5.4, clipped to 1.2..9.8: Student-t (standard: 4 dof, sd ~0.8)."""
-    return np.clip(MOS_CENTRE + level.mos_scale * rng.standard_t(level.tail_dof, size=n), *MOS_RANGE)
 
 
 def _vote_probabilities(mos: np.ndarray, sd: np.ndarray) -> np.ndarray:
@@ -141,32 +124,6 @@ def _vote_counts(rng: np.random.Generator, mos: np.ndarray, level: Difficulty) -
     return counts
 
 
-def _recipe(
-    rng: np.random.Generator, photo: Image.Image, source: int, severity: float, size: int, level: Difficulty
-) -> _Recipe:
-    """Random crop, flip and distortion set for one image of the given severity."""
-    short = min(photo.size)
-    # a crop much smaller than the output would be upsampled, adding blur unrelated to the score
-    low = min(1.0, max(0.4, 0.8 * size / short))
-    side = int(round(rng.uniform(low, 1.0) * short))
-    box = (int(rng.integers(0, photo.width - side + 1)), int(rng.integers(0, photo.height - side + 1)), side)
-    extra = int(rng.choice(3, p=[0.4, 0.4, 0.2]))
-    primary = str(rng.choice(STRUCTURAL))
-    others = [d for d in STRUCTURAL + PHOTOMETRIC if d != primary]
-    names = [primary, *(str(d) for d in rng.choice(others, size=extra, replace=False))]
-    order = PHOTOMETRIC + STRUCTURAL  # camera-like order: tone first, then optics, sensor noise, compression
-    names.sort(key=order.index)
-    jitter = (1.0 - level.jitter, 1.0 + level.jitter)
-    distortions = [
-        (name, float(np.clip(severity * rng.uniform(*jitter), 0.0, 1.0)), int(rng.choice([-1, 1])))
-        for name in names
-    ]
-    if level.nuisance:  # a distortion whose strength says nothing about the score
-        name = str(rng.choice([d for d in PHOTOMETRIC if d not in names]))
-        distortions.insert(0, (name, float(rng.uniform(0.0, 0.6)), int(rng.choice([-1, 1]))))
-    return _Recipe(source, box, bool(rng.random() < 0.5), tuple(distortions))
-
-
 def _distort(
     img: Image.Image, name: str, severity: float, direction: int, rng: np.random.Generator
 ) -> Image.Image:
@@ -193,14 +150,36 @@ def _distort(
     raise ValueError(f"unknown distortion {name!r}")
 
 
-def _render(photo: Image.Image, recipe: _Recipe, size: int, rng: np.random.Generator) -> Image.Image:
-    """The crop of ``photo`` described by ``recipe``, resized to ``size`` and distorted."""
-    x, y, side = recipe.box
+def _image(
+    rng: np.random.Generator, photo: Image.Image, severity: float, size: int, level: Difficulty
+) -> Image.Image:
+    """A random square crop of ``photo``, resized to ``size``, maybe flipped, distorted at ``severity``."""
+    short = min(photo.size)
+    # a crop much smaller than the output would be upsampled, adding blur unrelated to the score
+    low = min(1.0, max(0.4, 0.8 * size / short))
+    side = int(round(rng.uniform(low, 1.0) * short))
+    x, y = int(rng.integers(0, photo.width - side + 1)), int(rng.integers(0, photo.height - side + 1))
+    extra = int(rng.choice(3, p=[0.4, 0.4, 0.2]))
+    primary = str(rng.choice(STRUCTURAL))
+    others = [d for d in STRUCTURAL + PHOTOMETRIC if d != primary]
+    names = [primary, *(str(d) for d in rng.choice(others, size=extra, replace=False))]
+    order = PHOTOMETRIC + STRUCTURAL  # camera-like order: tone first, then optics, sensor noise, compression
+    names.sort(key=order.index)
+    jitter = (1.0 - level.jitter, 1.0 + level.jitter)
+    # (name, severity in [0, 1], direction +1 / -1)
+    distortions = [
+        (name, float(np.clip(severity * rng.uniform(*jitter), 0.0, 1.0)), int(rng.choice([-1, 1])))
+        for name in names
+    ]
+    if level.nuisance:  # a distortion whose strength says nothing about the score
+        name = str(rng.choice([d for d in PHOTOMETRIC if d not in names]))
+        distortions.insert(0, (name, float(rng.uniform(0.0, 0.6)), int(rng.choice([-1, 1]))))
+    flip = rng.random() < 0.5
     img = photo.resize((size, size), Image.Resampling.LANCZOS, box=(x, y, x + side, y + side))
-    if recipe.flip:
+    if flip:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    for name, severity, direction in recipe.distortions:
-        img = _distort(img, name, severity, direction, rng)
+    for name, strength, direction in distortions:
+        img = _distort(img, name, strength, direction, rng)
     return img
 
 
@@ -210,13 +189,6 @@ def _split_ids(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     n_train, n_val = int(round(0.7 * n)), int(round(0.15 * n))
     parts = {"train": ids[:n_train], "val": ids[n_train : n_train + n_val], "test": ids[n_train + n_val :]}
     return {name: np.sort(part) for name, part in parts.items()}
-
-
-def _remove_stale_images(images: Path, n: int) -> None:
-    """Delete ``<id>.jpg`` files with id > n left by an earlier, larger build into the same folder."""
-    for path in images.glob("*.jpg"):
-        if path.stem.isdigit() and int(path.stem) > n:
-            path.unlink()
 
 
 def make_demo_dataset(
@@ -240,13 +212,16 @@ def make_demo_dataset(
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     (out / "AVA.txt").unlink(missing_ok=True)  # an interrupted rebuild must not look complete
-    _remove_stale_images(images, n)
+    for path in images.glob("*.jpg"):  # left by an earlier, larger build into the same folder
+        if path.stem.isdigit() and int(path.stem) > n:
+            path.unlink()
 
     rng = np.random.default_rng(seed)
     photos = _source_photos()
     weights = 0.6 ** np.arange(len(photos))  # long-tailed content groups: the last photo is a minority group
     sources = rng.choice(len(photos), size=n, p=weights / weights.sum())
-    counts = _vote_counts(rng, _target_mos(rng, n, level), level)
+    target = np.clip(MOS_CENTRE + level.mos_scale * rng.standard_t(level.tail_dof, size=n), *MOS_RANGE)
+    counts = _vote_counts(rng, target, level)  # votes around long-tailed target scores
     mos = (counts * np.arange(1, N_RATINGS + 1)).sum(1) / counts.sum(1)
     # standard: from the recorded MOS, so label and pixels agree exactly; hard: a taste the pixels do not show
     taste = np.random.default_rng([seed, 1]).normal(0.0, level.taste_sd, n) if level.taste_sd else 0.0
@@ -255,10 +230,7 @@ def make_demo_dataset(
 
     image_rngs = progress_bar(rng.spawn(n), desc="demo images", unit="img", enabled=progress)
     for i, image_rng in enumerate(image_rngs):
-        recipe = _recipe(
-            image_rng, photos[sources[i]], int(sources[i]), float(severity[i]), image_size, level
-        )
-        img = _render(photos[sources[i]], recipe, image_size, image_rng)
+        img = _image(image_rng, photos[sources[i]], float(severity[i]), image_size, level)
         img.save(images / f"{i + 1}.jpg", format="JPEG", quality=SAVE_QUALITY)
 
     for name, ids in splits.items():

@@ -101,12 +101,13 @@ class Format:
 
     def files_in(self, folder: Path) -> list[Path]:
         """Its files directly in `folder`, else in the first of `subfolders` holding some; train first."""
+        order = {"train": 0, "val": 1, "test": 2}  # then the rest
         for where in (folder, *(folder / sub for sub in self.subfolders)):
             found = (
                 [p for p in where.iterdir() if p.is_file() and self.matches_name(p)] if where.is_dir() else []
             )
             if found:
-                return by_split(found)
+                return sorted(found, key=lambda p: (order.get(split_from_name(p) or "", 3), p.name))
         return []
 
     def annotation_files(self, path: Path) -> list[Path]:
@@ -243,8 +244,7 @@ def _read_para(file: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
     semantic = _group_column(header, ("semantic", "scene"))
     group = table[semantic] if semantic else ""
     std = table["aestheticScore_std"] if "aestheticScore_std" in header else ""
-    raw = block(file.name, table, table["imageName"], name, split, group, std, votes=_PARA_VOTES)
-    return raw, bad
+    return block(file.name, table, table["imageName"], name, split, group, std, votes=_PARA_VOTES), bad
 
 
 register_format(
@@ -456,12 +456,6 @@ def split_from_name(path: Path) -> str | None:
     words = {w.lower() for w in re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", path.stem)}
     found = {SPLIT_VALUES[w] for w in words if w in SPLIT_VALUES}
     return found.pop() if len(found) == 1 else None
-
-
-def by_split(files: list[Path]) -> list[Path]:
-    """Files ordered train, val, test, then the rest."""
-    order = {"train": 0, "val": 1, "test": 2}
-    return sorted(files, key=lambda p: (order.get(split_from_name(p) or "", 3), p.name))
 
 
 def is_number(text: str) -> bool:

@@ -45,7 +45,7 @@ DEFAULT_MAX_PIXELS = 100_000_000
 LIST_SUFFIXES = frozenset({".txt", ".lst"})
 
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
-_INT16_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_GREY_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})  # 16/32-bit integer or float
 _DRIVE = re.compile(r"[A-Za-z]:")
 
 
@@ -76,11 +76,8 @@ _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBo
 @contextmanager
 def _opened(source: Path | bytes, name: str | Path) -> Iterator[Image.Image]:
     """``Image.open`` of an existing file or of encoded bytes; whatever PIL raises in the block becomes an
-    ImageLoadError naming ``name``.
-
-    PIL's DecompressionBombWarning is silenced: callers apply their own ``max_pixels`` check, and PIL's hard
-    limit still raises and is translated.
-    """
+    ImageLoadError naming ``name``. PIL's DecompressionBombWarning is silenced: callers apply their own
+    ``max_pixels`` check, and PIL's hard limit still raises and is translated."""
     if isinstance(source, Path) and not source.is_file():
         raise ImageLoadError(name, "file not found" if not source.exists() else "not a file")
     with warnings.catch_warnings():
@@ -88,8 +85,6 @@ def _opened(source: Path | bytes, name: str | Path) -> Iterator[Image.Image]:
         try:
             with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
                 yield img
-        except ImageLoadError:
-            raise
         except _PIL_ERRORS as err:
             raise _open_error(name, err) from err
 
@@ -103,22 +98,17 @@ def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     return size
 
 
-def _int_to_uint8(img: Image.Image) -> np.ndarray:
-    """16/32-bit integer greyscale to uint8: the 16-bit range maps linearly onto 0..255 (65535 -> 255)."""
-    values = np.asarray(img).astype(np.float64)
-    if img.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
-        # Values outside the 16-bit range: no natural scale, stretch min..max onto 0..255.
-        lo, hi = values.min(), values.max()
-        return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
-    return np.round(values / 257.0).astype(np.uint8)
-
-
-def _float_to_uint8(img: Image.Image) -> np.ndarray:
-    """Float greyscale to uint8: [0, 1] maps onto 0..255, any other range is stretched min..max."""
-    values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
-    if lo >= 0.0 and hi <= 1.0:
-        return np.round(values * 255.0).astype(np.uint8)
+def _grey_to_uint8(img: Image.Image) -> np.ndarray:
+    """16/32-bit integer or float greyscale to uint8 (H, W): integers 0..65535 or floats in [0, 1] map
+    linearly onto 0..255; other values have no natural scale and are stretched min..max (non-finite floats
+    count as 0)."""
+    values = np.asarray(img, dtype=np.float64)
+    full = 1.0 if img.mode == "F" else 65535.0
+    if img.mode == "F":
+        values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, full)
+    if lo >= 0.0 and hi <= full:
+        return np.round(values * (255.0 / full)).astype(np.uint8)
     if hi == lo:
         return np.zeros(values.shape, dtype=np.uint8)
     return np.round((values - lo) * (255.0 / (hi - lo))).astype(np.uint8)
@@ -126,40 +116,20 @@ def _float_to_uint8(img: Image.Image) -> np.ndarray:
 
 def _to_rgb(img: Image.Image, path: str | Path) -> Image.Image:
     """Any PIL mode as 8-bit RGB; transparency is composited onto white."""
-    mode = img.mode
-    if "transparency" in img.info and mode in {"P", "L", "RGB"}:
-        img, mode = img.convert("RGBA"), "RGBA"
-    if mode == "RGB":
+    if "transparency" in img.info and img.mode in {"P", "L", "RGB"}:
+        img = img.convert("RGBA")
+    if img.mode == "RGB":
         return img
-    if mode in _ALPHA_MODES:
+    if img.mode in _ALPHA_MODES:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode in _INT16_MODES or mode in ("I", "F"):
-        grey = _float_to_uint8(img) if mode == "F" else _int_to_uint8(img)  # (H, W) uint8
-        return Image.fromarray(grey).convert("RGB")
+    if img.mode in _GREY_MODES:
+        return Image.fromarray(_grey_to_uint8(img)).convert("RGB")
     try:
         return img.convert("RGB")
     except ValueError as err:
-        raise ImageLoadError(path, f"unsupported image mode {mode!r} ({err})") from err
-
-
-def _exif_transpose(img: Image.Image, path: str | Path) -> Image.Image:
-    """A copy of `img` with the EXIF orientation applied; a malformed EXIF block keeps the stored pixels."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError, KeyError, TypeError) as err:
-        logger.warning("%s: EXIF orientation ignored (%s)", path, err)
-        return img.copy()
-
-
-def _draft(img: Image.Image, target: int) -> None:
-    """Let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling) with both sides still ≥ `target`.
-
-    Only for JPEGs whose shorter side is at least 2 × `target`: smaller images decode in full, unchanged.
-    """
-    if img.format == "JPEG" and min(img.size) >= 2 * target:
-        img.draft("RGB", (target, target))
+        raise ImageLoadError(path, f"unsupported image mode {img.mode!r} ({err})") from err
 
 
 def load_image(
@@ -180,10 +150,15 @@ def load_image(
         raise ImageLoadError(name, "HEIC/HEIF images need the pillow-heif package: pip install pillow-heif")
     with _opened(source, name) as img:
         _check_size(name, img.size, max_pixels)
-        if target is not None:
-            _draft(img, target)
+        if target is not None and img.format == "JPEG" and min(img.size) >= 2 * target:
+            img.draft("RGB", (target, target))  # libjpeg's DCT scaling by 1/2, 1/4 or 1/8, sides ≥ target
         img.load()
-        return _to_rgb(_exif_transpose(img, name), name)
+        try:
+            upright = ImageOps.exif_transpose(img)  # a copy, turned as the EXIF orientation says
+        except (OSError, SyntaxError, ValueError, KeyError, TypeError) as err:  # malformed EXIF block
+            logger.warning("%s: EXIF orientation ignored (%s)", name, err)
+            upright = img.copy()  # the stored pixels
+        return _to_rgb(upright, name)
 
 
 def resolve_image_path(root: str | Path, image_id: str) -> Path:
@@ -273,10 +248,8 @@ def _images_in_list(list_file: Path) -> list[Path]:
 
 
 def list_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand image files, folders (recursive, sorted) and .txt/.lst list files into image paths.
-
-    Order is preserved and a path given twice is kept once.
-    """
+    """Expand image files, folders (recursive, sorted) and .txt/.lst list files into image paths, in the order
+    given; a path given twice is kept once."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     found: dict[Path, None] = {}
