@@ -92,16 +92,13 @@ class Processes:
         dist.all_reduce(table)
         return table.tolist()
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The element-wise sum over processes of a (detached) tensor."""
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean over processes of a (detached) tensor."""
         if not self.distributed:
             return tensor
         total = tensor.detach().clone()
         dist.all_reduce(total)
-        return total
-
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.sum(tensor) / self.world_size if self.distributed else tensor
+        return total / self.world_size
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rows [n_r, ...] of every process concatenated in rank order (see :class:`_GatherRows`)."""
