@@ -101,12 +101,9 @@ def save_checkpoint(
     *,
     config: dict | None = None,
     training: dict[str, Any] | None = None,
-    imported_from: dict | None = None,
 ) -> Path:
     """Write ``model`` (weights + spec), the run's ``config`` and, for ``last.pt``, its ``training`` state."""
-    return Checkpoint.of(
-        model, config=config, training=dict(training or {}), imported_from=imported_from
-    ).save(path)
+    return Checkpoint.of(model, config=config, training=dict(training or {})).save(path)
 
 
 def _numpy_safe_globals() -> list:
