@@ -123,7 +123,12 @@ class Predictor:
 
     def predict_frame(self, frame: pd.DataFrame, desc: str = "scoring") -> Predictions:
         """Rows of an annotation frame (column ``path``), in order; its vote bins must match the head's."""
-        self._check_bins(frame)
+        cols = dist_columns(frame)
+        if self.spec.head == "distribution" and cols and len(cols) != self.spec.num_bins:
+            raise IncompatibleDataError(
+                f"the model predicts {self.spec.num_bins} rating bins but the dataset has {len(cols)}: "
+                "use a dataset with the same rating scale"
+            )
         return self.predict(AnnotationDataset(frame, self.transform), desc=desc)
 
     def predict_images(self, items: Sequence, desc: str = "scoring", normalized: bool = False) -> Predictions:
@@ -244,14 +249,6 @@ class Predictor:
             )
 
     # --- how ---------------------------------------------------------------------------------------------
-
-    def _check_bins(self, frame: pd.DataFrame) -> None:
-        cols = dist_columns(frame)
-        if self.spec.head == "distribution" and cols and len(cols) != self.spec.num_bins:
-            raise IncompatibleDataError(
-                f"the model predicts {self.spec.num_bins} rating bins but the dataset has {len(cols)}: "
-                "use a dataset with the same rating scale"
-            )
 
     def _forward(self, images: torch.Tensor) -> ModelOutput:
         """The backbone under the runtime's precision, the head in float32 (an exported model: its graph)."""

@@ -249,13 +249,6 @@ def _read_labelled(cfg: RunConfig | None, required: bool) -> Annotations | None:
         return None
 
 
-def _labelled_dataset(calibration: RunConfig | None, teacher: Checkpoint) -> RunConfig | None:
-    if calibration is not None:
-        return calibration
-    saved = teacher.config
-    return RunConfig.from_dict(saved, source=f"{teacher.path} (config)") if saved else None
-
-
 def pseudo_label(
     checkpoint: Checkpoint | str | Path,
     unlabeled: Sequence[str | Path],
@@ -287,7 +280,9 @@ def pseudo_label(
     if teacher.spec.head != "distribution":
         raise APDSUnavailableError(scalar_head_message(f"teacher {teacher.path}"))
     pool = read_unlabeled(unlabeled)
-    cfg = _labelled_dataset(calibration, teacher)
+    cfg = calibration  # the labelled dataset: given, else the one the teacher was trained on
+    if cfg is None and teacher.config:
+        cfg = RunConfig.from_dict(teacher.config, source=f"{teacher.path} (config)")
     if cfg is None and beta is None:
         raise ConfigError(
             f"{teacher.path} records no training dataset to calibrate on: "
