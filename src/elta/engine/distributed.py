@@ -40,8 +40,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
         counts = [row[0] for row in processes.all_counts([tensor.shape[0]], tensor.device)]
-        width = max(counts)
-        padded = tensor.new_zeros((width, *tensor.shape[1:]))
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(processes.world_size)]
         dist.all_gather(parts, padded)

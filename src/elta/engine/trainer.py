@@ -478,8 +478,7 @@ def setup(
     # the config's runtime (on torchrun's device in a distributed run), batches of train.batch_size
     channels_last = cfg.runtime.channels_last and not t.cache_features  # cached features: no images
     overrides = dict(processes=processes, batch_size=t.batch_size, channels_last=channels_last)
-    if device is not None:
-        overrides["device"] = device
+    overrides["device"] = cfg.runtime.device if device is None else device
     runtime = Runtime.from_config(cfg.runtime, progress=progress, **overrides)
     device, precision = runtime.device, runtime.precision
     if processes.distributed and t.batch_size < processes.world_size:
