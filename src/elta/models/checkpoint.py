@@ -46,11 +46,8 @@ _NUMPY_SCALAR_CODES = "?bhilqBHILQefd"
 
 @dataclass
 class Checkpoint:
-    """A trained model as stored: its spec, its weights, and what else the file held.
-
-    ``training`` is empty for a model-only file (``best.pt``, an imported or calibrated checkpoint) and holds
-    the optimizer, scheduler, scaler and enhancer state and the progress counters for ``last.pt``.
-    """
+    """A trained model as stored: its spec, its weights, and what else the file held (``training``: the
+    entries beyond the module docstring's own, e.g. the training state of ``last.pt``)."""
 
     spec: ModelSpec
     weights: dict[str, torch.Tensor]

@@ -83,15 +83,12 @@ def format_grid(grid: Sequence[dict]) -> str:
     """The grid as a table: one row per β, one column per t, each cell 'count / MAE'."""
     betas = list(dict.fromkeys(c["beta"] for c in grid))
     thresholds = list(dict.fromkeys(c["threshold"] for c in grid))
-    cells = {(c["beta"], c["threshold"]): c for c in grid}
+    cells = {}
+    for c in grid:
+        mae = "-" if c["mae"] is None else f"{c['mae']:.4f}"
+        cells[(c["beta"], c["threshold"])] = f"{c['count']:>7d} / {mae:>6}"
     lines = ["β \\ t  " + "".join(f"{t:>16g}" for t in thresholds)]
-    for beta in betas:
-        row = []
-        for t in thresholds:
-            cell = cells[(beta, t)]
-            mae = "-" if cell["mae"] is None else f"{cell['mae']:.4f}"
-            row.append(f"{cell['count']:>7d} / {mae:>6}")
-        lines.append(f"{beta:<7g}" + "".join(f"{r:>16}" for r in row))
+    lines += [f"{beta:<7g}" + "".join(f"{cells[(beta, t)]:>16}" for t in thresholds) for beta in betas]
     return "\n".join(lines)
 
 
