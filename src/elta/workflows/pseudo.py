@@ -157,9 +157,8 @@ def _images_in_csv(path: Path) -> list[Path]:
 def read_unlabeled(paths: Sequence[str | Path]) -> list[Path]:
     """Absolute image paths from files, folders (recursive), .txt/.lst lists and CSVs, in order, deduplicated.
 
-    A CSV (``.csv``) names its images in the first of these columns it has: path, image_path, image,
-    image_id, image_name, filename, file, name. Files listed in a CSV that are missing are kept here and
-    reported as unreadable when scored.
+    A CSV (``.csv``) names its images in the first column of :data:`UNLABELED_COLUMNS` it has. Files listed
+    in a CSV that are missing are kept here and reported as unreadable when scored.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
