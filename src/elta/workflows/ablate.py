@@ -250,9 +250,7 @@ def summarise(table: pd.DataFrame, variants: list[str], split: str) -> str:
             "|---|" + "---|" * len(COLUMNS),
         ]
         base = table[table["variant"] == "baseline"].set_index("seed")
-        for variant in variants:
-            if variant == "baseline":
-                continue
+        for variant in [v for v in variants if v != "baseline"]:
             own = table[table["variant"] == variant].set_index("seed")
             cells = []
             for k, _ in COLUMNS:
