@@ -40,8 +40,7 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, processes: Processes) -> torch.Tensor:
         counts = [row[0] for row in processes.all_counts([tensor.shape[0]], tensor.device)]
-        width = max(counts)
-        padded = tensor.new_zeros((width, *tensor.shape[1:]))
+        padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(processes.world_size)]
         dist.all_gather(parts, padded)
@@ -92,16 +91,13 @@ class Processes:
         dist.all_reduce(table)
         return table.tolist()
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The element-wise sum over processes of a (detached) tensor."""
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise mean over processes of a (detached) tensor."""
         if not self.distributed:
             return tensor
         total = tensor.detach().clone()
         dist.all_reduce(total)
-        return total
-
-    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.sum(tensor) / self.world_size if self.distributed else tensor
+        return total / self.world_size
 
     def gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
         """Rows [n_r, ...] of every process concatenated in rank order (see :class:`_GatherRows`)."""

@@ -6,14 +6,13 @@ on ``features.float()``, so EMD, FLSA and the other loss math never see bf16 or 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from elta.errors import ConfigError, UnavailableError
-from elta.models.model import AestheticModel, ModelOutput
+from elta.models.model import AestheticModel
 
 __all__ = ["Precision", "resolve_amp", "compile_backbone"]
 
@@ -60,11 +59,6 @@ class Precision:
         amp = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
         return amp + (", channels-last" if self.channels_last else "")
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
     def grad_scaler(self) -> torch.amp.GradScaler:
         """A loss scaler for fp16 (gradients underflow without it); a pass-through otherwise."""
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -77,13 +71,11 @@ class Precision:
         """``fn(inputs)`` under autocast, as float32. Images [B, 3, H, W] go channels-last when asked."""
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with self.autocast():
+        if self.dtype is None:
+            return fn(inputs).float()
+        with torch.autocast(self.device.type, dtype=self.dtype):
             out = fn(inputs)
         return out.float()
-
-    def forward(self, model: AestheticModel) -> Callable[[torch.Tensor], ModelOutput]:
-        """``model(images)`` with the backbone in this precision and the head in float32."""
-        return lambda images: model.forward_head(self.features(model.forward_features, images))
 
 
 def compile_backbone(model: AestheticModel) -> None:

@@ -64,9 +64,7 @@ class Predictions:
         if self.dist is not None:
             for k in range(self.dist.shape[1]):
                 frame[f"p{k + 1}"] = self.dist[:, k]
-        if (
-            self.uncalibrated is not None
-        ):  # the distribution is the model's own; the score went through the map
+        if self.uncalibrated is not None:  # the score went through the map, the distribution did not
             frame["score_uncalibrated"] = self.uncalibrated
         if index is not None:
             frame["index"] = np.asarray(index, dtype=np.int64)
@@ -125,7 +123,12 @@ class Predictor:
 
     def predict_frame(self, frame: pd.DataFrame, desc: str = "scoring") -> Predictions:
         """Rows of an annotation frame (column ``path``), in order; its vote bins must match the head's."""
-        self._check_bins(frame)
+        cols = dist_columns(frame)
+        if self.spec.head == "distribution" and cols and len(cols) != self.spec.num_bins:
+            raise IncompatibleDataError(
+                f"the model predicts {self.spec.num_bins} rating bins but the dataset has {len(cols)}: "
+                "use a dataset with the same rating scale"
+            )
         return self.predict(AnnotationDataset(frame, self.transform), desc=desc)
 
     def predict_images(self, items: Sequence, desc: str = "scoring", normalized: bool = False) -> Predictions:
@@ -179,12 +182,9 @@ class Predictor:
         all predictions: each item is scored exactly once.
         """
         forward = self._head_on_features if getattr(dataset, "features", None) is not None else self._forward
-        processes = self.runtime.processes
-        if not processes.distributed:
-            preds = self._predict_local(dataset, forward, desc, self.runtime.progress)
-        else:
-            preds = self._predict_sharded(dataset, forward, desc)
-        return self._calibrate(preds)
+        if self.runtime.processes.distributed:
+            return self._calibrate(self._predict_sharded(dataset, forward, desc))
+        return self._calibrate(self._predict_local(dataset, forward, desc, self.runtime.progress))
 
     def backbone_features(
         self, frame: pd.DataFrame, desc: str = "caching features"
@@ -250,14 +250,6 @@ class Predictor:
 
     # --- how ---------------------------------------------------------------------------------------------
 
-    def _check_bins(self, frame: pd.DataFrame) -> None:
-        cols = dist_columns(frame)
-        if self.spec.head == "distribution" and cols and len(cols) != self.spec.num_bins:
-            raise IncompatibleDataError(
-                f"the model predicts {self.spec.num_bins} rating bins but the dataset has {len(cols)}: "
-                "use a dataset with the same rating scale"
-            )
-
     def _forward(self, images: torch.Tensor) -> ModelOutput:
         """The backbone under the runtime's precision, the head in float32 (an exported model: its graph)."""
         if isinstance(self.model, OnnxModel):
@@ -318,16 +310,14 @@ class Predictor:
         order = np.concatenate([np.asarray(rows, dtype=np.int64) for rows, _ in shards])
         if not np.array_equal(np.sort(order), np.arange(n)):
             raise RuntimeError(f"{desc}: the processes' shards do not cover the {n} items exactly once")
-        score, std = np.empty(n), np.empty(n)
-        dist = np.empty((n, self.spec.num_bins)) if part.dist is not None else None
-        errors = [""] * n
+        preds = self._unscored([""] * n)
         for rows, shard in shards:
-            score[rows], std[rows] = shard.score, shard.std
-            if dist is not None:
-                dist[rows] = shard.dist
+            preds.score[rows], preds.std[rows] = shard.score, shard.std
+            if preds.dist is not None:
+                preds.dist[rows] = shard.dist
             for row, error in zip(rows, shard.errors, strict=True):
-                errors[row] = error
-        return Predictions(score=score, std=std, dist=dist, errors=errors)
+                preds.errors[row] = error
+        return preds
 
 
 class _Shard(Dataset):

@@ -91,28 +91,27 @@ class Runtime:
         values = {key: getattr(cfg, key) for key in keys if hasattr(cfg, key)}
         return cls.create(**{**values, "progress": progress, **overrides})
 
-    def loader_workers(self, n_items: int | None = None, *, beside_model: bool = True) -> int:
+    def loader_workers(self, n_items: int | None = None) -> int:
         """Loader processes: the configured number, else the one policy.
 
         Small jobs load in the main process. Beside a model on the CPU, none on small machines (they would
-        compete with it) and up to 4 on larger ones; beside a GPU, or with no model running (caching
-        images), up to 8. The machine's CPUs are shared among the processes torchrun started on it.
+        compete with it) and up to 4 on larger ones; beside a GPU, up to 8. The machine's CPUs are shared
+        among the processes torchrun started on it.
         """
         if self.workers is not None:
             return self.workers
         if n_items is not None and n_items < SMALL_JOB:
             return 0
         cpus = max(1, (os.cpu_count() or 1) // local_world_size())
-        if beside_model and self.device.type == "cpu":
+        if self.device.type == "cpu":
             return 0 if cpus <= 2 else min(4, cpus // 2)
         return min(8, cpus)
 
-    def loader(
-        self, dataset: Dataset, *, batch_size: int | None = None, persistent: bool = False, **kwargs: Any
-    ) -> DataLoader:
-        """A loader of :class:`~elta.data.dataset.Batch`; with ``persistent`` its workers outlive an epoch."""
+    def loader(self, dataset: Dataset, *, persistent: bool = False, **kwargs: Any) -> DataLoader:
+        """A loader of :class:`~elta.data.dataset.Batch` (of ``batch_size``, unless a ``batch_sampler`` is
+        given); with ``persistent`` its workers outlive an epoch."""
         workers = self.loader_workers(len(dataset) if hasattr(dataset, "__len__") else None)
-        batch_size = (batch_size or self.batch_size) if "batch_sampler" not in kwargs else 1
+        batch_size = 1 if "batch_sampler" in kwargs else self.batch_size
         options = {"collate_fn": collate, "num_workers": workers, "pin_memory": self.device.type == "cuda"}
         return DataLoader(
             dataset, batch_size, persistent_workers=persistent and workers > 0, **options, **kwargs

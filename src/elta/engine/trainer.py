@@ -210,15 +210,6 @@ class TrainState:
         return self.runtime.precision.features(forward, inputs)
 
 
-def _runtime(cfg: RunConfig, device: torch.device | None, processes: Processes, progress: bool) -> Runtime:
-    """The run's runtime (the config's, on torchrun's device in a distributed run), batches of train.batch_size."""
-    channels_last = cfg.runtime.channels_last and not cfg.train.cache_features  # cached features: no images
-    overrides = dict(processes=processes, batch_size=cfg.train.batch_size, channels_last=channels_last)
-    if device is not None:
-        overrides["device"] = device
-    return Runtime.from_config(cfg.runtime, progress=progress, **overrides)
-
-
 # --- the loop ------------------------------------------------------------------------------------------
 
 
@@ -407,9 +398,8 @@ def validate(state: TrainState) -> dict:
         _list_bad_rows(state, frame, [(i, e) for i, e in enumerate(preds.errors) if e])
     gt, pred = frame["mos"].to_numpy(dtype=np.float64)[ok], preds.score[ok]
     cols = dist_columns(frame)
-    gt_dist = frame[cols].to_numpy(dtype=np.float64)[ok] if cols else None
     pred_dist = preds.dist[ok] if preds.dist is not None else None
-    gt_dist = gt_dist if pred_dist is not None else None
+    gt_dist = frame[cols].to_numpy(dtype=np.float64)[ok] if cols and pred_dist is not None else None
     scale = {"threshold": spec.acc_threshold, "score_range": tuple(spec.score_range)}
     metrics = evaluate(pred, gt, pred_dist=pred_dist, gt_dist=gt_dist, **scale)
     row = {"val_loss": model.head.prediction_loss(pred, pred_dist, gt, gt_dist)}
@@ -485,7 +475,11 @@ def setup(
     """Build a run's state: data, model, enhancers, datasets, optimizer, schedule; ``resume`` continues
     from ``run_dir/last.pt``. ``device`` None: from the runtime settings."""
     t = cfg.train
-    runtime = _runtime(cfg, device, processes, progress)
+    # the config's runtime (on torchrun's device in a distributed run), batches of train.batch_size
+    channels_last = cfg.runtime.channels_last and not t.cache_features  # cached features: no images
+    overrides = dict(processes=processes, batch_size=t.batch_size, channels_last=channels_last)
+    overrides["device"] = cfg.runtime.device if device is None else device
+    runtime = Runtime.from_config(cfg.runtime, progress=progress, **overrides)
     device, precision = runtime.device, runtime.precision
     if processes.distributed and t.batch_size < processes.world_size:
         raise ConfigError(
@@ -603,12 +597,10 @@ def _initial_model(cfg: RunConfig, data: PreparedData, loss: str, saved: Checkpo
         raise ConfigError("--reset-head needs --init-from (a fresh model's head is new anyway)")
     source = None if saved is not None or not m.init_from else load_checkpoint(m.init_from)
     start = saved if saved is not None else source
-    backbone, image_size, resize = m.backbone, m.image_size, m.resize
-    if start is not None:
-        s = start.spec
-        backbone, image_size, resize = s.backbone, s.image_size, s.resize
-        if source is not None and backbone != m.backbone:
-            log.info("--init-from %s: using its backbone %s", m.init_from, backbone)
+    kept = m if start is None else start.spec  # a checkpoint's architecture and input size
+    backbone, image_size, resize = kept.backbone, kept.image_size, kept.resize
+    if source is not None and backbone != m.backbone:
+        log.info("--init-from %s: using its backbone %s", m.init_from, backbone)
     head = "distribution" if loss == "emd" else "scalar"
     geometry = {"image_size": image_size, "resize": resize, "neck_dim": m.neck_dim, "dropout": m.dropout}
     facts = {"acc_threshold": info.acc_threshold, "dataset_format": info.format, "group_counts": group_counts}

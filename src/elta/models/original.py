@@ -198,14 +198,6 @@ def _resolve_head(checkpoint: dict, head: str) -> str:
     return head
 
 
-def _model_with(state: dict, spec: ModelSpec, net: nn.Module) -> AestheticModel:
-    """An AestheticModel holding exactly ``state`` (built on the meta device, then given the tensors)."""
-    with torch.device("meta"):
-        model = AestheticModel(copy.deepcopy(net).to("meta"), spec)
-    model.load_state_dict(state, assign=True)
-    return model
-
-
 def _provenance(checkpoint: dict) -> dict[str, Any]:
     """Plain values about the original run (weights_only-safe): its epoch and best metric, when recorded."""
     info: dict[str, Any] = {}
@@ -231,4 +223,7 @@ def convert_original(
         backbone if isinstance(backbone, str) else net.pretrained_cfg.get("architecture", type(net).__name__)
     )
     state = convert_original_state_dict(original["state_dict"], net, head)
-    return _model_with(state, _spec(head, name, net, image_size), net), _provenance(original)
+    with torch.device("meta"):  # built without memory, then given exactly the converted tensors
+        model = AestheticModel(copy.deepcopy(net).to("meta"), _spec(head, name, net, image_size))
+    model.load_state_dict(state, assign=True)
+    return model, _provenance(original)

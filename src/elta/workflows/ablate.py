@@ -218,11 +218,8 @@ def run_ablation(
 def _best_index(values: pd.Series, best: str) -> object:
     """Index of the best value: ``best`` is ``max``, ``min``, ``zero`` (closest to 0) or ``one`` (closest to 1)."""
     clean = values.dropna()
-    if clean.empty:
-        return None
-    if best in ("max", "min"):
-        return clean.idxmax() if best == "max" else clean.idxmin()
-    return (clean - {"zero": 0.0, "one": 1.0}[best]).abs().idxmin()
+    distance = {"max": -clean, "min": clean, "zero": clean.abs(), "one": (clean - 1.0).abs()}[best]
+    return None if clean.empty else distance.idxmin()
 
 
 def summarise(table: pd.DataFrame, variants: list[str], split: str) -> str:
@@ -253,9 +250,7 @@ def summarise(table: pd.DataFrame, variants: list[str], split: str) -> str:
             "|---|" + "---|" * len(COLUMNS),
         ]
         base = table[table["variant"] == "baseline"].set_index("seed")
-        for variant in variants:
-            if variant == "baseline":
-                continue
+        for variant in [v for v in variants if v != "baseline"]:
             own = table[table["variant"] == variant].set_index("seed")
             cells = []
             for k, _ in COLUMNS:

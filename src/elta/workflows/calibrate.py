@@ -62,22 +62,13 @@ def calibrate_checkpoint(
         pred, gt, method, score_range=score_range, train_gt=train_gt, objective=objective
     )
     cal = selection.calibration
-    report = calibration_report(
-        pred, gt, cal or _identity(score_range, pred.size), threshold=predictor.spec.acc_threshold
-    )
+    # without a map, the report's "after" is the identity (clipping to the range only)
+    shown = cal or Calibration("affine", {"a": 1.0, "b": 0.0}, score_range, pred.size)
+    report = calibration_report(pred, gt, shown, threshold=predictor.spec.acc_threshold)
     target = Path(out) if out is not None else Path(checkpoint.path)
     stored = None if cal is None else {**cal.to_dict(), **selection.record()}
     checkpoint.with_calibration(stored).save(target)
     log.info(
-        "calibration (%s, chosen on %d %s images) stored in %s",
-        selection.chosen,
-        int(ok.sum()),
-        split,
-        target,
+        "calibration (%s, chosen on %d %s images) stored in %s", selection.chosen, pred.size, split, target
     )
     return {"calibration": stored, "selection": selection, "report": report, "checkpoint": str(target)}
-
-
-def _identity(score_range, n: int) -> Calibration:
-    """The identity as an affine map, for a report of "no map" (clipping to the range only)."""
-    return Calibration("affine", {"a": 1.0, "b": 0.0}, score_range, n)

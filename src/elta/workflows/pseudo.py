@@ -83,15 +83,12 @@ def format_grid(grid: Sequence[dict]) -> str:
     """The grid as a table: one row per β, one column per t, each cell 'count / MAE'."""
     betas = list(dict.fromkeys(c["beta"] for c in grid))
     thresholds = list(dict.fromkeys(c["threshold"] for c in grid))
-    cells = {(c["beta"], c["threshold"]): c for c in grid}
+    cells = {}
+    for c in grid:
+        mae = "-" if c["mae"] is None else f"{c['mae']:.4f}"
+        cells[(c["beta"], c["threshold"])] = f"{c['count']:>7d} / {mae:>6}"
     lines = ["β \\ t  " + "".join(f"{t:>16g}" for t in thresholds)]
-    for beta in betas:
-        row = []
-        for t in thresholds:
-            cell = cells[(beta, t)]
-            mae = "-" if cell["mae"] is None else f"{cell['mae']:.4f}"
-            row.append(f"{cell['count']:>7d} / {mae:>6}")
-        lines.append(f"{beta:<7g}" + "".join(f"{r:>16}" for r in row))
+    lines += [f"{beta:<7g}" + "".join(f"{cells[(beta, t)]:>16}" for t in thresholds) for beta in betas]
     return "\n".join(lines)
 
 
@@ -160,9 +157,8 @@ def _images_in_csv(path: Path) -> list[Path]:
 def read_unlabeled(paths: Sequence[str | Path]) -> list[Path]:
     """Absolute image paths from files, folders (recursive), .txt/.lst lists and CSVs, in order, deduplicated.
 
-    A CSV (``.csv``) names its images in the first of these columns it has: path, image_path, image,
-    image_id, image_name, filename, file, name. Files listed in a CSV that are missing are kept here and
-    reported as unreadable when scored.
+    A CSV (``.csv``) names its images in the first column of :data:`UNLABELED_COLUMNS` it has. Files listed
+    in a CSV that are missing are kept here and reported as unreadable when scored.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -249,13 +245,6 @@ def _read_labelled(cfg: RunConfig | None, required: bool) -> Annotations | None:
         return None
 
 
-def _labelled_dataset(calibration: RunConfig | None, teacher: Checkpoint) -> RunConfig | None:
-    if calibration is not None:
-        return calibration
-    saved = teacher.config
-    return RunConfig.from_dict(saved, source=f"{teacher.path} (config)") if saved else None
-
-
 def pseudo_label(
     checkpoint: Checkpoint | str | Path,
     unlabeled: Sequence[str | Path],
@@ -287,7 +276,9 @@ def pseudo_label(
     if teacher.spec.head != "distribution":
         raise APDSUnavailableError(scalar_head_message(f"teacher {teacher.path}"))
     pool = read_unlabeled(unlabeled)
-    cfg = _labelled_dataset(calibration, teacher)
+    cfg = calibration  # the labelled dataset: given, else the one the teacher was trained on
+    if cfg is None and teacher.config:
+        cfg = RunConfig.from_dict(teacher.config, source=f"{teacher.path} (config)")
     if cfg is None and beta is None:
         raise ConfigError(
             f"{teacher.path} records no training dataset to calibrate on: "

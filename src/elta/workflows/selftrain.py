@@ -70,15 +70,12 @@ def _digest(paths: Sequence[Path]) -> str:
     return f"{len(paths)} images, {digest}"
 
 
-def _train_rows(run_dir: Path) -> int | None:
-    split = run_dir / "split.csv"
-    return int((pd.read_csv(split)["split"] == "train").sum()) if split.is_file() else None
-
-
 def _stage(name: str, summary: dict) -> dict:
     run_dir = Path(summary["run_dir"])
     kept = {k: summary[k] for k in ("best", "metric", "best_metric", "best_epoch")}
-    return {"name": name, "run_dir": str(run_dir), **kept, "train_rows": _train_rows(run_dir)}
+    split = run_dir / "split.csv"
+    train_rows = int((pd.read_csv(split)["split"] == "train").sum()) if split.is_file() else None
+    return {"name": name, "run_dir": str(run_dir), **kept, "train_rows": train_rows}
 
 
 def _pseudo_stage(
