@@ -36,6 +36,7 @@ from elta.metrics import (
     as_scores,
     balanced_mae,
     evaluate,
+    format_table,
     format_value,
     tail_buckets,
 )
@@ -288,7 +289,6 @@ def format_calibration_report(report: dict, title: str | None = None) -> str:
     ``same`` when unchanged).
     """
     before, after = report["before"], report["after"]
-    header = ("metric", "before", "after", "change")
 
     def cells(key: str, label: str) -> tuple[str, str, str, str]:
         mark = "* " if key in _HIGHLIGHT else "  "
@@ -299,21 +299,8 @@ def format_calibration_report(report: dict, title: str | None = None) -> str:
         [cells(k, label) for k, label in table if k in before and k in after]
         for table in (OVERALL_ROWS, TAIL_ROWS)
     )
-    widths = [max(len(r[i]) for r in [header, *rows, *tail]) for i in range(4)]
-
-    def line(row: tuple[str, str, str, str]) -> str:
-        label, *values = row
-        values = [f"{v:>{w}}" for v, w in zip(values, widths[1:], strict=True)]
-        return "  ".join([f"{label:<{widths[0]}}", *values]).rstrip()
-
-    lines = [title] if title else []
-    lines += [line(header), "-" * (sum(widths) + 6)]
-    lines += [line(r) for r in rows]
-    if tail:
-        lines.append("long tail")
-        lines += [line(r) for r in tail]
-    lines.append("* moved by calibration (SRCC must stay the same)")
-    return "\n".join(lines)
+    table = format_table(("metric", "before", "after", "change"), rows, tail, title)
+    return table + "\n* moved by calibration (SRCC must stay the same)"
 
 
 def calibrated_scores(spec, scores: np.ndarray) -> np.ndarray:
