@@ -23,6 +23,7 @@ checkpoint read back with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -361,10 +362,8 @@ def _candidates(p, g, score_range, train_gt) -> dict[str, Calibration | None]:
     for method in METHODS:
         if method == "quantile" and train_gt is None:
             continue
-        try:
+        with contextlib.suppress(CalibrationError):
             fitted[method] = fit_calibration(p, g, method, score_range=score_range, train_gt=train_gt)
-        except CalibrationError:
-            pass
     found: dict[str, Calibration | None] = {"identity": None}
     if "affine" in fitted:
         affine = fitted.pop("affine")
