@@ -5,20 +5,13 @@ positive bias on low-scored images and negative bias on high-scored ones. A stri
 predicted to ground-truth MOS, fitted on validation predictions, stretches the predictions back out and leaves
 their ranking, hence SRCC and KRCC, unchanged.
 
-Three maps (:data:`METHODS`):
-
-- ``affine``: match the mean and standard deviation of the ground truth.
-- ``quantile``: map the empirical distribution of the predictions onto the training-label distribution.
-- ``isotonic``: centred isotonic regression of gt on pred (Oron & Flournoy, "Centered isotonic regression",
-  Statistics in Biopharmaceutical Research, 2017): pool-adjacent-violators, then linear interpolation
-  through the block centres, which is strictly increasing where plain isotonic regression has flat steps.
+Three maps (:data:`METHODS`, see :func:`fit_calibration`): ``affine``, ``quantile`` and ``isotonic``, the
+centred isotonic regression of Oron & Flournoy ("Centered isotonic regression", Statistics in
+Biopharmaceutical Research, 2017).
 
 Every output is clipped to ``score_range``. That clip is the only place where two distinct predictions can
 get the same calibrated score (both land at or beyond the same bound); inside the range every map is strictly
 increasing (up to float64 rounding of inputs closer than about 1e-12 of the score scale).
-
-A :class:`Calibration` holds only plain floats, lists and strings, so ``cal.to_dict()`` can be stored in a
-checkpoint read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -231,8 +224,8 @@ def fit_calibration(
       N <= 101) mapped to the same quantiles of ``train_gt`` (the TRAINING labels, required); ``gt`` only
       sets ``n_fit`` and is validated. Piecewise linear; tied targets are made strictly increasing by a
       1e-6 blend with a straight line. Spread ends near sd(train_gt) / sd(gt).
-    - ``isotonic``: pool-adjacent-violators fit of gt on pred, knots at (x-centre, mean gt) of each block.
-      It estimates E[gt | pred], so it undoes non-linear compression but, like least squares, keeps a
+    - ``isotonic``: pool-adjacent-violators fit of gt on pred, knots at (x-centre, mean gt) of each block,
+      linear in between: strictly increasing where plain isotonic regression has flat steps. It estimates E[gt | pred], so it undoes non-linear compression but, like least squares, keeps a
       shrinkage of about the correlation r: spread rises toward r, not to 1.
 
     Quantile and isotonic continue beyond their first and last knots linearly, with the chord slope
@@ -394,8 +387,8 @@ def select_calibration(
     score = lambda values, rows=slice(None): tail_objective(  # noqa: E731
         values, g[rows], objective, score_range=lo_hi, buckets=buckets[rows]
     )
+    fitted = _candidates(p, g, lo_hi, train_gt)
     if p.size < 2 * _FOLDS:  # too few rows to hold any out: choose on the rows themselves
-        fitted = _candidates(p, g, lo_hi, train_gt)
         cv = {name: score(p if cal is None else cal.apply(p)) for name, cal in fitted.items()}
     else:
         folds = np.random.default_rng(seed).permutation(p.size) % _FOLDS
@@ -407,7 +400,7 @@ def select_calibration(
                 column[held] = p[held] if cal is None else cal.apply(p[held])
         cv = {name: score(v) for name, v in out_of_fold.items() if np.isfinite(v).all()}
     chosen = min(cv, key=lambda name: (cv[name], name != "identity"))  # ties go to the identity
-    cal = _candidates(p, g, lo_hi, train_gt).get(chosen)
+    cal = fitted.get(chosen)
     before = score(p)
     after = before if cal is None else score(cal.apply(p))
     if after > before:

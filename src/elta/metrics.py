@@ -75,10 +75,8 @@ def correlations(pred, gt) -> dict[str, float]:
 def tail_buckets(gt) -> np.ndarray:
     """Long-tail bucket of each sample by its ground-truth percentile: ``"low"``, ``"medium"`` or ``"high"``.
 
-    gt: [N] ground-truth MOS. With p20, p80 = ``np.percentile(gt, [20, 80])`` (linear interpolation),
-    low is ``gt <= p20``, high is ``gt >= p80`` and medium the rest, so every sample is in exactly one bucket
-    (samples equal to a cut included). When p20 == p80, a sample equal to both goes to low.
-    Returns [N] strings.
+    gt: [N] ground-truth MOS. Low is ``gt <= p20``, high is ``gt >= p80`` (``np.percentile``, linear
+    interpolation), medium the rest; a sample equal to both cuts (p20 == p80) is low. Returns [N] strings.
     """
     g = as_scores(gt, "gt")
     if g.size == 0:
