@@ -265,10 +265,8 @@ def calibration_report(pred, gt, cal: Calibration, **evaluate_kwargs) -> dict[st
 
 
 def _change(key: str, before, after) -> str:
-    if key == "n":
-        return ""
     before, after = float(before), float(after)
-    if math.isnan(before) or math.isnan(after):
+    if key == "n" or math.isnan(before) or math.isnan(after):
         return ""
     if key == "srcc" and before == after:
         return "same"

@@ -140,9 +140,7 @@ def minority_groups(group_counts: dict[str, int], ratio: float = 0.2) -> set[str
     The empty name ``""`` means "no group" and is never a group. Returns an empty set for no groups.
     """
     counts = {str(k): int(v) for k, v in group_counts.items() if str(k) != ""}
-    if not counts:
-        return set()
-    largest = max(counts.values())
+    largest = max(counts.values(), default=0)
     return {k for k, v in counts.items() if v < ratio * largest}
 
 
