@@ -25,7 +25,6 @@ def make_photos(
     size: tuple[int, int],
     *,
     sources: Sequence[str] = COLOUR_PHOTOS,
-    seed: int = 0,
     flip: bool = False,
     scores: bool = False,
 ) -> list[tuple[Path, float]]:
@@ -40,7 +39,7 @@ def make_photos(
     for name in sources:
         array = getattr(data, name)()
         photos.append(array[0] if isinstance(array, tuple) else array)  # stereo pairs: the left image
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     made = []
     for i in range(n):
         photo = Image.fromarray(photos[i % len(photos)])
@@ -61,10 +60,10 @@ def script_parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
-def ava_model(backbone: str, image_size: int, weights: str = "none"):
-    """A distribution model over AVA's 10 rating bins (``weights="none"``: timings do not depend on them)."""
+def ava_model(backbone: str, image_size: int):
+    """A distribution model over AVA's 10 rating bins, untrained (timings do not depend on the weights)."""
     return build_model(
-        backbone, "distribution", list(range(1, 11)), [1, 10], image_size=image_size, weights=weights
+        backbone, "distribution", list(range(1, 11)), [1, 10], image_size=image_size, weights="none"
     )
 
 

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import statistics
 
-import torch
-from common import alternated, ava_model, random_batch, script_parser
+from common import alternated, random_batch, script_parser
+from train_step import step, variants
 
 from elta.engine.runtime import resolve_device
-from elta.engine.trainer import loss_terms
-from elta.enhancers import build_enhancers
 
 
 def main() -> None:
@@ -30,25 +28,13 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    torch.manual_seed(0)
-    model = ava_model(args.backbone, args.image_size)
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    kinds = {
-        "baseline": build_enhancers([]),
-        "tfa+flsa": build_enhancers([{"name": "tfa"}, {"name": "flsa", "weight": 1.0}]).to(device),
-    }
+    # train_step.py's first two variants: float32 without and with TFA + FLSA, one model and optimizer
+    fp32, fp32_tfa_flsa = variants(args.backbone, args.image_size, device, compile_=False)[:2]
+    kinds = {"baseline": fp32, "tfa+flsa": fp32_tfa_flsa}
     batch = random_batch(args.batch_size, args.image_size, device)
-
-    def step(enhancers) -> None:
-        terms = loss_terms(model, enhancers, model.forward_features(batch.images), batch)
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        optimizer.step()
-
-    for enhancers in kinds.values():  # warm-up
-        step(enhancers)
-    times = alternated(device, {name: lambda e=e: step(e) for name, e in kinds.items()}, args.steps)
+    for v in kinds.values():  # warm-up
+        step(v, batch)
+    times = alternated(device, {name: lambda v=v: step(v, batch) for name, v in kinds.items()}, args.steps)
     base = statistics.median(times["baseline"])
     enhanced = statistics.median(times["tfa+flsa"])
     print(

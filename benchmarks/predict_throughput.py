@@ -46,30 +46,28 @@ from elta.models.checkpoint import save_checkpoint
 BACKBONE = "tf_efficientnet_lite0"
 
 
+def _load(paths: list[Path], transform) -> torch.Tensor:
+    """The images at ``paths`` through ``transform``, stacked into a batch."""
+    images = []
+    for path in paths:
+        with Image.open(path) as img:
+            images.append(transform(img.convert("RGB")))
+    return torch.stack(images)
+
+
 @torch.no_grad()
 def original_loop(model, paths: list[Path], batch_size: int, device: torch.device) -> np.ndarray:
     """The original release's way: PIL + torchvision transforms in the main process, then the model."""
     spec = model.spec
     size = (spec.image_size, spec.image_size)
     transform = T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(tuple(spec.mean), tuple(spec.std))])
-    scores = []
-    for start in range(0, len(paths), batch_size):
-        images = []
-        for path in paths[start : start + batch_size]:
-            with Image.open(path) as img:
-                images.append(transform(img.convert("RGB")))
-        out = model(torch.stack(images).to(device))
-        scores.append(out.score.cpu())
-    return torch.cat(scores).numpy()
+    batches = (_load(paths[i : i + batch_size], transform) for i in range(0, len(paths), batch_size))
+    return torch.cat([model(images.to(device)).score.cpu() for images in batches]).numpy()
 
 
 def _preload(model, paths: list[Path], batch_size: int) -> list[torch.Tensor]:
     transform = T.Compose([T.Resize((model.spec.image_size,) * 2), T.ToTensor()])
-    images = []
-    for path in paths:
-        with Image.open(path) as img:
-            images.append(transform(img.convert("RGB")))
-    return [torch.stack(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    return [_load(paths[i : i + batch_size], transform) for i in range(0, len(paths), batch_size)]
 
 
 @torch.no_grad()

@@ -49,6 +49,13 @@ DEFAULTS = {
     "swinv2_base_window8_256": (256, 4, 32, 4),
 }
 CUDA_STEPS = 20
+# ratio column: (variant, the baseline it is divided by)
+RATIOS = {
+    "tfa+flsa / base fp32": ("fp32 tfa+flsa", "fp32"),
+    "tfa+flsa / base bf16": ("bf16 tfa+flsa", "bf16"),
+    "bf16 / fp32 base": ("bf16", "fp32"),
+}
+COMPILE_RATIO = {"compile / bf16 base": ("bf16+compile", "bf16")}
 
 
 @dataclass
@@ -122,10 +129,8 @@ def run_backbone(
 def parse_backbones(text: str) -> list[tuple[str, int | None, int | None]]:
     out = []
     for item in filter(None, (s.strip() for s in text.split(","))):
-        name, *rest = item.split(":")
-        size = int(rest[0]) if len(rest) > 0 and rest[0] else None
-        batch = int(rest[1]) if len(rest) > 1 and rest[1] else None
-        out.append((name, size, batch))
+        name, size, batch, *_ = item.split(":") + ["", ""]
+        out.append((name, int(size) if size else None, int(batch) if batch else None))
     return out
 
 
@@ -153,9 +158,7 @@ def main() -> None:
         raise SystemExit(f"--device: {device.type} is not benchmarked here; use cpu or cuda")
     print(machine(device))
     cols = ["fp32", "fp32 tfa+flsa", "bf16", "bf16 tfa+flsa"] + (["bf16+compile"] if args.compile else [])
-    ratios = ["tfa+flsa / base fp32", "tfa+flsa / base bf16", "bf16 / fp32 base"]
-    if args.compile:
-        ratios.append("compile / bf16 base")
+    ratios = RATIOS | (COMPILE_RATIO if args.compile else {})
     print(f"img/s per variant (batch / median step), warm-up {args.warmup} step(s) per variant\n")
     print(f"| backbone | input | batch | steps | {' | '.join(cols)} | {' | '.join(ratios)} |")
     print(f"|---|---|---|---|{'---|' * (len(cols) + len(ratios))}")
@@ -174,9 +177,7 @@ def main() -> None:
             return f"{x / y:.3f}" if isinstance(x, float) and isinstance(y, float) else "–"
 
         cells = [f"{rate[c]:.1f}" if isinstance(rate[c], float) else str(rate[c]) for c in cols]
-        rs = [ratio("fp32 tfa+flsa", "fp32"), ratio("bf16 tfa+flsa", "bf16"), ratio("bf16", "fp32")]
-        if args.compile:
-            rs.append(ratio("bf16+compile", "bf16"))
+        rs = [ratio(a, base) for a, base in ratios.values()]
         print(f"| {name} | {size} px | {b} | {steps} | {' | '.join(cells)} | {' | '.join(rs)} |", flush=True)
 
 

@@ -5,24 +5,18 @@ positive bias on low-scored images and negative bias on high-scored ones. A stri
 predicted to ground-truth MOS, fitted on validation predictions, stretches the predictions back out and leaves
 their ranking, hence SRCC and KRCC, unchanged.
 
-Three maps (:data:`METHODS`):
-
-- ``affine``: match the mean and standard deviation of the ground truth.
-- ``quantile``: map the empirical distribution of the predictions onto the training-label distribution.
-- ``isotonic``: centred isotonic regression of gt on pred (Oron & Flournoy, "Centered isotonic regression",
-  Statistics in Biopharmaceutical Research, 2017): pool-adjacent-violators, then linear interpolation
-  through the block centres, which is strictly increasing where plain isotonic regression has flat steps.
+Three maps (:data:`METHODS`, see :func:`fit_calibration`): ``affine``, ``quantile`` and ``isotonic``, the
+centred isotonic regression of Oron & Flournoy ("Centered isotonic regression", Statistics in
+Biopharmaceutical Research, 2017).
 
 Every output is clipped to ``score_range``. That clip is the only place where two distinct predictions can
 get the same calibrated score (both land at or beyond the same bound); inside the range every map is strictly
 increasing (up to float64 rounding of inputs closer than about 1e-12 of the score scale).
-
-A :class:`Calibration` holds only plain floats, lists and strings, so ``cal.to_dict()`` can be stored in a
-checkpoint read back with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -36,6 +30,7 @@ from elta.metrics import (
     as_scores,
     balanced_mae,
     evaluate,
+    format_table,
     format_value,
     tail_buckets,
 )
@@ -229,8 +224,8 @@ def fit_calibration(
       N <= 101) mapped to the same quantiles of ``train_gt`` (the TRAINING labels, required); ``gt`` only
       sets ``n_fit`` and is validated. Piecewise linear; tied targets are made strictly increasing by a
       1e-6 blend with a straight line. Spread ends near sd(train_gt) / sd(gt).
-    - ``isotonic``: pool-adjacent-violators fit of gt on pred, knots at (x-centre, mean gt) of each block.
-      It estimates E[gt | pred], so it undoes non-linear compression but, like least squares, keeps a
+    - ``isotonic``: pool-adjacent-violators fit of gt on pred, knots at (x-centre, mean gt) of each block,
+      linear in between: strictly increasing where plain isotonic regression has flat steps. It estimates E[gt | pred], so it undoes non-linear compression but, like least squares, keeps a
       shrinkage of about the correlation r: spread rises toward r, not to 1.
 
     Quantile and isotonic continue beyond their first and last knots linearly, with the chord slope
@@ -270,10 +265,8 @@ def calibration_report(pred, gt, cal: Calibration, **evaluate_kwargs) -> dict[st
 
 
 def _change(key: str, before, after) -> str:
-    if key == "n":
-        return ""
     before, after = float(before), float(after)
-    if math.isnan(before) or math.isnan(after):
+    if key == "n" or math.isnan(before) or math.isnan(after):
         return ""
     if key == "srcc" and before == after:
         return "same"
@@ -288,7 +281,6 @@ def format_calibration_report(report: dict, title: str | None = None) -> str:
     ``same`` when unchanged).
     """
     before, after = report["before"], report["after"]
-    header = ("metric", "before", "after", "change")
 
     def cells(key: str, label: str) -> tuple[str, str, str, str]:
         mark = "* " if key in _HIGHLIGHT else "  "
@@ -299,21 +291,8 @@ def format_calibration_report(report: dict, title: str | None = None) -> str:
         [cells(k, label) for k, label in table if k in before and k in after]
         for table in (OVERALL_ROWS, TAIL_ROWS)
     )
-    widths = [max(len(r[i]) for r in [header, *rows, *tail]) for i in range(4)]
-
-    def line(row: tuple[str, str, str, str]) -> str:
-        label, *values = row
-        values = [f"{v:>{w}}" for v, w in zip(values, widths[1:], strict=True)]
-        return "  ".join([f"{label:<{widths[0]}}", *values]).rstrip()
-
-    lines = [title] if title else []
-    lines += [line(header), "-" * (sum(widths) + 6)]
-    lines += [line(r) for r in rows]
-    if tail:
-        lines.append("long tail")
-        lines += [line(r) for r in tail]
-    lines.append("* moved by calibration (SRCC must stay the same)")
-    return "\n".join(lines)
+    table = format_table(("metric", "before", "after", "change"), rows, tail, title)
+    return table + "\n* moved by calibration (SRCC must stay the same)"
 
 
 def calibrated_scores(spec, scores: np.ndarray) -> np.ndarray:
@@ -374,10 +353,8 @@ def _candidates(p, g, score_range, train_gt) -> dict[str, Calibration | None]:
     for method in METHODS:
         if method == "quantile" and train_gt is None:
             continue
-        try:
+        with contextlib.suppress(CalibrationError):
             fitted[method] = fit_calibration(p, g, method, score_range=score_range, train_gt=train_gt)
-        except CalibrationError:
-            pass
     found: dict[str, Calibration | None] = {"identity": None}
     if "affine" in fitted:
         affine = fitted.pop("affine")
@@ -408,8 +385,8 @@ def select_calibration(
     score = lambda values, rows=slice(None): tail_objective(  # noqa: E731
         values, g[rows], objective, score_range=lo_hi, buckets=buckets[rows]
     )
+    fitted = _candidates(p, g, lo_hi, train_gt)
     if p.size < 2 * _FOLDS:  # too few rows to hold any out: choose on the rows themselves
-        fitted = _candidates(p, g, lo_hi, train_gt)
         cv = {name: score(p if cal is None else cal.apply(p)) for name, cal in fitted.items()}
     else:
         folds = np.random.default_rng(seed).permutation(p.size) % _FOLDS
@@ -421,7 +398,7 @@ def select_calibration(
                 column[held] = p[held] if cal is None else cal.apply(p[held])
         cv = {name: score(v) for name, v in out_of_fold.items() if np.isfinite(v).all()}
     chosen = min(cv, key=lambda name: (cv[name], name != "identity"))  # ties go to the identity
-    cal = _candidates(p, g, lo_hi, train_gt).get(chosen)
+    cal = fitted.get(chosen)
     before = score(p)
     after = before if cal is None else score(cal.apply(p))
     if after > before:

@@ -24,6 +24,7 @@ __all__ = [
     "emd",
     "evaluate",
     "format_metrics",
+    "format_table",
     "format_value",
     "minority_groups",
     "tail_buckets",
@@ -74,10 +75,8 @@ def correlations(pred, gt) -> dict[str, float]:
 def tail_buckets(gt) -> np.ndarray:
     """Long-tail bucket of each sample by its ground-truth percentile: ``"low"``, ``"medium"`` or ``"high"``.
 
-    gt: [N] ground-truth MOS. With p20, p80 = ``np.percentile(gt, [20, 80])`` (linear interpolation),
-    low is ``gt <= p20``, high is ``gt >= p80`` and medium the rest, so every sample is in exactly one bucket
-    (samples equal to a cut included). When p20 == p80, a sample equal to both goes to low.
-    Returns [N] strings.
+    gt: [N] ground-truth MOS. Low is ``gt <= p20``, high is ``gt >= p80`` (``np.percentile``, linear
+    interpolation), medium the rest; a sample equal to both cuts (p20 == p80) is low. Returns [N] strings.
     """
     g = as_scores(gt, "gt")
     if g.size == 0:
@@ -141,9 +140,7 @@ def minority_groups(group_counts: dict[str, int], ratio: float = 0.2) -> set[str
     The empty name ``""`` means "no group" and is never a group. Returns an empty set for no groups.
     """
     counts = {str(k): int(v) for k, v in group_counts.items() if str(k) != ""}
-    if not counts:
-        return set()
-    largest = max(counts.values())
+    largest = max(counts.values(), default=0)
     return {k for k, v in counts.items() if v < ratio * largest}
 
 
@@ -235,15 +232,32 @@ def format_value(key: str, value) -> str:
     return f"{value:+.4f}" if key.startswith("bias") else f"{value:.4f}"
 
 
+def format_table(header: Sequence[str], rows: list, tail: list, title: str | None = None) -> str:
+    """Rows of text cells as an aligned plain-text table: the first column left-aligned, the others right.
+
+    Under ``title`` (if any): the header, a rule, ``rows``, then ``tail`` under a "long tail" line (if any).
+    """
+    widths = [max(len(row[i]) for row in [header, *rows, *tail]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        label, *values = row
+        values = [f"{v:>{w}}" for v, w in zip(values, widths[1:], strict=True)]
+        return "  ".join([f"{label:<{widths[0]}}", *values]).rstrip()
+
+    lines = [title] if title else []
+    lines += [line(header), "-" * (sum(widths) + 2 * (len(widths) - 1)), *(line(row) for row in rows)]
+    if tail:
+        lines.append("long tail")
+        lines += [line(row) for row in tail]
+    return "\n".join(lines)
+
+
 def format_metrics(metrics: dict, title: str | None = None) -> str:
     """``metrics`` (from :func:`evaluate`) as an aligned two-column plain-text table.
 
     Overall metrics first, then a "long tail" block; keys absent from ``metrics`` are skipped.
     """
-    rows = [
-        ("metric", "value"),
-        *((label, format_value(k, metrics[k])) for k, label in OVERALL_ROWS if k in metrics),
-    ]
+    rows = [(label, format_value(k, metrics[k])) for k, label in OVERALL_ROWS if k in metrics]
     tail: list[tuple[str, str]] = []
     for key, label in TAIL_ROWS:
         if key in metrics:
@@ -251,15 +265,4 @@ def format_metrics(metrics: dict, title: str | None = None) -> str:
             if count_key in metrics:
                 label = f"{label} (n={int(metrics[count_key])})"
             tail.append((label, format_value(key, metrics[key])))
-    width_l = max(len(label) for label, _ in rows + tail)
-    width_v = max(len(value) for _, value in rows + tail)
-
-    def line(label: str, value: str) -> str:
-        return f"{label:<{width_l}}  {value:>{width_v}}"
-
-    lines = [title] if title else []
-    lines += [line(*rows[0]), "-" * (width_l + 2 + width_v), *(line(*row) for row in rows[1:])]
-    if tail:
-        lines.append("long tail")
-        lines += [line(*row) for row in tail]
-    return "\n".join(lines)
+    return format_table(("metric", "value"), rows, tail, title)

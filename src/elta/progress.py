@@ -69,7 +69,6 @@ def progress_bar(
     total: int | None = None,
     unit: str = "it",
     initial: int = 0,
-    leave: bool = False,
     every_s: float = LOG_EVERY_S,
 ):
     """``iterable`` with progress reports when ``enabled``: a tqdm bar when standard error is a terminal, else a
@@ -77,5 +76,5 @@ def progress_bar(
     ``set_postfix`` and ``close``."""
     if enabled and not sys.stderr.isatty():
         return _LogLines(iterable if iterable is not None else (), desc, total, unit, initial, every_s)
-    shown = {"unit": unit, "initial": initial, "leave": leave, "disable": not enabled}
+    shown = {"unit": unit, "initial": initial, "leave": False, "disable": not enabled}
     return tqdm(iterable, desc=desc, total=total, **shown)

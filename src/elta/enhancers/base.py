@@ -1,14 +1,10 @@
 """The enhancer interface: plug-ins that see a training step's features, targets and predictions.
 
-An enhancer receives the step's :class:`StepState` (pooled features, targets, MOS, per-sample weights)
-and returns it, possibly with rows appended (feature augmentation), weights changed (re-weighting) and
-named loss terms added. Enhancers run in ``order`` (re-weighting < augmentation < regularisers), after the
-backbone (and neck) and before the head, so every loss covers the augmented batch; ``after_head`` sees the
-predictions too (losses on predictions, or a replacement of the main loss). Hooks around the loop:
-``setup`` (the training labels, once before the first step), ``on_epoch_end`` (e.g. statistics gathered
-over the epoch) and ``sample_weights`` (a weighted sampler). State kept in buffers is saved in checkpoints.
-They are registered by name and built from plain dicts (``{"name": "tfa", "tau1": 0.5}``), which is how a
-run's config stores them.
+An enhancer receives the step's :class:`StepState` and returns it, possibly with rows appended (feature
+augmentation), weights changed (re-weighting) and named loss terms added. Enhancers run in ``order`` after
+the backbone (and neck) and before the head, so every loss covers the augmented batch; ``after_head`` sees
+the predictions too. State kept in buffers is saved in checkpoints. Enhancers are registered by name and
+built from plain dicts (``{"name": "tfa", "tau1": 0.5}``), as a run's config stores them.
 """
 
 from __future__ import annotations

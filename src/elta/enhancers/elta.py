@@ -11,7 +11,7 @@ import torch
 
 from elta.enhancers.base import Enhancer, StepState, register_enhancer
 from elta.errors import ConfigError
-from elta.functional import flsa_loss, tfa_mix
+from elta.functional import flsa_loss, mix_rows, tfa_mix
 
 __all__ = ["TFA", "FLSA"]
 
@@ -46,10 +46,8 @@ class TFA(Enhancer):
     def forward(self, state: StepState) -> StepState:
         settings = (self.cfg.tau1, self.cfg.tau2, self.cfg.pairs)
         mixed = tfa_mix(state.features, state.targets, state.scores, *settings, score_range=state.score_range)
-        if mixed.anchors.numel():
-            lam = mixed.lam.to(state.weights.dtype)
-            extra = lam * state.weights[mixed.anchors] + (1 - lam) * state.weights[mixed.partners]
-            state.weights = torch.cat([state.weights, extra])
+        extra = mix_rows(state.weights, mixed.anchors, mixed.partners, mixed.lam.to(state.weights.dtype))
+        state.weights = torch.cat([state.weights, extra])
         state.features, state.targets, state.scores = mixed.features, mixed.targets, mixed.scores
         return state
 

@@ -59,8 +59,7 @@ def smooth_bins(
         raise ValueError(
             f"smooth_bins: kernel must be 1-D with an odd length; got shape {tuple(kernel.shape)}"
         )
-    mask = torch.ones(values.shape[0], dtype=values.dtype, device=values.device) if valid is None else valid
-    mask = mask.to(values.dtype)
+    mask = torch.ones_like(values[:, 0]) if valid is None else valid.to(values.dtype)
     weight = kernel.to(values.dtype).view(1, 1, -1)
     half = kernel.numel() // 2
     numerator = F.conv1d((values * mask[:, None]).T.unsqueeze(1), weight, padding=half).squeeze(1).T

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.ndimage import convolve1d, gaussian_filter1d
+from scipy.signal import unit_impulse
 from scipy.signal.windows import triang
 
 from elta.enhancers.base import Enhancer, StepState, TrainingContext, register_enhancer
@@ -53,9 +54,7 @@ def lds_kernel(kind: str, ks: int, sigma: float) -> np.ndarray:
     check_kernel_settings("lds", kind, ks, sigma)
     half = (ks - 1) // 2
     if kind == "gaussian":
-        impulse = np.zeros(ks)
-        impulse[half] = 1.0
-        window = gaussian_filter1d(impulse, sigma=sigma)
+        window = gaussian_filter1d(unit_impulse(ks, "mid"), sigma=sigma)
     elif kind == "triangular":
         window = triang(ks)
     else:

@@ -25,6 +25,7 @@ import torch
 
 from elta.enhancers.base import Enhancer, TrainingContext, register_enhancer
 from elta.errors import ConfigError
+from elta.metrics import minority_groups
 
 __all__ = ["TailSampler", "label_tail", "group_tail", "tail_sample_weights"]
 
@@ -40,11 +41,8 @@ def label_tail(scores: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def group_tail(groups: list[str], ratio: float = 0.2) -> np.ndarray:
     """Bool [N]: the row's group has fewer rows than ``ratio`` × the largest group's ("" never counts)."""
-    counts = Counter(g for g in groups if g != "")
-    if not counts:
-        return np.zeros(len(groups), dtype=bool)
-    cut = ratio * max(counts.values())
-    return np.array([g != "" and counts[g] < cut for g in groups], dtype=bool)
+    minority = minority_groups(Counter(groups), ratio)
+    return np.array([g in minority for g in groups], dtype=bool)
 
 
 def tail_sample_weights(
