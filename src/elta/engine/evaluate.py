@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -126,7 +127,8 @@ def evaluate_checkpoint(
     metrics = score_metrics(frame, preds, spec, where)
     if preds.uncalibrated is not None:
         metrics["calibration"] = spec.calibration["method"]
-        metrics["before_calibration"] = score_metrics(frame, preds.uncalibrated_view(), spec, where)
+        own = dataclasses.replace(preds, score=preds.uncalibrated, uncalibrated=None)  # before the map
+        metrics["before_calibration"] = score_metrics(frame, own, spec, where)
         _warn_if_tails_worse(spec.calibration, metrics, split)
     metrics |= {"split": split, "checkpoint": checkpoint.path}
     title = f"{Path(checkpoint.path).name} on {split}"

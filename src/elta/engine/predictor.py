@@ -51,12 +51,6 @@ class Predictions:
     def ok(self) -> np.ndarray:
         return np.array([e == "" for e in self.errors], dtype=bool)
 
-    def uncalibrated_view(self) -> Predictions:
-        """The model's own predictions, before any calibration map."""
-        if self.uncalibrated is None:
-            return self
-        return dataclasses.replace(self, score=self.uncalibrated, uncalibrated=None)
-
     def table(self, paths: Sequence, index: Sequence[int] | None = None) -> pd.DataFrame:
         """One row per item, the columns of every scores file: path, score, std, p1..pK (a distribution head),
         score_uncalibrated (with a calibration map), index (when given), error."""
@@ -150,7 +144,6 @@ class Predictor:
         dataset = ImageStreamDataset(items, self.transform, block)
         errors: dict[int, str] = {}
         done = 0  # every position below has been yielded
-        self.model.eval()
         for idx, out in self._batches(dataset, self._forward, errors, desc, progress=False):
             stop = (int(idx[0]) // block + 1) * block
             yield self._stream_rows(idx, out, errors, done, stop)
@@ -194,7 +187,6 @@ class Predictor:
         features = torch.zeros(len(frame), self.model.backbone.num_features)
         errors = [""] * len(frame)
         backbone = lambda images: self.runtime.precision.features(self.model.backbone, images)  # noqa: E731
-        self.model.eval()
         for idx, out in self._batches(dataset, backbone, errors, desc, self.runtime.progress):
             features[torch.from_numpy(idx)] = out.cpu()
         return features, {i: e for i, e in enumerate(errors) if e}
@@ -263,7 +255,8 @@ class Predictor:
     def _batches(
         self, dataset: Dataset, forward: Callable, errors: list[str], desc: str, progress: bool
     ) -> Iterator[tuple[np.ndarray, object]]:
-        """(dataset indices, ``forward(inputs)``) batch by batch; failures are written into ``errors``."""
+        """(dataset indices, ``forward(inputs)``) batch by batch, in eval mode; failures go into ``errors``."""
+        self.model.eval()
         device = self.runtime.device
         loader = self.runtime.loader(dataset, shuffle=False)
         for batch in progress_bar(loader, desc=desc, unit="batch", enabled=progress):
@@ -294,7 +287,6 @@ class Predictor:
 
     def _predict_local(self, dataset: Dataset, forward: Callable, desc: str, progress: bool) -> Predictions:
         preds = self._unscored([""] * len(dataset))
-        self.model.eval()
         for idx, out in self._batches(dataset, forward, preds.errors, desc, progress):
             self._fill(preds, idx, out)
         return preds
@@ -310,14 +302,11 @@ class Predictor:
         order = np.concatenate([np.asarray(rows, dtype=np.int64) for rows, _ in shards])
         if not np.array_equal(np.sort(order), np.arange(n)):
             raise RuntimeError(f"{desc}: the processes' shards do not cover the {n} items exactly once")
-        preds = self._unscored([""] * n)
-        for rows, shard in shards:
-            preds.score[rows], preds.std[rows] = shard.score, shard.std
-            if preds.dist is not None:
-                preds.dist[rows] = shard.dist
-            for row, error in zip(rows, shard.errors, strict=True):
-                preds.errors[row] = error
-        return preds
+        parts = [shard for _, shard in shards]
+        joined = {name: np.concatenate([getattr(p, name) for p in parts]) for name in ("score", "std")}
+        dist = None if parts[0].dist is None else np.concatenate([p.dist for p in parts])
+        errors = [e for p in parts for e in p.errors]
+        return Predictions(**joined, dist=dist, errors=errors).select(np.argsort(order))  # in dataset order
 
 
 class _Shard(Dataset):
