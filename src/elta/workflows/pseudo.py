@@ -43,7 +43,6 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "UNLABELED_COLUMNS",
     "calibrate_apds",
-    "default_min_selected",
     "file_fingerprint",
     "format_grid",
     "logits_from_distribution",
@@ -68,15 +67,9 @@ def scalar_head_message(what: str) -> str:
     )
 
 
-def logits_from_distribution(dist: np.ndarray | torch.Tensor, floor: float = 1e-30) -> torch.Tensor:
+def logits_from_distribution(dist: np.ndarray | torch.Tensor) -> torch.Tensor:
     """log p as a logits vector [N, K] (float64): softmax(a·(z + const)) = softmax(a·z) for a per-row a."""
-    p = torch.as_tensor(dist, dtype=torch.float64)
-    return p.clamp_min(floor).log()
-
-
-def default_min_selected(n: int, fraction: float = 0.05, floor: int = 10) -> int:
-    """The smallest calibration selection that counts: ``fraction`` of ``n`` images, at least ``floor``."""
-    return max(floor, math.ceil(fraction * n))
+    return torch.as_tensor(dist, dtype=torch.float64).clamp_min(1e-30).log()
 
 
 def format_grid(grid: Sequence[dict]) -> str:
@@ -203,7 +196,8 @@ def _search(
     check_readable(cal, f"the {len(rows)} calibration images ({rows['path'].iloc[0]} …)")
     ok, gt = cal.ok, rows["mos"].to_numpy(dtype=np.float64)
     n, center = int(ok.sum()), float(cal.score[ok].mean())
-    min_selected = default_min_selected(n) if min_selected is None else min_selected
+    if min_selected is None:  # the smallest selection that counts: 5 % of the images, at least 10
+        min_selected = max(10, math.ceil(0.05 * n))
     z, scale = logits_from_distribution(cal.dist[ok]), predictor.spec.score_range
     beta, threshold, grid = calibrate_apds(
         z, cal.score[ok], gt[ok], betas, thresholds, min_selected, center=center, score_range=scale
