@@ -149,9 +149,9 @@ def _evaluate_run(
     frame = select_split(df, split)
     preds = _predict_split(predictor, frame, split, cache_path)
     if calibration is not None:
-        val = select_split(df, "val") if (df["split"] == "val").any() else None
-        if val is None:
+        if not (df["split"] == "val").any():
             raise ConfigError(f"{cfg.data.data}: the calibration variant needs a val split to fit its map on")
+        val = select_split(df, "val")
         val_preds = _predict_split(predictor, val, "val", cache_path)
         check_readable(val_preds, f"split 'val' of {cfg.data.data}")
         ok, val_gt = val_preds.ok, val["mos"].to_numpy(dtype=np.float64)

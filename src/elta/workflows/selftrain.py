@@ -167,8 +167,7 @@ def format_summary(result: dict) -> str:
     ]
     for s in result["stages"]:
         rows = "" if s["train_rows"] is None else str(s["train_rows"])
-        beta = f"{s['beta']:g}" if "beta" in s else "-"
-        t = f"{s['threshold']:g}" if "threshold" in s else "-"
+        beta, t = (f"{s[key]:g}" if key in s else "-" for key in ("beta", "threshold"))
         lines.append(
             f"{s['name']:<10}{rows:>12}{s.get('pseudo_rows', 0):>8}{beta:>7}{t:>7}"
             f"{s['best_metric']:>16.4f}{s['best_epoch']:>7}"
