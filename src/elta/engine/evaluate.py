@@ -82,8 +82,7 @@ def write_evaluation(
     if preds.uncalibrated is not None:  # pred went through a calibration map
         table["pred_uncalibrated"] = preds.uncalibrated
     if preds.dist is not None:
-        for k in range(preds.dist.shape[1]):
-            table[f"p{k + 1}"] = preds.dist[:, k]
+        table[[f"p{k + 1}" for k in range(preds.dist.shape[1])]] = preds.dist
     if (groups != "").any():
         table["group"] = groups
     table["error"] = preds.errors

@@ -56,8 +56,7 @@ class Predictions:
         score_uncalibrated (with a calibration map), index (when given), error."""
         frame = pd.DataFrame({"path": list(paths), "score": self.score, "std": self.std})
         if self.dist is not None:
-            for k in range(self.dist.shape[1]):
-                frame[f"p{k + 1}"] = self.dist[:, k]
+            frame[[f"p{k + 1}" for k in range(self.dist.shape[1])]] = self.dist
         if self.uncalibrated is not None:  # the score went through the map, the distribution did not
             frame["score_uncalibrated"] = self.uncalibrated
         if index is not None:
