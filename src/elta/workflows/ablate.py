@@ -110,18 +110,6 @@ def apds_settings(name: str) -> dict | None:
     return settings
 
 
-def _folder_name(variant: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.+=-]", "_", variant)
-
-
-def _eval_split(cfg: RunConfig) -> str:
-    splits = set(read_dataset(cfg).frame["split"])
-    if "test" in splits:
-        return "test"
-    log.warning("%s has no test split: the ablation compares validation metrics", cfg.data.data)
-    return "val"
-
-
 def _predict_split(predictor: Predictor, frame, split: str, cache_path: Path | None):
     if cache_path is None:
         return predictor.predict_frame(frame)
@@ -188,12 +176,15 @@ def run_ablation(
     specs = {v: parse_variant(v) for v in variants}  # bad names fail before any training
     for enhancers in specs.values():
         dataclasses.replace(base, enhancers=enhancers)  # validates every variant's settings now
-    split = _eval_split(base)
+    split = "test" if (read_dataset(base).frame["split"] == "test").any() else "val"
+    if split == "val":
+        log.warning("%s has no test split: the ablation compares validation metrics", base.data.data)
     cache_path = out / "feature_cache.pt" if base.train.cache_features else None
     rows = []
     for seed in range(base.train.seed, base.train.seed + seeds):
         for variant, enhancers in specs.items():
-            run_dir = out / "runs" / _folder_name(training_variant(variant)) / f"seed{seed}"
+            folder = re.sub(r"[^A-Za-z0-9_.+=-]", "_", training_variant(variant))
+            run_dir = out / "runs" / folder / f"seed{seed}"
             feature_cache = str(cache_path) if cache_path else base.train.feature_cache
             loss = variant_loss(variant, base.train.loss)
             train_cfg = dataclasses.replace(base.train, seed=seed, feature_cache=feature_cache, loss=loss)
