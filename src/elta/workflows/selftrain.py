@@ -64,12 +64,6 @@ def _check_config(cfg: RunConfig) -> None:
         raise APDSUnavailableError(scalar_head_message(f"the teacher ({why})"))
 
 
-def _digest(paths: Sequence[Path]) -> str:
-    """Count and hash of the unlabeled file list: a changed pool makes a round's pseudo-labels out of date."""
-    digest = hashlib.sha256("\n".join(map(str, paths)).encode("utf-8")).hexdigest()[:16]
-    return f"{len(paths)} images, {digest}"
-
-
 def _stage(name: str, summary: dict) -> dict:
     run_dir = Path(summary["run_dir"])
     kept = {k: summary[k] for k in ("best", "metric", "best_metric", "best_epoch")}
@@ -135,7 +129,9 @@ def self_train(
     _check_config(cfg)
     out = Path(out).absolute()  # the students' config.yaml names their pseudo-label CSV by this path
     pool = read_unlabeled(unlabeled)  # fails early on a wrong path, before hours of training
-    request = {"unlabeled": _digest(pool), "beta": beta, "threshold": threshold}
+    # count and hash of the unlabeled file list: a changed pool makes a round's pseudo-labels out of date
+    digest = hashlib.sha256("\n".join(map(str, pool)).encode("utf-8")).hexdigest()[:16]
+    request = {"unlabeled": f"{len(pool)} images, {digest}", "beta": beta, "threshold": threshold}
     request |= {"betas": [float(b) for b in betas], "thresholds": [float(t) for t in thresholds]}
     request |= {"min_selected": min_selected, "weight": cfg.data.pseudo_weight}
     log.info("self-training: teacher in %s", out / "teacher")
