@@ -130,8 +130,7 @@ def evaluate_checkpoint(
         metrics["before_calibration"] = score_metrics(frame, own, spec, where)
         _warn_if_tails_worse(spec.calibration, metrics, split)
     metrics |= {"split": split, "checkpoint": checkpoint.path}
-    title = f"{Path(checkpoint.path).name} on {split}"
-    write_evaluation(Path(out), frame, preds, spec, metrics, title=title)
+    write_evaluation(Path(out), frame, preds, spec, metrics, title=f"{Path(checkpoint.path).name} on {split}")
     return metrics
 
 
