@@ -61,9 +61,7 @@ def state_dict_of(obj: Any) -> dict | None:
 
 def is_original_checkpoint(obj: Any) -> bool:
     """True for a loaded original checkpoint (or bare state dict): ``vit.*`` and ``linear_emd/mse.*`` keys."""
-    state = state_dict_of(obj)
-    if not state:
-        return False
+    state = state_dict_of(obj) or {}
     has_head = any(k.startswith(prefix) for k in state for prefix in HEAD_PREFIXES.values())
     return has_head and any(k.startswith("vit.") for k in state)
 
