@@ -108,10 +108,8 @@ def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = 
     bad = {(p["file"], p["row"]) for p in image_problems}
     ok = df[[(s, r) not in bad for s, r in zip(df["source"], df["row"], strict=True)]]
     mos = ok["mos"].to_numpy(dtype=np.float64)
-    nan = float("nan")
-    stats = {"count": int(mos.size), "mean": float(mos.mean()) if mos.size else nan}
-    stats["sd"] = float(mos.std(ddof=1)) if mos.size > 1 else nan
-    stats |= {"min": float(mos.min()), "max": float(mos.max())} if mos.size else {"min": nan, "max": nan}
+    summary = pd.Series(mos).agg(["mean", "std", "min", "max"]).rename({"std": "sd"})  # NaN when undefined
+    stats = {"count": int(mos.size), **{key: float(value) for key, value in summary.items()}}
     stats["splits"] = _split_counts(ok["split"])
     if image_problems:
         logger.warning("%d image problem(s), first: %s", len(image_problems), image_problems[0]["reason"])
