@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,9 +115,6 @@ def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = 
 
 
 def write_problems(problems: list[dict], path: str | Path) -> Path:
-    """Write problems as CSV (file,row,reason,image_id,path), atomically."""
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=PROBLEM_COLUMNS, extrasaction="ignore", restval="")
-    writer.writeheader()
-    writer.writerows(problems)
-    return atomic_write_text(path, text.getvalue())
+    """Write problems as CSV (file,row,reason,image_id,path; "" where a problem has none), atomically."""
+    table = pd.DataFrame(problems, columns=list(PROBLEM_COLUMNS))
+    return atomic_write_text(path, table.to_csv(index=False, lineterminator="\r\n"))
