@@ -114,8 +114,7 @@ class Format:
         """The files to read for `path`: the file itself, or the format's files in the folder."""
         if path.is_file():
             return [path]
-        found = self.files_in(path)
-        if found:
+        if found := self.files_in(path):
             return found
         if not self.files:
             raise AnnotationError(
