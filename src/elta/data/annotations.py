@@ -211,8 +211,7 @@ def _finish(
 ) -> tuple[pd.DataFrame, list[dict], tuple[float, float]]:
     """Validate the raw rows; returns the table, all problems and the score range."""
     raw = pd.concat(rows.blocks, ignore_index=True)
-    n = len(raw)
-    reasons: list[str | None] = [None] * n
+    reasons: list[str | None] = [None] * len(raw)
     ids = raw["image_id"].astype(str).to_numpy()
     _flag(reasons, np.array([not i for i in ids], dtype=bool), lambda i: "empty image id")
     paths = _image_paths(root, raw["name"].astype(str).tolist(), reasons)
@@ -293,15 +292,6 @@ def _inferred_range(table: pd.DataFrame, label: str) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def _default_images_root(base: Path, folders: tuple[str, ...]) -> Path:
-    """The first existing usual image folder next to the annotations (or one level up), else `base`."""
-    for parent in (base, base.parent):
-        for folder in folders:
-            if (parent / folder).is_dir():
-                return parent / folder
-    return base
-
-
 def _raise_strict(path: Path, problems: list[dict], fix: str) -> NoReturn:
     listed = "\n".join(f"  {p['file']}:{p['row']}: {p['reason']}" for p in problems[:_MAX_LISTED])
     more = f"\n  … {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -350,7 +340,10 @@ def read_annotations(
             raise AnnotationError(f"{path}: {len(bins)} bin centres for {k} distribution columns")
 
     base = files[0].parent
-    root = (Path(images) if images is not None else _default_images_root(base, fmt.image_folders)).absolute()
+    if images is None:  # the first of the format's usual image folders here or one level up, else here
+        usual = (parent / folder for parent in (base, base.parent) for folder in fmt.image_folders)
+        images = next((folder for folder in usual if folder.is_dir()), base)
+    root = Path(images).absolute()
     if not root.is_dir():
         logger.warning("%s: image folder %s does not exist", path, root)
     split_files = _split_lists(splits, fmt.split_lists, base)
