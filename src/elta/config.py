@@ -140,10 +140,10 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def setting(default: Any = None, help: str = "", *, choices: tuple | None = None, **kw: Any) -> Any:
+def setting(default: Any = None, help: str = "", *, choices: tuple | None = None) -> Any:
     """A config field with its help text (and choices) in the field's metadata."""
     metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
-    return field(default=default, metadata=metadata, **kw)
+    return field(default=default, metadata=metadata)
 
 
 class _Section:
