@@ -69,6 +69,7 @@ PRE_RECIPE_KEYS = ("lr", "optimizer", "weight_decay", "schedule", "warmup_epochs
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 _NULL = ("null", "none", "~", "")
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
 
 
 def flag_for(key: str) -> str:
@@ -79,15 +80,6 @@ def flag_for(key: str) -> str:
 def setting_name(section: str, key: str) -> str:
     """How errors name a setting: ``train.lr (--lr)``."""
     return f"{section}.{key} ({flag_for(key)})"
-
-
-_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "text"}
-
-
-def _expected(annotation: Any) -> str:
-    if typing.get_origin(annotation) is tuple:
-        return f"{len(typing.get_args(annotation))} numbers"
-    return _EXPECTED.get(annotation, str(annotation))
 
 
 def coerce_value(value: Any, annotation: Any, where: str) -> Any:
@@ -108,7 +100,10 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
         annotation, origin = options[0], typing.get_origin(options[0])
 
     def fail() -> typing.NoReturn:
-        raise ConfigError(f"{where}: expected {_expected(annotation)}, got {value!r}")
+        expected = _EXPECTED.get(annotation, str(annotation))
+        if origin is tuple:
+            expected = f"{len(typing.get_args(annotation))} numbers"
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
 
     if annotation is bool:
         if isinstance(value, bool):
@@ -145,10 +140,10 @@ def coerce_value(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def setting(default: Any = None, help: str = "", *, choices: tuple | None = None, **kw: Any) -> Any:
+def setting(default: Any = None, help: str = "", *, choices: tuple | None = None) -> Any:
     """A config field with its help text (and choices) in the field's metadata."""
     metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
-    return field(default=default, metadata=metadata, **kw)
+    return field(default=default, metadata=metadata)
 
 
 class _Section:

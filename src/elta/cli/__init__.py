@@ -24,11 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(parser, default=0)
     parser.add_argument("--version", action="version", version=f"elta {__import__('elta').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train.add_commands(sub)
-    score.add_commands(sub)
-    data.add_commands(sub)
-    serve.add_commands(sub)
-    export.add_commands(sub)
+    for commands in (train, score, data, serve, export):
+        commands.add_commands(sub)
     for command in _subparsers(parser):
         _add_verbosity(command, default=argparse.SUPPRESS)  # -q / -v after the command name too
     return parser

@@ -26,7 +26,6 @@ __all__ = [
     "apply_options",
     "given",
     "build_runtime",
-    "with_checked_enhancers",
     "progress",
 ]
 
@@ -96,19 +95,20 @@ def add_enhancer_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _enhancers_from_args(current: list[dict], args: argparse.Namespace) -> list[dict]:
-    """The config's enhancer list with the command line's additions and changes."""
-    from elta.enhancers import parse_enhancer
+    """The config's enhancer list with the command line's additions and changes, checked and typed so that a
+    bad setting fails before any work."""
+    from elta.enhancers import check_enhancers, parse_enhancer
 
     specs = {e["name"]: dict(e) for e in current}
     for name, keys in (("tfa", ("tau1", "tau2", "pairs")), ("flsa", ("weight", "range"))):
-        values = {k: getattr(args, f"{name}_{k}", None) for k in keys}
+        values = {k: getattr(args, f"{name}_{k}") for k in keys}
         values = {k: v for k, v in values.items() if v is not None}
-        if values or (name == "tfa" and getattr(args, "tfa", None)):
+        if values or (name == "tfa" and args.tfa):
             specs[name] = {**specs.get(name, {"name": name}), **values}
-    for text in getattr(args, "enhancer", None) or []:
+    for text in args.enhancer or []:
         spec = parse_enhancer(text)
         specs[spec["name"]] = {**specs.get(spec["name"], {}), **spec}
-    return list(specs.values())
+    return check_enhancers(list(specs.values()))
 
 
 def given(args: argparse.Namespace, section: str, key: str) -> Any:
@@ -121,16 +121,9 @@ def apply_options(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
     for section, cls in SECTIONS.items():
         values = {f.name: given(args, section, f.name) for f in dataclasses.fields(cls)}
         cfg = cfg.override(section, **values)
-    if hasattr(args, "enhancer"):  # a command with the enhancer options
+    if hasattr(args, "enhancer"):  # a command with the enhancer options: they are checked too
         cfg = dataclasses.replace(cfg, enhancers=_enhancers_from_args(cfg.enhancers, args))
     return cfg
-
-
-def with_checked_enhancers(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with its enhancer settings checked and typed, so that a bad one fails before any work."""
-    from elta.enhancers import check_enhancers
-
-    return dataclasses.replace(cfg, enhancers=check_enhancers(cfg.enhancers))
 
 
 def build_runtime(runtime: RuntimeConfig):

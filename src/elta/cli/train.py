@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from elta import launch
@@ -14,7 +15,6 @@ from elta.cli.options import (
     apply_options,
     build_runtime,
     progress,
-    with_checked_enhancers,
 )
 from elta.config import RunConfig
 from elta.errors import ConfigError
@@ -25,11 +25,12 @@ __all__ = ["add_commands"]
 def _config(args: argparse.Namespace) -> RunConfig:
     """The config file (if any) with the command line over it, enhancers checked."""
     cfg = RunConfig.from_yaml(args.config) if args.config else RunConfig()
-    return with_checked_enhancers(apply_options(cfg, args))
+    return apply_options(cfg, args)
 
 
 def train(args: argparse.Namespace) -> int:
     from elta.engine.trainer import train as train_run
+    from elta.enhancers import check_enhancers
     from elta.workflows.nni_report import nni_wrap
 
     if args.resume:
@@ -37,7 +38,8 @@ def train(args: argparse.Namespace) -> int:
         saved = run_dir / "config.yaml"
         if not saved.is_file():
             raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a run folder?")
-        cfg = with_checked_enhancers(RunConfig.from_yaml(saved))
+        cfg = RunConfig.from_yaml(saved)
+        cfg = dataclasses.replace(cfg, enhancers=check_enhancers(cfg.enhancers))
     else:
         cfg = _config(args)
     if args.print_config:
@@ -109,7 +111,7 @@ def tune(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_dict(base, source=f"{args.config} (base)")
     else:
         cfg, space = RunConfig(), DEFAULT_SPACE
-    cfg = with_checked_enhancers(apply_options(cfg, args))
+    cfg = apply_options(cfg, args)
     search = {key: getattr(args, key) for key in ("trials", "storage", "sampler", "pruner", "study_name")}
     search["heartbeat"] = Heartbeat(args.heartbeat_interval, args.heartbeat_grace)
     study = run_tune(cfg, space, args.out, seed=cfg.train.seed, progress=progress(), **search)

@@ -100,11 +100,6 @@ def _split_list_ids(file: Path) -> list[tuple[int, str]]:
     return [(line_no, fields[0]) for line_no, fields in split_lines(file)]
 
 
-def _split_list_files(folder: Path) -> list[tuple[str, Path]]:
-    found = [(split, folder / name) for split, names in _SPLIT_FILES.items() for name in names]
-    return [(split, file) for split, file in found if file.is_file()]
-
-
 def _apply_split_lists(table: pd.DataFrame, files: list[tuple[str, Path]], sources: str) -> list[dict]:
     """Set `table.split` from split lists (rows in none get ""); returns problems of the lists."""
     listed: dict[str, tuple[str, str, int, str]] = {}  # id key -> (split, file name, line, id as listed)
@@ -132,14 +127,15 @@ def _apply_split_lists(table: pd.DataFrame, files: list[tuple[str, Path]], sourc
 
 def _split_lists(splits: str | Path | None, beside: bool, base: Path) -> list[tuple[str, Path]]:
     """(split, file) of the split lists to apply: those in folder `splits`, else (with `beside`) in `base`."""
-    if splits is None:
-        return _split_list_files(base) if beside else []
-    folder = Path(splits)
-    if not folder.is_dir():
+    if splits is None and not beside:
+        return []
+    folder = base if splits is None else Path(splits)
+    if splits is not None and not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
         raise AnnotationError(f"{folder} {what}: splits must be a folder holding train/val/test lists")
-    files = _split_list_files(folder)
-    if not files:
+    files = [(split, folder / name) for split, names in _SPLIT_FILES.items() for name in names]
+    files = [(split, file) for split, file in files if file.is_file()]
+    if splits is not None and not files:
         raise AnnotationError(f"{folder}: no train.txt, val.txt, test.txt (or .csv) split lists in it")
     return files
 
@@ -211,8 +207,7 @@ def _finish(
 ) -> tuple[pd.DataFrame, list[dict], tuple[float, float]]:
     """Validate the raw rows; returns the table, all problems and the score range."""
     raw = pd.concat(rows.blocks, ignore_index=True)
-    n = len(raw)
-    reasons: list[str | None] = [None] * n
+    reasons: list[str | None] = [None] * len(raw)
     ids = raw["image_id"].astype(str).to_numpy()
     _flag(reasons, np.array([not i for i in ids], dtype=bool), lambda i: "empty image id")
     paths = _image_paths(root, raw["name"].astype(str).tolist(), reasons)
@@ -293,15 +288,6 @@ def _inferred_range(table: pd.DataFrame, label: str) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------ entry point
 
 
-def _default_images_root(base: Path, folders: tuple[str, ...]) -> Path:
-    """The first existing usual image folder next to the annotations (or one level up), else `base`."""
-    for parent in (base, base.parent):
-        for folder in folders:
-            if (parent / folder).is_dir():
-                return parent / folder
-    return base
-
-
 def _raise_strict(path: Path, problems: list[dict], fix: str) -> NoReturn:
     listed = "\n".join(f"  {p['file']}:{p['row']}: {p['reason']}" for p in problems[:_MAX_LISTED])
     more = f"\n  … {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -350,7 +336,10 @@ def read_annotations(
             raise AnnotationError(f"{path}: {len(bins)} bin centres for {k} distribution columns")
 
     base = files[0].parent
-    root = (Path(images) if images is not None else _default_images_root(base, fmt.image_folders)).absolute()
+    if images is None:  # the first of the format's usual image folders here or one level up, else here
+        usual = (parent / folder for parent in (base, base.parent) for folder in fmt.image_folders)
+        images = next((folder for folder in usual if folder.is_dir()), base)
+    root = Path(images).absolute()
     if not root.is_dir():
         logger.warning("%s: image folder %s does not exist", path, root)
     split_files = _split_lists(splits, fmt.split_lists, base)

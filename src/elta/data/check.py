@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,10 +106,8 @@ def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = 
     bad = {(p["file"], p["row"]) for p in image_problems}
     ok = df[[(s, r) not in bad for s, r in zip(df["source"], df["row"], strict=True)]]
     mos = ok["mos"].to_numpy(dtype=np.float64)
-    nan = float("nan")
-    stats = {"count": int(mos.size), "mean": float(mos.mean()) if mos.size else nan}
-    stats["sd"] = float(mos.std(ddof=1)) if mos.size > 1 else nan
-    stats |= {"min": float(mos.min()), "max": float(mos.max())} if mos.size else {"min": nan, "max": nan}
+    summary = pd.Series(mos).agg(["mean", "std", "min", "max"]).rename({"std": "sd"})  # NaN when undefined
+    stats = {"count": int(mos.size), **{key: float(value) for key, value in summary.items()}}
     stats["splits"] = _split_counts(ok["split"])
     if image_problems:
         logger.warning("%d image problem(s), first: %s", len(image_problems), image_problems[0]["reason"])
@@ -119,9 +115,6 @@ def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = 
 
 
 def write_problems(problems: list[dict], path: str | Path) -> Path:
-    """Write problems as CSV (file,row,reason,image_id,path), atomically."""
-    text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=PROBLEM_COLUMNS, extrasaction="ignore", restval="")
-    writer.writeheader()
-    writer.writerows(problems)
-    return atomic_write_text(path, text.getvalue())
+    """Write problems as CSV (file,row,reason,image_id,path; "" where a problem has none), atomically."""
+    table = pd.DataFrame(problems, columns=list(PROBLEM_COLUMNS))
+    return atomic_write_text(path, table.to_csv(index=False, lineterminator="\r\n"))

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from elta.data.images import DEFAULT_MAX_PIXELS, load_image
+from elta.data.images import load_image
 from elta.data.transforms import ImageTransform
 from elta.errors import ImageLoadError
 from elta.utils import derive_seed
@@ -68,7 +68,6 @@ class AnnotationDataset(Dataset):
         frame: pd.DataFrame,
         transform: ImageTransform | None,
         seed: int = 0,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
         features: torch.Tensor | None = None,
         failed: dict[int, str] | None = None,
     ) -> None:
@@ -81,7 +80,6 @@ class AnnotationDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        self.max_pixels = max_pixels
         self.features = features
         self.failed = failed or {}
 
@@ -95,7 +93,7 @@ class AnnotationDataset(Dataset):
     def _input(self, index: int, epoch: int) -> torch.Tensor:
         if self.features is not None:
             return self.features[index]
-        image = load_image(self.paths[index], self.max_pixels, target=self.transform.needed_size)
+        image = load_image(self.paths[index], target=self.transform.needed_size)
         seed = derive_seed(self.seed, epoch, index) if self.transform.train else None
         return self.transform(image, seed)
 
@@ -147,7 +145,6 @@ class ImageListDataset(Dataset):
 
     items: Sequence
     transform: ImageTransform
-    max_pixels: int = DEFAULT_MAX_PIXELS
     normalized: bool = False
 
     def __len__(self) -> int:
@@ -168,7 +165,7 @@ class ImageListDataset(Dataset):
             elif isinstance(item, (torch.Tensor, np.ndarray)):
                 image = pixels_to_image(item, f"image[{index}]")
             else:
-                image = load_image(item, self.max_pixels, target=self.transform.needed_size)
+                image = load_image(item, target=self.transform.needed_size)
         except ImageLoadError as exc:
             return {"ok": False, "index": index, "reason": str(exc)}
         return {"ok": True, "index": index, "image": self.transform(image)}

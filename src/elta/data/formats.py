@@ -114,8 +114,7 @@ class Format:
         """The files to read for `path`: the file itself, or the format's files in the folder."""
         if path.is_file():
             return [path]
-        found = self.files_in(path)
-        if found:
+        if found := self.files_in(path):
             return found
         if not self.files:
             raise AnnotationError(
@@ -168,6 +167,8 @@ def _file_by_file(read: Callable[[Path, str], tuple[pd.DataFrame, list[dict]]], 
 # ------------------------------------------------------------------------------------------ AVA
 
 _AVA_COLUMNS = ("index", "image_id", *(f"r{k}" for k in range(1, 11)), "tag1", "tag2", "challenge")
+# AVA's scale (votes for ratings 1..10), also that of the ELTA / TANet CSVs, which hold AVA in another layout
+_AVA_SCALE = dict(centers=tuple(float(k) for k in range(1, 11)), score_range=(1.0, 10.0), acc_threshold=5.0)
 
 
 def _read_ava(file: Path, split: str) -> tuple[pd.DataFrame, list[dict]]:
@@ -190,10 +191,8 @@ register_format(
         sniff=_ava_line,
         hint="AVA.txt, or lines of 15 numbers",
         files=("ava.txt",),
-        centers=tuple(float(k) for k in range(1, 11)),
-        score_range=(1.0, 10.0),
-        acc_threshold=5.0,
         split_lists=True,
+        **_AVA_SCALE,
     )
 )
 
@@ -220,9 +219,7 @@ register_format(
         hint="train/val/test.csv with columns score2..score11",
         files=("train.csv", "val.csv", "validation.csv", "test.csv"),
         named=False,  # any CSV may be called train.csv
-        centers=tuple(float(k) for k in range(1, 11)),
-        score_range=(1.0, 10.0),
-        acc_threshold=5.0,
+        **_AVA_SCALE,
     )
 )
 
@@ -529,7 +526,7 @@ def read_csv(path: Path) -> tuple[list[str], pd.DataFrame, list[dict]]:
     duplicated = sorted({name for name in header if header.count(name) > 1})
     if duplicated:
         raise AnnotationError(f"{path}: column names appear twice: {duplicated}; rename them")
-    table = pd.DataFrame(rows, columns=header, dtype=str) if rows else pd.DataFrame(columns=header, dtype=str)
+    table = pd.DataFrame(rows, columns=header, dtype=str)
     table["_line"] = np.asarray(lines, dtype=np.int64)
     return header, table, problems
 

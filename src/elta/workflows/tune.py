@@ -253,11 +253,17 @@ def _storage(optuna, out: Path, url: str | None, heartbeat: Heartbeat):
         try:
             with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                # a dead worker's trial is retried once (the callback was renamed in Optuna 4.9)
+                storages = optuna.storages
+                if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
+                    retry = {"heartbeat_stale_trial_callback": storages.RetryHeartbeatStaleTrialCallback(1)}
+                else:
+                    retry = {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=1)}
+                return storages.RDBStorage(
                     database_url(url),
                     heartbeat_interval=heartbeat.interval,
                     grace_period=heartbeat.grace,
-                    **_retry_stale_once(optuna),
+                    **retry,
                 )
         except ImportError as exc:  # SQLAlchemy found no driver for the URL's database
             raise UnavailableError(
@@ -274,14 +280,6 @@ def _storage(optuna, out: Path, url: str | None, heartbeat: Heartbeat):
             raise UnavailableError(
                 f"--storage {_safe(url)}: cannot open the study database: {reason}"
             ) from exc
-
-
-def _retry_stale_once(optuna) -> dict:
-    """The storage argument that retries a dead worker's trial once (renamed in Optuna 4.9); experimental,
-    so called where :func:`_storage` silences Optuna's ExperimentalWarning."""
-    if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):
-        return {"heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(1)}
-    return {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=1)}
 
 
 def _safe(url: str) -> str:
@@ -542,9 +540,8 @@ def format_trials(study, limit: int = 20) -> str:
     lines = [head]
     for r in rows[:limit]:
         value = "" if r["value"] is None else f"{r['value']:.4f}"
-        cells = [str(r["number"]), r["state"].lower(), value]
-        cells += [_format_value(r[n]) for n in names]
-        lines.append([*cells, str(r["epochs"])])
+        settings = [_format_value(r[n]) for n in names]
+        lines.append([str(r["number"]), r["state"].lower(), value, *settings, str(r["epochs"])])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
     if len(rows) > limit:
