@@ -255,10 +255,10 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
     found: dict[Path, None] = {}
     for item in paths:
         path = Path(item)
+        is_list = path.suffix.lower() in LIST_SUFFIXES
         if path.is_dir():
             expanded = _images_below(path)
-        elif path.suffix.lower() in LIST_SUFFIXES or _is_image(path):
-            is_list = path.suffix.lower() in LIST_SUFFIXES
+        elif is_list or _is_image(path):
             if not path.is_file():
                 raise ConfigError(f"{path}: {'list' if is_list else 'image'} file not found")
             expanded = _images_in_list(path) if is_list else [path]
