@@ -104,8 +104,7 @@ def balanced_mae(pred, gt, score_range: tuple[float, float] | None, num_bins: in
             raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
     inner_edges = np.linspace(lo, hi, num_bins + 1)[1:-1]
     bins = np.searchsorted(inner_edges, g, side="right")
-    err = np.abs(p - g)
-    per_bin = np.bincount(bins, weights=err, minlength=num_bins)
+    per_bin = np.bincount(bins, weights=np.abs(p - g), minlength=num_bins)
     counts = np.bincount(bins, minlength=num_bins)
     filled = counts > 0
     return float(np.mean(per_bin[filled] / counts[filled]))
