@@ -93,9 +93,8 @@ def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     """(width, height) in pixels from the file header only, without decoding; ImageLoadError when unusable."""
     path = Path(path)
     with _opened(path, path) as img:
-        size = img.size
-    _check_size(path, size, max_pixels)
-    return size
+        _check_size(path, img.size, max_pixels)
+        return img.size
 
 
 def _grey_to_uint8(img: Image.Image) -> np.ndarray:
