@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import time
@@ -109,11 +110,8 @@ def timed(device: torch.device, fn: Callable[[], object]) -> float:
 def machine(device: torch.device) -> str:
     """The CPU model, core count, torch version and threads, and the GPU on CUDA."""
     cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as f:
+        cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     text = (
         f"CPU {cpu}, {os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__} "
         f"({torch.get_num_threads()} threads)"

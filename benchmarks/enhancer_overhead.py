@@ -35,8 +35,7 @@ def main() -> None:
     for v in kinds.values():  # warm-up
         step(v, batch)
     times = alternated(device, {name: lambda v=v: step(v, batch) for name, v in kinds.items()}, args.steps)
-    base = statistics.median(times["baseline"])
-    enhanced = statistics.median(times["tfa+flsa"])
+    base, enhanced = (statistics.median(times[name]) for name in kinds)
     print(
         f"backbone {args.backbone} @ {args.image_size}px, batch {args.batch_size}, device {device}, {args.steps} steps each"
     )

@@ -45,14 +45,6 @@ SOURCES = (  # colour and non-colour photos: several sizes and JPEG contents
 )  # fmt: skip
 
 
-def write_photos(folder: Path, n: int, size: tuple[int, int]) -> Path:
-    """``n`` test JPEGs of ``size`` and a CSV (image, mos) listing them."""
-    made = make_photos(folder, n, size, sources=SOURCES, flip=True, scores=True)
-    csv = folder / "scores.csv"
-    csv.write_text("image,mos\n" + "".join(f"{path.name},{mos:.3f}\n" for path, mos in made))
-    return csv
-
-
 class OriginalDataset(Dataset):
     """The original release's training input: PIL + torchvision transforms."""
 
@@ -102,7 +94,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
-        csv = write_photos(folder, args.images, (args.width, args.height))
+        size = (args.width, args.height)
+        made = make_photos(folder, args.images, size, sources=SOURCES, flip=True, scores=True)
+        csv = folder / "scores.csv"  # image, mos
+        csv.write_text("image,mos\n" + "".join(f"{path.name},{mos:.3f}\n" for path, mos in made))
         annotations = read_annotations(csv, "csv", folder)
         df = annotations.frame
         start = time.perf_counter()

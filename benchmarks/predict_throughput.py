@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -46,13 +47,14 @@ from elta.models.checkpoint import save_checkpoint
 BACKBONE = "tf_efficientnet_lite0"
 
 
-def _load(paths: list[Path], transform) -> torch.Tensor:
-    """The images at ``paths`` through ``transform``, stacked into a batch."""
-    images = []
-    for path in paths:
-        with Image.open(path) as img:
-            images.append(transform(img.convert("RGB")))
-    return torch.stack(images)
+def _batches(paths: list[Path], batch_size: int, transform) -> Iterator[torch.Tensor]:
+    """The images at ``paths`` through ``transform``, stacked into batches of ``batch_size``."""
+    for i in range(0, len(paths), batch_size):
+        images = []
+        for path in paths[i : i + batch_size]:
+            with Image.open(path) as img:
+                images.append(transform(img.convert("RGB")))
+        yield torch.stack(images)
 
 
 @torch.no_grad()
@@ -61,13 +63,8 @@ def original_loop(model, paths: list[Path], batch_size: int, device: torch.devic
     spec = model.spec
     size = (spec.image_size, spec.image_size)
     transform = T.Compose([T.Resize(size), T.ToTensor(), T.Normalize(tuple(spec.mean), tuple(spec.std))])
-    batches = (_load(paths[i : i + batch_size], transform) for i in range(0, len(paths), batch_size))
+    batches = _batches(paths, batch_size, transform)
     return torch.cat([model(images.to(device)).score.cpu() for images in batches]).numpy()
-
-
-def _preload(model, paths: list[Path], batch_size: int) -> list[torch.Tensor]:
-    transform = T.Compose([T.Resize((model.spec.image_size,) * 2), T.ToTensor()])
-    return [_load(paths[i : i + batch_size], transform) for i in range(0, len(paths), batch_size)]
 
 
 @torch.no_grad()
@@ -118,7 +115,8 @@ def main() -> None:
             runtime_bf16 = Runtime.create(device, amp="bf16", batch_size=args.batch_size)
             scorer_bf16 = Predictor.from_checkpoint(checkpoint, runtime_bf16)
             variants["(c) elta predict (Predictor), --amp bf16"] = lambda: scorer_bf16.score(folder)
-        preloaded = _preload(reference, paths, args.batch_size)
+        size = (reference.spec.image_size,) * 2
+        preloaded = list(_batches(paths, args.batch_size, T.Compose([T.Resize(size), T.ToTensor()])))
         alone = "(–) model forward alone, fp32, images already in memory"
         variants[alone] = lambda: _forward(reference, preloaded, device)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -67,17 +67,6 @@ def _check_range(score_range) -> tuple[float, float]:
     return lo, hi
 
 
-def _check_knots(x, y, method: str) -> tuple[np.ndarray, np.ndarray]:
-    xk, yk = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if xk.ndim != 1 or xk.shape != yk.shape or xk.size < 2:
-        raise ValueError(
-            f"{method} calibration needs params x and y of equal length >= 2, got {xk.size}, {yk.size}"
-        )
-    if not all(np.isfinite(k).all() and (np.diff(k) > 0).all() for k in (xk, yk)):
-        raise ValueError(f"{method} calibration knots x and y must be finite and strictly increasing")
-    return xk, yk
-
-
 def _piecewise(pred: np.ndarray, xk: np.ndarray, yk: np.ndarray) -> np.ndarray:
     """Linear interpolation through the knots; beyond the end knots, lines with the chord slope of all knots.
 
@@ -120,8 +109,16 @@ class Calibration:
                 )
             self.params = {"a": a, "b": b}
         else:
-            xk, yk = _check_knots(self.params["x"], self.params["y"], self.method)
-            self.params = {"x": [float(v) for v in xk], "y": [float(v) for v in yk]}
+            xk, yk = (np.asarray(self.params[k], dtype=np.float64) for k in ("x", "y"))
+            if xk.ndim != 1 or xk.shape != yk.shape or xk.size < 2:
+                raise ValueError(
+                    f"{self.method} calibration needs params x and y of equal length >= 2, got {xk.size}, {yk.size}"
+                )
+            if not all(np.isfinite(k).all() and (np.diff(k) > 0).all() for k in (xk, yk)):
+                raise ValueError(
+                    f"{self.method} calibration knots x and y must be finite and strictly increasing"
+                )
+            self.params = {"x": xk.tolist(), "y": yk.tolist()}
 
     def apply(self, pred) -> np.ndarray:
         """Calibrated scores of ``pred``: any array-like of predicted MOS (a CPU torch tensor works through
@@ -136,9 +133,7 @@ class Calibration:
 
     def to_dict(self) -> dict:
         """Plain-Python form (str, int, float, lists), safe for ``torch.load(weights_only=True)``."""
-        params = {k: (list(v) if isinstance(v, list) else float(v)) for k, v in self.params.items()}
-        score_range = [float(v) for v in self.score_range]
-        return {"method": self.method, "params": params, "score_range": score_range, "n_fit": int(self.n_fit)}
+        return asdict(self) | {"score_range": list(self.score_range)}
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:

@@ -168,14 +168,6 @@ def mix_rows(
     return mixed.to(x.dtype) if x.is_floating_point() else mixed
 
 
-def _append_mixed(
-    x: torch.Tensor, anchors: torch.Tensor, partners: torch.Tensor, lam: torch.Tensor
-) -> torch.Tensor:
-    """``x`` [B, ...] with its :func:`mix_rows` appended; floating inputs keep their dtype."""
-    mixed = mix_rows(x, anchors, partners, lam)
-    return torch.cat([x.to(mixed.dtype), mixed])
-
-
 def tfa_mix(
     features: torch.Tensor,
     targets: torch.Tensor,
@@ -216,8 +208,11 @@ def tfa_mix(
     partner_logits = _partner_logits(scores, anchors, tau2, 0.01, score_range)
     partners = _gumbel_top_k(partner_logits, 1, generator).squeeze(1)
     lam = torch.sigmoid(anchor_logits[anchors] - anchor_logits[partners])
-    mixed = (_append_mixed(x, anchors, partners, lam) for x in (features, targets, scores))
-    return TFAMix(*mixed, anchors, partners, lam)
+    appended = []
+    for x in (features, targets, scores):  # the mixed rows appended; floating inputs keep their dtype
+        mixed = mix_rows(x, anchors, partners, lam)
+        appended.append(torch.cat([x.to(mixed.dtype), mixed]))
+    return TFAMix(*appended, anchors, partners, lam)
 
 
 # --- FLSA: feature–label similarity alignment ---------------------------------------------------------------

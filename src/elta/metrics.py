@@ -104,8 +104,7 @@ def balanced_mae(pred, gt, score_range: tuple[float, float] | None, num_bins: in
             raise ValueError(f"score_range must be (low, high) with low < high, got {score_range}")
     inner_edges = np.linspace(lo, hi, num_bins + 1)[1:-1]
     bins = np.searchsorted(inner_edges, g, side="right")
-    err = np.abs(p - g)
-    per_bin = np.bincount(bins, weights=err, minlength=num_bins)
+    per_bin = np.bincount(bins, weights=np.abs(p - g), minlength=num_bins)
     counts = np.bincount(bins, minlength=num_bins)
     filled = counts > 0
     return float(np.mean(per_bin[filled] / counts[filled]))
@@ -142,15 +141,6 @@ def minority_groups(group_counts: dict[str, int], ratio: float = 0.2) -> set[str
     counts = {str(k): int(v) for k, v in group_counts.items() if str(k) != ""}
     largest = max(counts.values(), default=0)
     return {k for k, v in counts.items() if v < ratio * largest}
-
-
-def _group_names(groups, n: int) -> list[str]:
-    """Group of each sample as a string; None / NaN become ``""`` (no group)."""
-    values = np.asarray(groups).tolist()
-    names = ["" if g is None or (isinstance(g, float) and math.isnan(g)) else str(g) for g in values]
-    if len(names) != n:
-        raise ValueError(f"groups has {len(names)} values but there are {n} samples")
-    return names
 
 
 def evaluate(
@@ -198,11 +188,13 @@ def evaluate(
     if groups is not None:
         if group_counts is None:
             raise ValueError("groups needs group_counts (the training count of each group)")
-        names = _group_names(groups, p.size)
-        known = {str(k) for k in group_counts} - {""}
+        values = np.asarray(groups).tolist()  # group names as strings; None / NaN: no group ("")
+        names = ["" if g is None or (isinstance(g, float) and math.isnan(g)) else str(g) for g in values]
+        if len(names) != p.size:
+            raise ValueError(f"groups has {len(names)} values but there are {p.size} samples")
         minority = minority_groups(group_counts, minority_ratio)
-        is_min = np.array([s in minority for s in names], dtype=bool)
-        is_maj = np.array([s in known and s not in minority for s in names], dtype=bool)
+        majority = {str(k) for k in group_counts} - {""} - minority
+        is_min, is_maj = (np.array([s in part for s in names], dtype=bool) for part in (minority, majority))
         out.update(
             mae_minority=_mean_or_nan(np.abs(err[is_min])), mae_majority=_mean_or_nan(np.abs(err[is_maj]))
         )

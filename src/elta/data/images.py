@@ -93,9 +93,8 @@ def read_image_size(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
     """(width, height) in pixels from the file header only, without decoding; ImageLoadError when unusable."""
     path = Path(path)
     with _opened(path, path) as img:
-        size = img.size
-    _check_size(path, size, max_pixels)
-    return size
+        _check_size(path, img.size, max_pixels)
+        return img.size
 
 
 def _grey_to_uint8(img: Image.Image) -> np.ndarray:
@@ -255,10 +254,10 @@ def list_images(paths: Iterable[str | Path]) -> list[Path]:
     found: dict[Path, None] = {}
     for item in paths:
         path = Path(item)
+        is_list = path.suffix.lower() in LIST_SUFFIXES
         if path.is_dir():
             expanded = _images_below(path)
-        elif path.suffix.lower() in LIST_SUFFIXES or _is_image(path):
-            is_list = path.suffix.lower() in LIST_SUFFIXES
+        elif is_list or _is_image(path):
             if not path.is_file():
                 raise ConfigError(f"{path}: {'list' if is_list else 'image'} file not found")
             expanded = _images_in_list(path) if is_list else [path]

@@ -74,8 +74,6 @@ class Processes:
     def share(self, items: Sequence) -> list:
         """This process's contiguous share of ``items``; shares differ in length by at most one."""
         items = list(items)
-        if not self.distributed:
-            return items
         start = self.rank * len(items) // self.world_size
         stop = (self.rank + 1) * len(items) // self.world_size
         return items[start:stop]

@@ -7,6 +7,7 @@ on ``features.float()``, so EMD, FLSA and the other loss math never see bf16 or 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -71,9 +72,7 @@ class Precision:
         """``fn(inputs)`` under autocast, as float32. Images [B, 3, H, W] go channels-last when asked."""
         if self.channels_last and inputs.dim() == 4:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        if self.dtype is None:
-            return fn(inputs).float()
-        with torch.autocast(self.device.type, dtype=self.dtype):
+        with nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype):
             out = fn(inputs)
         return out.float()
 

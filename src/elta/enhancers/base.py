@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -156,8 +157,7 @@ def check_enhancers(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from exc
         checked.append({"name": name, **values})
-    names = [spec["name"] for spec in checked]
-    duplicated = {n for n in names if names.count(n) > 1}
+    duplicated = {n for n, count in Counter(spec["name"] for spec in checked).items() if count > 1}
     if duplicated:
         raise ConfigError(f"enhancer(s) given twice: {sorted(duplicated)}")
     return checked

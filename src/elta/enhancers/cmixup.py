@@ -126,13 +126,11 @@ class CMixup(Enhancer):
             state.features, state.targets, state.scores, c.bandwidth * (hi - lo), c.alpha, c.pairs
         )
         weights = mix_rows(state.weights, mixed.anchors, mixed.partners, mixed.lam)
+        rows = (mixed.features, mixed.targets, mixed.scores, weights)
         if c.replace:
-            state.features, state.targets, state.scores = mixed.features, mixed.targets, mixed.scores
-            state.weights = weights
             state.indices = None  # no row is a real training sample any more
         else:
-            state.features = torch.cat([state.features, mixed.features])
-            state.targets = torch.cat([state.targets, mixed.targets])
-            state.scores = torch.cat([state.scores, mixed.scores])
-            state.weights = torch.cat([state.weights, weights])
+            batch = (state.features, state.targets, state.scores, state.weights)
+            rows = tuple(torch.cat(pair) for pair in zip(batch, rows, strict=True))
+        state.features, state.targets, state.scores, state.weights = rows
         return state

@@ -45,6 +45,9 @@ from elta.errors import ConfigError
 
 __all__ = ["FDS", "smooth_bins", "fds_calibrate"]
 
+# the per-bin feature statistics FDS keeps in buffers, [bins, D] each
+_STATISTICS = ("running_mean", "running_var", "smoothed_mean", "smoothed_var", "epoch_mean", "epoch_m2")
+
 
 def smooth_bins(
     values: torch.Tensor, kernel: torch.Tensor, valid: torch.Tensor | None = None
@@ -121,15 +124,7 @@ class FDS(Enhancer):
         self.register_buffer("edges", edges, persistent=False)
         kernel = torch.as_tensor(lds_kernel(c.kernel, c.ks, c.sigma), dtype=torch.float32)
         self.register_buffer("kernel", kernel, persistent=False)
-        statistics = (
-            "running_mean",
-            "running_var",
-            "smoothed_mean",
-            "smoothed_var",
-            "epoch_mean",
-            "epoch_m2",
-        )
-        for name in statistics:
+        for name in _STATISTICS:
             self.register_buffer(name, torch.zeros(bins, dim))  # [bins, D]
         self.register_buffer("tracked", torch.zeros(bins))  # samples that entered each bin's statistics
         self.register_buffer("epoch_count", torch.zeros(bins))  # this epoch's samples so far

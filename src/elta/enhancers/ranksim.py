@@ -55,9 +55,8 @@ class BlackboxRank(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, ranks = ctx.saved_tensors
-        lam = ctx.interpolation
-        perturbed = rank_normalised(x + lam * grad.to(x.dtype))
-        return ((perturbed - ranks) / lam).to(x.dtype), None
+        perturbed = rank_normalised(x + ctx.interpolation * grad.to(x.dtype))
+        return ((perturbed - ranks) / ctx.interpolation).to(x.dtype), None
 
 
 def unique_label_subset(scores: torch.Tensor) -> torch.Tensor:
