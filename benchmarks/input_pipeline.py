@@ -66,7 +66,7 @@ class FullDecodeDataset(AnnotationDataset):
     """elta's dataset with the full-size decode (no draft), to separate the two gains."""
 
     def _input(self, index: int, epoch: int) -> torch.Tensor:
-        image = load_image(self.paths[index], self.max_pixels)
+        image = load_image(self.paths[index])
         return self.transform(image, index)
 
 
