@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,5 +118,8 @@ def check_dataset(annotations: Annotations, deep: bool = True, progress: bool = 
 
 def write_problems(problems: list[dict], path: str | Path) -> Path:
     """Write problems as CSV (file,row,reason,image_id,path; "" where a problem has none), atomically."""
-    table = pd.DataFrame(problems, columns=list(PROBLEM_COLUMNS))
-    return atomic_write_text(path, table.to_csv(index=False, lineterminator="\r\n"))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=PROBLEM_COLUMNS, extrasaction="ignore", restval="")
+    writer.writeheader()
+    writer.writerows(problems)
+    return atomic_write_text(path, text.getvalue())
