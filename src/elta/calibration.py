@@ -111,9 +111,8 @@ class Calibration:
         else:
             xk, yk = (np.asarray(self.params[k], dtype=np.float64) for k in ("x", "y"))
             if xk.ndim != 1 or xk.shape != yk.shape or xk.size < 2:
-                raise ValueError(
-                    f"{self.method} calibration needs params x and y of equal length >= 2, got {xk.size}, {yk.size}"
-                )
+                what = f"params x and y of equal length >= 2, got {xk.size}, {yk.size}"
+                raise ValueError(f"{self.method} calibration needs {what}")
             if not all(np.isfinite(k).all() and (np.diff(k) > 0).all() for k in (xk, yk)):
                 raise ValueError(
                     f"{self.method} calibration knots x and y must be finite and strictly increasing"
@@ -220,8 +219,9 @@ def fit_calibration(
       sets ``n_fit`` and is validated. Piecewise linear; tied targets are made strictly increasing by a
       1e-6 blend with a straight line. Spread ends near sd(train_gt) / sd(gt).
     - ``isotonic``: pool-adjacent-violators fit of gt on pred, knots at (x-centre, mean gt) of each block,
-      linear in between: strictly increasing where plain isotonic regression has flat steps. It estimates E[gt | pred], so it undoes non-linear compression but, like least squares, keeps a
-      shrinkage of about the correlation r: spread rises toward r, not to 1.
+      linear in between: strictly increasing where plain isotonic regression has flat steps. It estimates
+      E[gt | pred], so it undoes non-linear compression but, like least squares, keeps a shrinkage of about
+      the correlation r: spread rises toward r, not to 1.
 
     Quantile and isotonic continue beyond their first and last knots linearly, with the chord slope
     (last - first knot), so predictions outside the fitted range keep their order. All outputs are clipped
