@@ -125,17 +125,21 @@ def _apply_split_lists(table: pd.DataFrame, files: list[tuple[str, Path]], sourc
     return sorted(problems, key=lambda p: (order[p["file"]], p["row"]))
 
 
+def _split_list_files(folder: Path) -> list[tuple[str, Path]]:
+    found = [(split, folder / name) for split, names in _SPLIT_FILES.items() for name in names]
+    return [(split, file) for split, file in found if file.is_file()]
+
+
 def _split_lists(splits: str | Path | None, beside: bool, base: Path) -> list[tuple[str, Path]]:
     """(split, file) of the split lists to apply: those in folder `splits`, else (with `beside`) in `base`."""
-    if splits is None and not beside:
-        return []
-    folder = base if splits is None else Path(splits)
-    if splits is not None and not folder.is_dir():
+    if splits is None:
+        return _split_list_files(base) if beside else []
+    folder = Path(splits)
+    if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
         raise AnnotationError(f"{folder} {what}: splits must be a folder holding train/val/test lists")
-    files = [(split, folder / name) for split, names in _SPLIT_FILES.items() for name in names]
-    files = [(split, file) for split, file in files if file.is_file()]
-    if splits is not None and not files:
+    files = _split_list_files(folder)
+    if not files:
         raise AnnotationError(f"{folder}: no train.txt, val.txt, test.txt (or .csv) split lists in it")
     return files
 
