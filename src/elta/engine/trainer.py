@@ -653,7 +653,10 @@ def _datasets(cfg: RunConfig, run_dir: Path, model: AestheticModel, data: Prepar
     caches = load_or_compute_features(cache_path, Predictor(model, runtime), frames)
     if processes.is_main:
         processes.barrier()
-    return tuple(AnnotationDataset(frame, None, **caches[name]._asdict()) for name, frame in frames.items())
+    return tuple(
+        AnnotationDataset(frame, None, features=caches[name].features, failed=caches[name].failed)
+        for name, frame in frames.items()
+    )
 
 
 def _tensorboard(run_dir: Path, first_epoch: int):

@@ -107,7 +107,11 @@ def _numpy_safe_globals() -> list:
     """What numpy scalars (``np.float64(0.76)``) unpickle through, under numpy 1.x and 2.x module names."""
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
-    allowed: list = [(scalar, f"numpy.{name}.multiarray.scalar") for name in ("core", "_core")] + [np.dtype]
+    allowed: list = [
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+        np.dtype,
+    ]
     return allowed + sorted({type(np.dtype(code)) for code in _NUMPY_SCALAR_CODES}, key=str)
 
 
